@@ -1,0 +1,237 @@
+"""The pruning space of a model, a choice within it, training-time gates, and the adapter interface.
+
+Everything here is family-agnostic; the family files (vit.py, resnet.py) say which dimensions a
+model has, where to gate them and how to slice them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+class PruningSpaceError(ValueError):
+    """A choice, group size or minimum does not fit the model's pruning space."""
+
+
+@dataclass
+class Dimension:
+    """A prunable width: ``size`` units, pruned in groups of ``group_size``, never below ``min_keep``.
+
+    ``block`` is the removable block the dimension lives in (None: outside every block, e.g. ViT's
+    embedding width or a ResNet stage's residual width). ``shared_by`` lists the blocks whose cost or
+    function depends on the dimension although it is not theirs (a hub such as the embedding width).
+    ``coupled`` names every parameter whose shape follows the dimension.
+    """
+
+    name: str
+    kind: str
+    size: int
+    group_size: int = 1
+    min_keep: int = 1
+    block: str | None = None
+    shared_by: list[str] = field(default_factory=list)
+    coupled: list[str] = field(default_factory=list)
+
+    def widths(self) -> list[int]:
+        """Unit counts the solver may choose: multiples of the group size from ``min_keep`` up, plus ``size``."""
+        group = max(1, min(self.group_size, self.size))
+        widths = {k for k in range(group, self.size + 1, group) if k >= self.min_keep}
+        widths.add(self.size)
+        return sorted(widths)
+
+
+@dataclass
+class Block:
+    """A residual branch that can be removed as a whole (identity on the residual stream)."""
+
+    name: str
+    kind: str
+    dims: list[str] = field(default_factory=list)
+    removable: bool = True
+
+
+@dataclass
+class PruningSpace:
+    """Everything that can be pruned in one model; inspectable with ``print(space.describe())``."""
+
+    model_type: str
+    dimensions: dict[str, Dimension]
+    blocks: dict[str, Block]
+    # names a user might give for a coupled part -> the dimension that owns it (for clear errors)
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        lines = [f"pruning space of a {self.model_type} model: {len(self.dimensions)} dimensions, {len(self.blocks)} blocks"]
+        lines.append(f"{'dimension':<34} {'kind':<9} {'size':>5} {'group':>5} {'min':>4} {'choices':>7}  block / coupling")
+        for dim in self.dimensions.values():
+            where = dim.block or ("global, shared by %d blocks" % len(dim.shared_by) if dim.shared_by else "-")
+            lines.append(
+                f"{dim.name:<34} {dim.kind:<9} {dim.size:>5} {dim.group_size:>5} {dim.min_keep:>4} "
+                f"{len(dim.widths()):>7}  {where}; {len(dim.coupled)} params"
+            )
+        for block in self.blocks.values():
+            lines.append(f"block {block.name:<28} {block.kind:<9} dims: {', '.join(block.dims) or '-'}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "model_type": self.model_type,
+            "dimensions": [asdict(d) for d in self.dimensions.values()],
+            "blocks": [asdict(b) for b in self.blocks.values()],
+        }
+
+    def full_choice(self) -> PruningChoice:
+        return PruningChoice(kept={name: list(range(d.size)) for name, d in self.dimensions.items()})
+
+
+@dataclass
+class PruningChoice:
+    """Kept unit indices per dimension (a missing dimension keeps everything) and removed blocks."""
+
+    kept: dict[str, list[int]] = field(default_factory=dict)
+    removed_blocks: list[str] = field(default_factory=list)
+
+    def kept_indices(self, space: PruningSpace, name: str) -> list[int]:
+        if name in self.kept:
+            return sorted(int(i) for i in self.kept[name])
+        return list(range(space.dimensions[name].size))
+
+    def validate(self, space: PruningSpace) -> None:
+        """Raise PruningSpaceError naming the offending dimension/block and how to fix it."""
+        for name, indices in self.kept.items():
+            if name not in space.dimensions:
+                if name in space.aliases:
+                    raise PruningSpaceError(
+                        f"'{name}' is coupled into dimension '{space.aliases[name]}'; give kept indices for "
+                        f"'{space.aliases[name]}' instead so every coupled layer keeps the same units."
+                    )
+                raise PruningSpaceError(
+                    f"unknown dimension '{name}'; this {space.model_type} model has: {', '.join(space.dimensions)}"
+                )
+            dim = space.dimensions[name]
+            values = [int(i) for i in indices]
+            if len(set(values)) != len(values):
+                raise PruningSpaceError(f"dimension '{name}': kept indices contain duplicates")
+            bad = [i for i in values if not 0 <= i < dim.size]
+            if bad:
+                raise PruningSpaceError(f"dimension '{name}': kept indices {bad[:5]} are out of range [0, {dim.size})")
+            if len(values) < max(1, dim.min_keep):
+                raise PruningSpaceError(
+                    f"dimension '{name}' keeps {len(values)} units but its minimum is {max(1, dim.min_keep)}; "
+                    "a width never reaches zero — remove the block that contains it instead."
+                )
+        for name in self.removed_blocks:
+            if name not in space.blocks:
+                raise PruningSpaceError(
+                    f"unknown block '{name}'; this {space.model_type} model has: {', '.join(space.blocks) or 'none'}"
+                )
+            if not space.blocks[name].removable:
+                raise PruningSpaceError(f"block '{name}' cannot be removed")
+
+    def to_json(self) -> str:
+        return json.dumps({"kept": self.kept, "removed_blocks": sorted(self.removed_blocks)})
+
+    @classmethod
+    def from_json(cls, text: str) -> PruningChoice:
+        data = json.loads(text)
+        return cls(kept={k: list(v) for k, v in data.get("kept", {}).items()}, removed_blocks=data.get("removed_blocks", []))
+
+
+class GateSet:
+    """Multiplicative masks on activations, one per dimension unit and per block, applied by hooks.
+
+    Parameter shapes never change, so optimizer state, DDP buckets and checkpoints stay valid. The
+    gates are plain tensors with ``requires_grad`` (not module parameters): the optimizer never sees,
+    steps or decays them, and after a backward ``gate.grad`` holds the first-order Taylor score of each
+    unit (dL/dg at g=1 equals the sum over the unit's activations of a * dL/da).
+    """
+
+    def __init__(self, space: PruningSpace, device: torch.device | str = "cpu"):
+        self.space = space
+        self.dims = {
+            name: torch.ones(dim.size, device=device, requires_grad=True) for name, dim in space.dimensions.items()
+        }
+        self.blocks = {name: torch.ones((), device=device, requires_grad=True) for name in space.blocks}
+        self._handles: list = []
+
+    # gate values -----------------------------------------------------------------------------
+    def dim(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        return self.dims[name].to(dtype)
+
+    def block(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        return self.blocks[name].to(dtype)
+
+    def binary_mask(self, name: str) -> torch.Tensor:
+        """Which units are kept (statistics such as LayerNorm's must ignore pruned units)."""
+        return (self.dims[name].detach() != 0).to(self.dims[name].dtype)
+
+    @torch.no_grad()
+    def apply_choice(self, choice: PruningChoice) -> None:
+        """Set gates to 1 for kept units / blocks and 0 for pruned ones."""
+        choice.validate(self.space)
+        for name, gate in self.dims.items():
+            gate.zero_()
+            gate[choice.kept_indices(self.space, name)] = 1.0
+        removed = set(choice.removed_blocks)
+        for name, gate in self.blocks.items():
+            gate.fill_(0.0 if name in removed else 1.0)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        for gate in list(self.dims.values()) + list(self.blocks.values()):
+            gate.fill_(1.0)
+
+    def zero_grad(self) -> None:
+        for gate in list(self.dims.values()) + list(self.blocks.values()):
+            gate.grad = None
+
+    # hooks --------------------------------------------------------------------------------------
+    def add_hook(self, handle) -> None:
+        self._handles.append(handle)
+
+    def remove(self) -> None:
+        """Detach every hook: the model computes exactly as before gating."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> GateSet:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class ModelAdapter:
+    """Model-family knowledge: subclasses implement the four methods below for one family."""
+
+    #: config.model_type values this adapter handles
+    model_types: tuple[str, ...] = ()
+    #: default group size per dimension kind
+    default_group_sizes: dict[str, int] = {}
+
+    def build_space(self, model, group_sizes: dict[str, int] | None = None, min_keep: dict[str, int] | None = None) -> PruningSpace:
+        raise NotImplementedError
+
+    def install_gates(self, model, space: PruningSpace) -> GateSet:
+        raise NotImplementedError
+
+    def slice(self, model, space: PruningSpace, choice: PruningChoice):
+        """Return a new, physically smaller model (a pruned-model class) computing what the gated model computes."""
+        raise NotImplementedError
+
+    def expected_num_parameters(self, config) -> int:
+        """Parameter count implied by a pruned model's config (checks that weights match the structure)."""
+        raise NotImplementedError
+
+    # shared helpers --------------------------------------------------------------------------------
+    def _group_and_min(self, kind: str, size: int, group_sizes, min_keep) -> tuple[int, int]:
+        group = (group_sizes or {}).get(kind, self.default_group_sizes.get(kind, 1))
+        if group < 1:
+            raise PruningSpaceError(f"group size for '{kind}' must be >= 1, got {group}")
+        group = min(group, size)
+        minimum = (min_keep or {}).get(kind, group)
+        return group, max(1, min(minimum, size))

@@ -1,0 +1,307 @@
+"""ViT-family adapter: transformers' ViT and DeiT (incl. the distilled, two-head one) and mdp_vit.
+
+Dimensions: the embedding width E (one global dimension: patch embedding, CLS/distillation tokens,
+position embeddings, every LayerNorm, every residual projection, classifier inputs), and per layer:
+heads, per-head query/key width, per-head value width, MLP hidden width. Blocks: each layer's
+attention and MLP sub-blocks (remove both to remove the layer).
+
+A query/key (or value) unit j is column j of every kept head, so all heads of a layer keep the same
+per-head width and attention stays one dense batched matmul after slicing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..modeling import MDPViTConfig, MDPViTForImageClassification, MDPViTModel
+from .base import Block, Dimension, GateSet, ModelAdapter, PruningChoice, PruningSpace, PruningSpaceError
+
+# configuration fields copied unchanged from the model being pruned
+_COPIED_FIELDS = (
+    "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps",
+    "image_size", "patch_size", "num_channels", "qkv_bias", "pooler_act", "id2label", "label2id",
+)  # fmt: skip
+
+
+class ViTAdapter(ModelAdapter):
+    model_types = ("vit", "deit", "mdp_vit")
+    # Paper's DeiT-B groups: E 16, heads 1, QK 2, V 2, MLP 32.
+    default_group_sizes = {"embed": 16, "heads": 1, "qk": 2, "v": 2, "mlp": 32}
+
+    # model access -----------------------------------------------------------------------------------
+    @staticmethod
+    def _parts(model):
+        """(base model, its attribute name in the wrapper or None, classifier heads by name)."""
+        for prefix in ("vit", "deit"):
+            base = getattr(model, prefix, None)
+            if base is not None and hasattr(base, "layers"):
+                heads = {
+                    name: getattr(model, name)
+                    for name in ("classifier", "cls_classifier", "distillation_classifier")
+                    if isinstance(getattr(model, name, None), torch.nn.Linear)
+                }
+                return base, prefix, heads
+        if hasattr(model, "layers") and hasattr(model, "embeddings"):
+            return model, None, {}
+        raise PruningSpaceError(f"{type(model).__name__} does not have the ViT layout (embeddings + layers)")
+
+    @staticmethod
+    def _layer_shape(layer) -> dict:
+        shape = {"attention": layer.attention is not None, "mlp": layer.mlp is not None}
+        if layer.attention is not None:
+            attn = layer.attention
+            heads = attn.num_attention_heads
+            shape.update(heads=heads, qk=attn.q_proj.out_features // heads, v=attn.v_proj.out_features // heads)
+        if layer.mlp is not None:
+            shape["mlp_dim"] = layer.mlp.fc1.out_features
+        return shape
+
+    # pruning space ----------------------------------------------------------------------------------
+    def build_space(self, model, group_sizes=None, min_keep=None) -> PruningSpace:
+        base, prefix, heads = self._parts(model)
+        p = f"{prefix}." if prefix else ""
+        hidden = base.embeddings.patch_embeddings.projection.out_channels
+        dims, blocks, aliases = {}, {}, {}
+
+        def add_dim(name, kind, size, block=None, coupled=()):
+            group, minimum = self._group_and_min(kind, size, group_sizes, min_keep)
+            dims[name] = Dimension(name, kind, size, group, minimum, block, coupled=list(coupled))
+
+        embed_coupled = [f"{p}embeddings.patch_embeddings.projection", f"{p}embeddings.cls_token",
+                         f"{p}embeddings.position_embeddings", f"{p}layernorm"] + [f"{name}.weight[:, in]" for name in heads]  # fmt: skip
+        if getattr(base.embeddings, "distillation_token", None) is not None:
+            embed_coupled.append(f"{p}embeddings.distillation_token")
+        add_dim("embed", "embed", hidden, coupled=embed_coupled)
+        for i, layer in enumerate(base.layers):
+            shape = self._layer_shape(layer)
+            lp = f"{p}layers.{i}"
+            if shape["attention"]:
+                block = f"layers.{i}.attention"
+                add_dim(f"layers.{i}.heads", "heads", shape["heads"], block, [f"{lp}.attention.{n}_proj" for n in "qkvo"])
+                add_dim(f"layers.{i}.qk_dim", "qk", shape["qk"], block, [f"{lp}.attention.q_proj", f"{lp}.attention.k_proj"])
+                add_dim(f"layers.{i}.v_dim", "v", shape["v"], block, [f"{lp}.attention.v_proj", f"{lp}.attention.o_proj"])
+                blocks[block] = Block(block, "attention", [f"layers.{i}.heads", f"layers.{i}.qk_dim", f"layers.{i}.v_dim"])
+                embed_coupled += [f"{lp}.layernorm_before", f"{lp}.attention.o_proj (out)"]
+                for name in ("q_proj", "k_proj"):
+                    aliases[f"layers.{i}.attention.{name}"] = f"layers.{i}.qk_dim"
+            if shape["mlp"]:
+                block = f"layers.{i}.mlp"
+                add_dim(f"layers.{i}.mlp_dim", "mlp", shape["mlp_dim"], block, [f"{lp}.mlp.fc1", f"{lp}.mlp.fc2"])
+                blocks[block] = Block(block, "mlp", [f"layers.{i}.mlp_dim"])
+                embed_coupled += [f"{lp}.layernorm_after", f"{lp}.mlp.fc2 (out)"]
+        dims["embed"].shared_by = list(blocks)
+        dims["embed"].coupled = embed_coupled
+        for name in ("patch_embeddings", "cls_token", "position_embeddings", "layernorm", "classifier", "hidden_size"):
+            aliases[name] = "embed"
+        return PruningSpace(model.config.model_type, dims, blocks, aliases)
+
+    # gates ------------------------------------------------------------------------------------------
+    def install_gates(self, model, space: PruningSpace) -> GateSet:
+        base, _, _ = self._parts(model)
+        gates = GateSet(space, device=next(model.parameters()).device)
+
+        def scale_output(get_gate):
+            def hook(module, args, output):
+                return output * get_gate(output.dtype)
+
+            return hook
+
+        def masked_layernorm(module, args, output):
+            # Statistics over kept embedding units only, as the sliced LayerNorm computes them.
+            (x,) = args[:1]
+            mask = gates.binary_mask("embed").to(x.dtype)
+            count = mask.sum()
+            mean = (x * mask).sum(-1, keepdim=True) / count
+            var = (((x - mean) * mask) ** 2).sum(-1, keepdim=True) / count
+            normed = (x - mean) / torch.sqrt(var + module.eps) * module.weight + module.bias
+            return normed * gates.dim("embed", x.dtype)
+
+        embed = lambda dtype: gates.dim("embed", dtype)  # noqa: E731
+        gates.add_hook(base.embeddings.register_forward_hook(scale_output(embed)))
+        gates.add_hook(base.layernorm.register_forward_hook(masked_layernorm))
+        for i, layer in enumerate(base.layers):
+            if layer.attention is not None:
+                attn, block = layer.attention, f"layers.{i}.attention"
+                heads = attn.num_attention_heads
+                qk = attn.q_proj.out_features // heads
+                v = attn.v_proj.out_features // heads
+                gates.add_hook(layer.layernorm_before.register_forward_hook(masked_layernorm))
+
+                def gate_query(module, args, output, i=i, heads=heads, qk=qk):
+                    shaped = output.unflatten(-1, (heads, qk)) * gates.dim(f"layers.{i}.qk_dim", output.dtype)
+                    return shaped.flatten(-2)
+
+                def gate_heads_and_values(module, args, i=i, heads=heads, v=v):
+                    (x,) = args[:1]
+                    per_unit = gates.dim(f"layers.{i}.heads", x.dtype)[:, None] * gates.dim(f"layers.{i}.v_dim", x.dtype)
+                    return ((x.unflatten(-1, (heads, v)) * per_unit).flatten(-2),) + tuple(args[1:])
+
+                gates.add_hook(attn.q_proj.register_forward_hook(gate_query))
+                gates.add_hook(attn.o_proj.register_forward_pre_hook(gate_heads_and_values))
+                gates.add_hook(attn.o_proj.register_forward_hook(
+                    scale_output(lambda dtype, block=block: embed(dtype) * gates.block(block, dtype))))  # fmt: skip
+            if layer.mlp is not None:
+                block = f"layers.{i}.mlp"
+                gates.add_hook(layer.layernorm_after.register_forward_hook(masked_layernorm))
+                gates.add_hook(layer.mlp.fc1.register_forward_hook(
+                    scale_output(lambda dtype, i=i: gates.dim(f"layers.{i}.mlp_dim", dtype))))  # fmt: skip
+                gates.add_hook(layer.mlp.fc2.register_forward_hook(
+                    scale_output(lambda dtype, block=block: embed(dtype) * gates.block(block, dtype))))  # fmt: skip
+        pooler = getattr(base, "pooler", None)
+        if pooler is not None:
+            gates.add_hook(pooler.dense.register_forward_pre_hook(lambda m, args: (args[0] * embed(args[0].dtype),)))
+        return gates
+
+    # surgery ----------------------------------------------------------------------------------------
+    def slice(self, model, space: PruningSpace, choice: PruningChoice):
+        choice.validate(space)
+        base, prefix, heads = self._parts(model)
+        source = model.config
+        E = torch.tensor(choice.kept_indices(space, "embed"))
+        removed = set(choice.removed_blocks)
+        state: dict[str, torch.Tensor] = {}
+
+        def put(name, tensor):
+            state[name] = tensor.detach().clone().contiguous()
+
+        def put_linear(name, linear, rows=None, cols=None):
+            weight = linear.weight
+            if rows is not None:
+                weight = weight[rows]
+            if cols is not None:
+                weight = weight[:, cols]
+            put(f"{name}.weight", weight)
+            if linear.bias is not None:
+                put(f"{name}.bias", linear.bias if rows is None else linear.bias[rows])
+
+        def put_layernorm(name, norm):
+            put(f"{name}.weight", norm.weight[E])
+            put(f"{name}.bias", norm.bias[E])
+
+        emb = base.embeddings
+        put("vit.embeddings.cls_token", emb.cls_token[..., E])
+        distillation = getattr(emb, "distillation_token", None)
+        if distillation is not None:
+            put("vit.embeddings.distillation_token", distillation[..., E])
+        put("vit.embeddings.position_embeddings", emb.position_embeddings[..., E])
+        put("vit.embeddings.patch_embeddings.projection.weight", emb.patch_embeddings.projection.weight[E])
+        put("vit.embeddings.patch_embeddings.projection.bias", emb.patch_embeddings.projection.bias[E])
+
+        per_layer: dict[int, dict] = {}
+        for i, layer in enumerate(base.layers):
+            shape = self._layer_shape(layer)
+            overrides: dict = {"skip": []}
+            lp = f"vit.layers.{i}"
+            if shape["attention"] and f"layers.{i}.attention" not in removed:
+                H = choice.kept_indices(space, f"layers.{i}.heads")
+                QK = choice.kept_indices(space, f"layers.{i}.qk_dim")
+                V = choice.kept_indices(space, f"layers.{i}.v_dim")
+                qk_rows = torch.tensor([h * shape["qk"] + j for h in H for j in QK])
+                v_rows = torch.tensor([h * shape["v"] + j for h in H for j in V])
+                attn = layer.attention
+                put_layernorm(f"{lp}.layernorm_before", layer.layernorm_before)
+                put_linear(f"{lp}.attention.q_proj", attn.q_proj, qk_rows, E)
+                put_linear(f"{lp}.attention.k_proj", attn.k_proj, qk_rows, E)
+                put_linear(f"{lp}.attention.v_proj", attn.v_proj, v_rows, E)
+                put_linear(f"{lp}.attention.o_proj", attn.o_proj, E, v_rows)
+                overrides.update(num_attention_heads=len(H), qk_head_dim=len(QK), v_head_dim=len(V))
+            else:
+                overrides["skip"].append("attention")
+            if shape["mlp"] and f"layers.{i}.mlp" not in removed:
+                M = torch.tensor(choice.kept_indices(space, f"layers.{i}.mlp_dim"))
+                put_layernorm(f"{lp}.layernorm_after", layer.layernorm_after)
+                put_linear(f"{lp}.mlp.fc1", layer.mlp.fc1, M, E)
+                put_linear(f"{lp}.mlp.fc2", layer.mlp.fc2, E, M)
+                overrides["intermediate_size"] = len(M)
+            else:
+                overrides["skip"].append("mlp")
+            per_layer[i] = overrides
+        put_layernorm("vit.layernorm", base.layernorm)
+        pooler = getattr(base, "pooler", None)
+        if pooler is not None:
+            put_linear("vit.pooler.dense", pooler.dense, None, E)
+        for name, head in heads.items():
+            put_linear(name, head, None, E)
+
+        config = self._pruned_config(model, base, heads, len(E), per_layer)
+        if prefix is None:  # a bare ViTModel / DeiTModel
+            state = {k.removeprefix("vit."): v for k, v in state.items()}
+            pruned = MDPViTModel(config, add_pooling_layer=pooler is not None)
+        else:
+            pruned = MDPViTForImageClassification(config)
+        pruned.load_state_dict(state, strict=True)
+        return pruned.to(next(model.parameters()).dtype).eval()
+
+    def _pruned_config(self, model, base, heads, hidden, per_layer) -> MDPViTConfig:
+        source = model.config
+        if source.model_type == "mdp_vit":
+            scaling = source.attention_scaling
+            base_type, base_path, base_config = source.base_model_type, source.base_model_name_or_path, source.base_config
+            defaults = {k: getattr(source, k) for k in ("num_attention_heads", "qk_head_dim", "v_head_dim", "intermediate_size")} \
+                if not source.is_heterogeneous else {}  # fmt: skip
+        else:
+            head_dim = getattr(source, "head_dim", None) or source.hidden_size // source.num_attention_heads
+            scaling = head_dim**-0.5
+            base_type, base_path, base_config = source.model_type, source.name_or_path or None, source.to_dict()
+            defaults = {}
+        shapes = [self._layer_shape(layer) for layer in base.layers]
+        first = next((s for s in shapes if s["attention"]), {"heads": 1, "qk": 1, "v": 1})
+        defaults = defaults or {
+            "num_attention_heads": first["heads"], "qk_head_dim": first["qk"], "v_head_dim": first["v"],
+            "intermediate_size": next((s["mlp_dim"] for s in shapes if s["mlp"]), 1),
+        }  # fmt: skip
+        sparse = {}
+        for i, overrides in per_layer.items():
+            diff = {k: v for k, v in overrides.items() if k == "skip" and v or k != "skip" and defaults.get(k) != v}
+            if diff:
+                sparse[i] = diff
+        classifier_heads = "cls+distillation" if "distillation_classifier" in heads else "cls"
+        extra_tokens = 2 if getattr(base.embeddings, "distillation_token", None) is not None else 1
+        fields = {k: getattr(source, k) for k in _COPIED_FIELDS if hasattr(source, k)}
+        pooler = getattr(base, "pooler", None)
+        return MDPViTConfig(
+            hidden_size=hidden,
+            num_hidden_layers=len(base.layers),
+            attention_scaling=scaling,
+            num_extra_tokens=extra_tokens,
+            classifier_heads=classifier_heads,
+            add_pooling_layer=pooler is not None,
+            pooler_output_size=pooler.dense.out_features if pooler is not None else None,
+            base_model_type=base_type,
+            base_model_name_or_path=base_path,
+            base_config=base_config,
+            per_layer_config=sparse or None,
+            architectures=["MDPViTForImageClassification" if heads or isinstance(model, MDPViTForImageClassification) else "MDPViTModel"],
+            **defaults,
+            **fields,
+        )
+
+    def expected_num_parameters(self, config: MDPViTConfig) -> int:
+        E = config.hidden_size
+        channels = config.num_channels
+        ph, pw = (config.patch_size, config.patch_size) if isinstance(config.patch_size, int) else config.patch_size
+        ih, iw = (config.image_size, config.image_size) if isinstance(config.image_size, int) else config.image_size
+        tokens = (ih // ph) * (iw // pw) + config.num_extra_tokens
+        total = E * channels * ph * pw + E + config.num_extra_tokens * E + tokens * E + 2 * E  # + final LayerNorm
+        bias = 1 if config.qkv_bias else 0
+        for i in range(config.num_hidden_layers):
+            lc = config.per_layer_config[i]
+            skip = set(getattr(lc, "skip", None) or [])
+            if "attention" not in skip:
+                qk, v = lc.num_attention_heads * lc.qk_head_dim, lc.num_attention_heads * lc.v_head_dim
+                total += 2 * E + 2 * (qk * E + bias * qk) + (v * E + bias * v) + (v * E + E)
+            if "mlp" not in skip:
+                M = lc.intermediate_size
+                total += 2 * E + M * E + M + M * E + E
+        if config.add_pooling_layer:
+            out = config.pooler_output_size or E
+            total += E * out + out
+        if _has_classifier(config) and config.num_labels > 0:
+            heads = 2 if config.classifier_heads == "cls+distillation" else 1
+            total += heads * (E * config.num_labels + config.num_labels)
+        return total
+
+
+
+def _has_classifier(config) -> bool:
+    return bool(config.architectures) and config.architectures[0].endswith("ForImageClassification")

@@ -1,0 +1,121 @@
+"""Saving and loading pruned models: safetensors + config + modeling files, atomically; Hub upload.
+
+A pruned model is saved with transformers' own ``save_pretrained`` (safetensors, never pickle); the
+pruned-model classes are registered for their Auto classes, so their source files and ``auto_map`` are
+written beside the weights and ``trust_remote_code=True`` loads them without mdp_hf installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers.utils import cached_file
+
+from .adapters import get_adapter
+from .modeling import register_auto_classes
+
+
+class CheckpointError(ValueError):
+    """A saved pruned model is unreadable or its weights do not match its config."""
+
+
+def save_pruned_model(model, save_directory: str | os.PathLike, extra_files: dict[str, str] | None = None,
+                      overwrite: bool = True) -> Path:  # fmt: skip
+    """Write ``model`` (an mdp_* model) to ``save_directory`` atomically.
+
+    Everything is written to a temporary sibling folder first and moved into place at the end, so an
+    error half-way (disk full, bad model) never leaves a half-written or mixed checkpoint behind.
+    ``extra_files`` maps file names to text (pruning_config.json, README.md, reports).
+    """
+    target = Path(save_directory)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True or choose another directory")
+    if not model.config.model_type.startswith("mdp_"):
+        raise ValueError(
+            f"save_pruned_model expects a sliced model (mdp_vit / mdp_resnet), got model_type "
+            f"{model.config.model_type!r}; call mdp_hf.slice_model(model, space, choice) first"
+        )
+    expected = get_adapter(model).expected_num_parameters(model.config)
+    actual = sum(p.numel() for p in model.parameters())
+    if expected != actual:
+        raise ValueError(f"refusing to save: the model has {actual} parameters but its config implies {expected}")
+    register_auto_classes()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(staging)  # safetensors + config.json + modeling files + auto_map
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
+        _check_saved(staging)
+        if target.exists():
+            backup = target.with_name(f".{target.name}.old")
+            if backup.exists():
+                shutil.rmtree(backup)
+            target.rename(backup)
+            staging.rename(target)
+            shutil.rmtree(backup)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _check_saved(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    missing = [name for name in ("model.safetensors",) if not (folder / name).exists()]
+    if missing or "auto_map" not in config:
+        raise RuntimeError(f"save_pretrained did not write {missing or 'auto_map'} in {folder}")
+
+
+def _check_shapes_against_config(path_or_repo_id, config, auto_cls, kwargs) -> None:
+    """Compare the safetensors header with the shapes config.json implies, before any weight is read."""
+    weights_file = cached_file(path_or_repo_id, "model.safetensors", **{k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir")})
+    with torch.device("meta"):
+        skeleton = auto_cls.from_config(config)
+    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    with safe_open(weights_file, framework="pt") as handle:
+        stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    mismatched = [f"{n}: file {stored[n]} vs config {expected[n]}" for n in expected if n in stored and stored[n] != expected[n]]
+    missing = sorted(set(expected) - set(stored))
+    if mismatched or missing:
+        raise CheckpointError(
+            f"weights in {path_or_repo_id} do not match its config.json: "
+            + "; ".join(mismatched[:3] + [f"missing {m}" for m in missing[:3]])
+            + f" ({len(mismatched)} mismatched, {len(missing)} missing). The checkpoint is inconsistent — "
+            "re-export it from the pruning run rather than editing config.json by hand."
+        )
+
+
+def load_pruned_model(path_or_repo_id: str | os.PathLike, **kwargs):
+    """Load a pruned model (local folder or Hub id) and check that its weights match its structure.
+
+    Raises CheckpointError with the reason when the file is corrupt or shapes disagree with config.json.
+    """
+    register_auto_classes()
+    try:
+        config = AutoConfig.from_pretrained(path_or_repo_id, **kwargs)
+        auto_cls = AutoModelForImageClassification if config.architectures and "ForImageClassification" in config.architectures[0] else AutoModel  # fmt: skip
+        _check_shapes_against_config(path_or_repo_id, config, auto_cls, kwargs)
+        model, info = auto_cls.from_pretrained(path_or_repo_id, config=config, output_loading_info=True, **kwargs)
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise CheckpointError(f"cannot load pruned model from {path_or_repo_id}: {error}") from error
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise CheckpointError(
+            f"weights in {path_or_repo_id} do not match its config.json ({problems}); the checkpoint is "
+            "inconsistent — re-export it from the pruning run rather than editing config.json by hand"
+        )
+    expected = get_adapter(model).expected_num_parameters(model.config)
+    actual = sum(p.numel() for p in model.parameters())
+    if expected != actual:
+        raise CheckpointError(f"{path_or_repo_id}: {actual} parameters loaded but config.json implies {expected}")
+    return model.eval()

@@ -1,0 +1,232 @@
+"""Core equivalences: gated == sliced, save -> load (same and fresh process), pruning twice, errors."""
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import FAMILIES, GROUPS, IMAGE_SIZE, build, logits_of
+from transformers import BertConfig, BertModel
+
+import mdp_hf
+from mdp_hf import PruningChoice, build_space, gate_model, slice_model
+from mdp_hf.adapters import PruningSpaceError, UnsupportedModelError, get_adapter
+from mdp_hf.hub import CheckpointError, load_pruned_model, save_pruned_model
+
+VIT_SCENARIOS = ["embed", "heads", "qk", "v", "mlp", "blocks", "all"]
+RESNET_SCENARIOS = ["channels", "residual", "blocks", "all"]
+
+
+def random_choice(space, rng, kinds, remove_blocks):
+    """Random kept sets for dimensions of the given kinds; per-layer QK and V widths drawn independently."""
+    kept = {}
+    for name, dim in space.dimensions.items():
+        if dim.kind in kinds:
+            width = rng.choice(dim.widths()[:-1] or dim.widths())  # prefer a real cut
+            kept[name] = sorted(rng.sample(range(dim.size), width))
+    removed = [b for b in space.blocks if remove_blocks and rng.random() < 0.4]
+    return PruningChoice(kept, removed)
+
+
+def scenario_kinds(scenario):
+    if scenario == "all":
+        return {"embed", "heads", "qk", "v", "mlp", "channels", "residual"}, True
+    if scenario == "blocks":
+        return set(), True
+    return {scenario}, False
+
+
+MATRIX = [(f, s) for f in FAMILIES for s in (RESNET_SCENARIOS if f.startswith("resnet") else VIT_SCENARIOS)]
+
+
+@pytest.mark.parametrize("family,scenario", MATRIX)
+def test_gated_equals_sliced(family, scenario):
+    model = build(family)
+    space = build_space(model, group_sizes=GROUPS)
+    x = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        dense = logits_of(model, x)
+    dense_params = sum(p.numel() for p in model.parameters())
+    kinds, remove_blocks = scenario_kinds(scenario)
+    for seed in range(4):
+        choice = random_choice(space, random.Random(seed), kinds, remove_blocks)
+        if scenario == "blocks" and not choice.removed_blocks:
+            choice.removed_blocks = [next(iter(space.blocks))]
+        with gate_model(model, space, choice), torch.no_grad():
+            gated = logits_of(model, x)
+        pruned = slice_model(model, space, choice)
+        with torch.no_grad():
+            sliced = logits_of(pruned, x)
+        assert (gated - sliced).abs().max().item() < 1e-5, choice
+        # the cut is real: fewer parameters and a different function from the dense model
+        assert sum(p.numel() for p in pruned.parameters()) < dense_params
+        assert (sliced - dense).abs().max().item() > 1e-4
+    # gates removed => the model is the dense model again
+    with torch.no_grad():
+        assert torch.equal(logits_of(model, x), dense)
+
+
+def test_qk_width_differs_from_v_width_and_scaling_is_kept():
+    model = build("vit")
+    space = build_space(model, group_sizes=GROUPS)
+    choice = PruningChoice({"layers.0.qk_dim": [0, 3], "layers.0.v_dim": [1, 2, 5, 7], "layers.0.heads": [1, 3]})
+    pruned = slice_model(model, space, choice)
+    attn = pruned.vit.layers[0].attention
+    assert (attn.num_attention_heads, attn.qk_head_dim, attn.v_head_dim) == (2, 2, 4)
+    assert attn.scaling == pytest.approx(8**-0.5)  # the dense head_dim, not the pruned qk width
+    assert pruned.config.per_layer_config[1].num_attention_heads == 4
+
+
+@pytest.mark.parametrize("family", ["vit", "deit_distilled", "resnet_bottleneck", "resnet_basic"])
+def test_pruned_model_can_be_pruned_again(family):
+    model = build(family)
+    space = build_space(model, group_sizes=GROUPS)
+    rng = random.Random(1)
+    first = random_choice(space, rng, {"embed", "heads", "qk", "v", "mlp", "channels", "residual"}, True)
+    pruned = slice_model(model, space, first)
+    space2 = build_space(pruned, group_sizes=GROUPS)
+    assert set(space2.blocks) == set(space.blocks) - set(first.removed_blocks)
+    second = random_choice(space2, rng, {"embed", "heads", "qk", "v", "mlp", "channels", "residual"}, True)
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with gate_model(pruned, space2, second), torch.no_grad():
+        gated = logits_of(pruned, x)
+    twice = slice_model(pruned, space2, second)
+    with torch.no_grad():
+        assert (gated - logits_of(twice, x)).abs().max().item() < 1e-5
+    assert twice.config.base_model_type == model.config.model_type
+    assert twice.config.base_config["model_type"] == model.config.model_type
+
+
+def test_gates_carry_taylor_scores_and_stay_out_of_the_optimizer():
+    model = build("vit").train()
+    space = build_space(model, group_sizes=GROUPS)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    gates = gate_model(model, space)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE), torch.randint(0, 5, (4,))
+    model(x, labels=y).loss.backward()
+    for name, gate in {**gates.dims, **gates.blocks}.items():
+        assert gate.grad is not None and torch.isfinite(gate.grad).all(), name
+        assert gate.grad.abs().sum() > 0, name
+    gate_ids = {id(g) for g in list(gates.dims.values()) + list(gates.blocks.values())}
+    assert not gate_ids & {id(p) for group in optimizer.param_groups for p in group["params"]}
+    optimizer.step()
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes
+    gates.remove()
+
+
+@pytest.mark.parametrize("family", ["vit", "deit_distilled", "resnet_bottleneck", "vit_base_model"])
+def test_save_load_same_and_fresh_process(family, tmp_path):
+    model = build(family)
+    space = build_space(model, group_sizes=GROUPS)
+    pruned = slice_model(model, space, random_choice(space, random.Random(3), {"embed", "heads", "qk", "v", "mlp", "channels", "residual"}, True))
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        expected = logits_of(pruned, x)
+    out = save_pruned_model(pruned, tmp_path / "pruned")
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".py")  # modeling files travel with the weights
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt")) and not list(out.glob("*.pkl"))
+    reloaded = load_pruned_model(out)
+    with torch.no_grad():
+        assert torch.equal(logits_of(reloaded, x), expected)
+    n_params = sum(p.numel() for p in reloaded.parameters())
+    assert n_params == get_adapter(reloaded).expected_num_parameters(reloaded.config)
+
+    # fresh process, mdp_hf made unimportable: trust_remote_code must be enough
+    save_file({"x": x, "expected": expected}, str(tmp_path / "io.safetensors"))
+    script = textwrap.dedent(f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "mdp_hf" or name.startswith("mdp_hf."):
+                    raise ImportError("mdp_hf must not be needed to load a pruned model")
+        sys.meta_path.insert(0, Block())
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModel, AutoModelForImageClassification
+        io = load_file({str(tmp_path / 'io.safetensors')!r})
+        cls = AutoModel if {family!r} == "vit_base_model" else AutoModelForImageClassification
+        model = cls.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        with torch.no_grad():
+            out = model(io["x"])
+        got = out.pooler_output if {family!r} == "vit_base_model" else out.logits
+        assert torch.equal(got, io["expected"]), (got - io["expected"]).abs().max()
+        assert not any(m.startswith("mdp_hf") for m in sys.modules)
+        print("FRESH_OK", sum(p.numel() for p in model.parameters()))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"FRESH_OK {n_params}" in result.stdout
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+def test_unknown_architecture_names_supported_families():
+    bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))
+    with pytest.raises(UnsupportedModelError, match=r"'bert'.*Supported: .*deit.*resnet.*vit.*register_adapter"):
+        build_space(bert)
+
+
+@pytest.mark.parametrize(
+    "family,choice,message",
+    [
+        ("resnet_bottleneck", PruningChoice({"stages.1.layers.0.conv3": [0, 1]}), "coupled into dimension 'stages.1.residual'"),
+        ("resnet_basic", PruningChoice({"stages.0.residual": [0, 1]}), "unknown dimension 'stages.0.residual'"),
+        ("vit", PruningChoice({"embed": [0, 40]}), r"out of range \[0, 32\)"),
+        ("vit", PruningChoice({"layers.0.heads": [1, 1]}), "duplicates"),
+        ("vit", PruningChoice({"layers.0.heads": []}), "remove the block"),
+        ("vit", PruningChoice({}, ["layers.7.mlp"]), "unknown block 'layers.7.mlp'"),
+    ],
+)
+def test_bad_choices_are_clear_errors(family, choice, message):
+    model = build(family)
+    space = build_space(model, group_sizes=GROUPS)
+    with pytest.raises(PruningSpaceError, match=message):
+        slice_model(model, space, choice)
+    with pytest.raises(PruningSpaceError, match=message):
+        gate_model(model, space, choice)
+
+
+def test_stem_and_stage0_are_coupled_when_the_shortcut_is_identity():
+    space = build_space(build("resnet_basic"), group_sizes=GROUPS)
+    assert "stem" in space.dimensions and "stages.0.residual" not in space.dimensions
+    assert any("stages.0.layers.1.layer.1" in c for c in space.dimensions["stem"].coupled)
+
+
+def _saved(tmp_path):
+    model = build("vit")
+    space = build_space(model, group_sizes=GROUPS)
+    return save_pruned_model(slice_model(model, space, PruningChoice({"embed": list(range(16))})), tmp_path / "m")
+
+
+def test_checkpoint_not_matching_its_config_is_rejected(tmp_path):
+    path = _saved(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["hidden_size"] = 24  # weights hold 16
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="do not match|parameters"):
+        load_pruned_model(path)
+
+
+def test_corrupt_checkpoint_is_rejected(tmp_path):
+    path = _saved(tmp_path)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot load"):
+        load_pruned_model(path)
+
+
+def test_failed_save_leaves_existing_checkpoint_intact(tmp_path):
+    path = _saved(tmp_path)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    with pytest.raises(ValueError, match="slice_model"):
+        save_pruned_model(build("vit"), path)  # dense model: refused before anything is written
+    broken = load_pruned_model(path)
+    broken.config.hidden_size = 24  # config no longer describes the weights
+    with pytest.raises(ValueError, match="refusing to save"):
+        save_pruned_model(broken, path, extra_files={"README.md": "x"})
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging folders left behind
