@@ -6,8 +6,10 @@ setup(
     description="Latency-constrained multi-dimensional structural pruning (MDP, CVPR 2025) for Hugging Face vision models",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["mdp_hf", "mdp_hf.*"]),
-    package_data={"mdp_hf": ["hub_cards/*.md", "metrics/*.py"]},
+    # hub_cards/ (model-card templates) lives at the top of the repo and installs as mdp_hf.hub_cards
+    packages=find_packages(include=["mdp_hf", "mdp_hf.*"]) + ["mdp_hf.hub_cards"],
+    package_dir={"mdp_hf.hub_cards": "hub_cards"},
+    package_data={"mdp_hf.hub_cards": ["*.md"], "mdp_hf": ["metrics/*.py"]},
     python_requires=">=3.10",
     # Pinned to what the code is tested with. torch is pinned exactly: a bare "torch" pulls a multi-GB
     # CUDA build on machines where this exact wheel is not cached.

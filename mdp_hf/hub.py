@@ -119,3 +119,50 @@ def load_pruned_model(path_or_repo_id: str | os.PathLike, **kwargs):
     if expected != actual:
         raise CheckpointError(f"{path_or_repo_id}: {actual} parameters loaded but config.json implies {expected}")
     return model.eval()
+
+
+def render_model_card(report: dict, kept_table: str, repo_or_path: str) -> str:
+    """The README.md of a pruned model, from the template shipped in mdp_hf.hub_cards."""
+    from importlib.resources import files
+    from string import Template
+
+    template = Template(files("mdp_hf.hub_cards").joinpath("pruned_model.md").read_text(encoding="utf-8"))
+
+    def fmt(value, digits=4):
+        if value is None:
+            return "n/a"
+        return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+    solver = report.get("solver", {})
+    fields = {
+        "title": f"{report['base_model']} pruned to {fmt(report['budget_ms'])} ms with MDP",
+        "base_model": report["base_model"],
+        "latency_model": report.get("latency_model", "table"),
+        "device_name": report.get("device_name") or report["device"],
+        "kept_table": kept_table,
+        "repo_or_path": repo_or_path,
+        "solver_backend": solver.get("backend", "n/a"),
+        "solver_status": solver.get("status", "n/a"),
+        "solver_gap": fmt(solver.get("gap")),
+        "solver_time_s": fmt(solver.get("solve_time_s"), 3),
+        "dense_predicted_ms": fmt(report.get("dense_predicted_latency_ms")),
+    }
+    for key in ("dense_latency_ms", "pruned_latency_ms", "predicted_latency_ms", "budget_ms", "dense_params",
+                "pruned_params", "dense_accuracy", "pruned_accuracy", "device", "batch_size", "image_size",
+                "dtype", "num_threads"):  # fmt: skip
+        fields[key] = fmt(report.get(key))
+    return template.substitute(fields)
+
+
+def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool | None = None,
+                       commit_message: str = "MDP pruned model") -> str:  # fmt: skip
+    """Create ``repo_id`` if needed and upload ``folder`` (a saved pruned model) as one commit; returns its URL."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{folder} is not a saved pruned model (config.json / model.safetensors missing)")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message)
+    return str(getattr(commit, "commit_url", commit))

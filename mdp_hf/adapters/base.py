@@ -184,6 +184,12 @@ class GateSet:
         for gate in list(self.dims.values()) + list(self.blocks.values()):
             gate.fill_(1.0)
 
+    def freeze(self) -> None:
+        """Stop computing gate gradients (after the last pruning step: the gates are fixed masks)."""
+        for gate in list(self.dims.values()) + list(self.blocks.values()):
+            gate.requires_grad_(False)
+            gate.grad = None
+
     def zero_grad(self) -> None:
         for gate in list(self.dims.values()) + list(self.blocks.values()):
             gate.grad = None
@@ -212,6 +218,8 @@ class ModelAdapter:
     model_types: tuple[str, ...] = ()
     #: default group size per dimension kind
     default_group_sizes: dict[str, int] = {}
+    #: how a gate gradient becomes a score: "square" (paper, ViT) or "abs" (paper, CNN BN-Taylor)
+    default_score_kind: str = "square"
 
     def build_space(self, model, group_sizes: dict[str, int] | None = None, min_keep: dict[str, int] | None = None) -> PruningSpace:
         raise NotImplementedError

@@ -20,6 +20,7 @@ from .base import Block, Dimension, GateSet, ModelAdapter, PruningChoice, Prunin
 class ResNetAdapter(ModelAdapter):
     model_types = ("resnet", "mdp_resnet")
     default_group_sizes = {"channels": 8, "residual": 8}
+    default_score_kind = "abs"
 
     @staticmethod
     def _parts(model):
