@@ -1,0 +1,159 @@
+"""PrunableConfig: what to prune, to which latency budget, with which schedule, tables and solver.
+
+A dataclass users write in code, in a recipe's YAML, or load from ``pruning_config.json``
+(``save_pretrained`` / ``from_pretrained``, like peft's configs). Every field is validated on
+construction; an invalid value raises an error naming the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "pruning_config.json"
+CONFIG_VERSION = 1
+
+# dimension kinds a user can switch on/off; "blocks" is whole residual branches.
+PRUNABLE_KINDS = ("embed", "heads", "qk", "v", "mlp", "channels", "residual", "blocks")
+IMPORTANCE_KINDS = ("taylor",)
+SCHEDULES = ("one_shot", "iterative")
+LATENCY_MODELS = ("table", "linear", "flops")
+
+
+@dataclass
+class PrunableConfig:
+    """Configuration of an MDP pruning run.
+
+    Budget: give exactly one of ``budget_ms`` (absolute, on the latency table's device and settings)
+    or ``budget_fraction`` (of the dense model's latency under the same latency model).
+
+    Ablations from the paper are configurations: channels/widths only = ``prune`` without "blocks";
+    HALP's linear latency model = ``latency_model="linear"``.
+    """
+
+    budget_ms: float | None = None
+    budget_fraction: float | None = None
+    prune: list[str] = field(default_factory=lambda: list(PRUNABLE_KINDS))
+    group_sizes: dict[str, int] = field(default_factory=dict)  # per kind; empty -> adapter defaults (paper's)
+    min_keep: dict[str, int] = field(default_factory=dict)  # per kind, in units; empty -> one group
+    importance: str = "taylor"
+    ema_decay: float = 0.9
+    schedule: str = "one_shot"
+    accumulation_steps: int = 100  # optimizer steps of score accumulation before the (first) pruning step
+    pruning_interval: int = 100  # iterative: optimizer steps between pruning steps
+    num_pruning_steps: int = 1  # iterative: T
+    latency_model: str = "table"
+    latency_table: str | None = None  # file path or Hub id "org/name" (file latency_table.json); None: build
+    latency_device: str = "cpu"
+    latency_batch_size: int = 1
+    latency_num_threads: int | None = 1
+    latency_dtype: str = "float32"
+    latency_repeats: int = 30
+    solver_backend: str = "auto"
+    solver_time_limit_s: float | None = 60.0
+    dump_problems_dir: str | None = None  # write every solved problem as JSON (for `mdp-hf solve`, bug reports)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self):
+        self.validate()
+
+    # validation ----------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def bad(name, why):
+            raise ValueError(f"PrunableConfig.{name}: {why}")
+
+        if (self.budget_ms is None) == (self.budget_fraction is None):
+            bad("budget_ms/budget_fraction", "give exactly one: an absolute budget in ms, or a fraction of dense latency")
+        if self.budget_ms is not None and not self.budget_ms > 0:
+            bad("budget_ms", f"must be > 0 ms, got {self.budget_ms}")
+        if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
+            bad("budget_fraction", f"must be in (0, 1], got {self.budget_fraction}")
+        unknown = sorted(set(self.prune) - set(PRUNABLE_KINDS))
+        if unknown:
+            bad("prune", f"unknown kinds {unknown}; choose from {list(PRUNABLE_KINDS)}")
+        if not self.prune:
+            bad("prune", "is empty: nothing would be pruned")
+        for name in ("group_sizes", "min_keep"):
+            mapping = getattr(self, name)
+            unknown = sorted(set(mapping) - set(PRUNABLE_KINDS))
+            if unknown:
+                bad(name, f"unknown kinds {unknown}; choose from {list(PRUNABLE_KINDS[:-1])}")
+            if any(not isinstance(v, int) or v < 1 for v in mapping.values()):
+                bad(name, f"values must be integers >= 1, got {mapping}")
+        if self.importance not in IMPORTANCE_KINDS:
+            bad("importance", f"must be one of {IMPORTANCE_KINDS}, got {self.importance!r}")
+        if not 0 <= self.ema_decay < 1:
+            bad("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if self.schedule not in SCHEDULES:
+            bad("schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("accumulation_steps", "pruning_interval", "num_pruning_steps", "latency_batch_size", "latency_repeats"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, f"must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.schedule == "one_shot" and self.num_pruning_steps != 1:
+            bad("num_pruning_steps", "one_shot prunes once; use schedule='iterative' for several steps")
+        if self.latency_model not in LATENCY_MODELS:
+            bad("latency_model", f"must be one of {LATENCY_MODELS}, got {self.latency_model!r}")
+        if self.latency_num_threads is not None and self.latency_num_threads < 1:
+            bad("latency_num_threads", f"must be >= 1 or None, got {self.latency_num_threads}")
+        if self.latency_dtype not in ("float32", "float16", "bfloat16"):
+            bad("latency_dtype", f"must be float32, float16 or bfloat16, got {self.latency_dtype!r}")
+        if self.solver_time_limit_s is not None and not self.solver_time_limit_s > 0:
+            bad("solver_time_limit_s", f"must be > 0 or None, got {self.solver_time_limit_s}")
+        if self.version > CONFIG_VERSION:
+            bad("version", f"{self.version} is newer than this mdp_hf understands ({CONFIG_VERSION}); upgrade mdp_hf")
+
+    # schedule ------------------------------------------------------------------------------------------
+    def pruning_steps(self) -> list[int]:
+        """Optimizer steps (global_step values) at which pruning happens."""
+        return [self.accumulation_steps + t * self.pruning_interval for t in range(self.num_pruning_steps)]
+
+    def step_budget(self, step_index: int, dense_ms: float, final_ms: float) -> float:
+        """Budget of pruning step t (1-based): exp((t/T) ln final + (1 - t/T) ln dense) (paper's schedule)."""
+        import math
+
+        fraction = step_index / self.num_pruning_steps
+        return math.exp(fraction * math.log(final_ms) + (1 - fraction) * math.log(dense_ms))
+
+    # serialisation -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json_string())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PrunableConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning("PrunableConfig: ignoring unknown keys %s (written by another mdp_hf version?)", unknown)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs) -> PrunableConfig:
+        """Load from a folder holding pruning_config.json, the file itself, or a Hub repo id."""
+        path = str(path_or_repo_id)
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_NAME)
+        elif not os.path.isfile(path):
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(path, CONFIG_NAME, **hub_kwargs)
+        with open(path, encoding="utf-8") as handle:
+            try:
+                data = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} is not valid JSON: {error}") from error
+        return cls.from_dict(data)

@@ -1,0 +1,71 @@
+"""The one place that knows about ranks: reduce scores, compute on the main rank, broadcast the result.
+
+Works without torch.distributed (a single process) and under any launcher that initialises it
+(accelerate, torchrun). Errors raised on the main rank are re-raised on every rank, so a failed solve
+never leaves the other ranks waiting in a collective or training with stale masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def _collective_device() -> torch.device:
+    # NCCL only reduces CUDA tensors; gloo reduces CPU tensors.
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def mean_across_ranks(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of each tensor over all ranks (identity in a single process)."""
+    if not is_distributed():
+        return {name: t.clone() for name, t in tensors.items()}
+    names = sorted(tensors)
+    flat = torch.cat([tensors[n].reshape(-1).double() for n in names]).to(_collective_device())
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat = (flat / dist.get_world_size()).cpu()
+    out, offset = {}, 0
+    for name in names:
+        size = tensors[name].numel()
+        out[name] = flat[offset : offset + size].reshape(tensors[name].shape).to(tensors[name].dtype)
+        offset += size
+    return out
+
+
+def run_on_main_and_broadcast(compute: Callable[[], T]) -> T:
+    """Run ``compute`` on rank 0 only and give every rank its (picklable) result, or its exception."""
+    if not is_distributed():
+        return compute()
+    payload: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            payload[0] = ("ok", compute())
+        except Exception as error:  # re-raised on every rank below
+            payload[0] = ("error", error)
+    if dist.get_backend() == "nccl":
+        dist.broadcast_object_list(payload, src=0, device=_collective_device())
+    else:
+        dist.broadcast_object_list(payload, src=0)
+    status, value = payload[0]
+    if status == "error":
+        raise value
+    return value

@@ -1,0 +1,5 @@
+"""Importance scores per unit of every dimension, accumulated from gate gradients during training."""
+
+from .taylor import ImportanceAccumulator, ScoreKind
+
+__all__ = ["ImportanceAccumulator", "ScoreKind"]

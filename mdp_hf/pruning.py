@@ -1,0 +1,196 @@
+"""The MDP engine shared by MDPTrainer and the one-shot API.
+
+``PruningSession`` owns a model's pruning space, its gates, the importance accumulator and the
+latency terms; ``prune_step`` reduces scores across ranks, solves on the main rank, broadcasts the
+choice and applies it as gates. ``prune`` is the one-shot API for users with their own loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .adapters import PruningChoice, get_adapter
+from .config import PrunableConfig
+from .distributed import mean_across_ranks, run_on_main_and_broadcast, world_size
+from .importance import ImportanceAccumulator
+from .masks import build_problem, choice_from_solution, kept_fraction_by_kind
+from .solver import solve
+from .surgery import build_space, gate_model, slice_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PruningStepResult:
+    """What one pruning step decided (identical on every rank)."""
+
+    step_index: int
+    budget_ms: float
+    choice: PruningChoice
+    predicted_latency_ms: float
+    objective: float
+    bound: float
+    gap: float
+    status: str
+    backend: str
+    solve_time_s: float
+    kept_fraction: dict[str, float] = field(default_factory=dict)
+
+    def log_dict(self) -> dict[str, float]:
+        logs = {
+            "mdp/budget_ms": self.budget_ms,
+            "mdp/predicted_latency_ms": self.predicted_latency_ms,
+            "mdp/solver_time_s": self.solve_time_s,
+            "mdp/solver_gap": self.gap,
+            "mdp/step": float(self.step_index),
+        }
+        logs.update({f"mdp/kept_{kind}": value for kind, value in self.kept_fraction.items()})
+        return logs
+
+
+class PruningSession:
+    """Gates, scores, latency terms and solver for one model under one PrunableConfig."""
+
+    def __init__(self, model, config: PrunableConfig, latency_model):
+        self.model = model
+        self.config = config
+        self.adapter = get_adapter(model)
+        self.space = build_space(model, config.group_sizes, config.min_keep)
+        self.gates = gate_model(model, self.space)
+        self.scores = ImportanceAccumulator(self.gates, self.adapter.default_score_kind, config.ema_decay)
+        self.latency_model = latency_model
+        self.latency_terms = latency_model.solver_terms(self.space)
+        self.dense_predicted_ms = float(sum(float(np.asarray(t.table)[(-1,) * len(t.dims)]) for t in self.latency_terms))
+        self.results: list[PruningStepResult] = []
+
+    # budget and schedule -----------------------------------------------------------------------------
+    @property
+    def final_budget_ms(self) -> float:
+        """The run's target; a fraction is taken of the dense latency predicted by the same model."""
+        if self.config.budget_ms is not None:
+            return float(self.config.budget_ms)
+        return self.config.budget_fraction * self.dense_predicted_ms
+
+    def budget_for_step(self, step_index: int) -> float:
+        if self.config.schedule == "one_shot":
+            return self.final_budget_ms
+        return self.config.step_budget(step_index, self.dense_predicted_ms, self.final_budget_ms)
+
+    @property
+    def choice(self) -> PruningChoice | None:
+        return self.results[-1].choice if self.results else None
+
+    @property
+    def finished(self) -> bool:
+        return len(self.results) >= self.config.num_pruning_steps
+
+    # pruning --------------------------------------------------------------------------------------------
+    def accumulate(self, grad_scale: float = 1.0) -> None:
+        self.scores.accumulate(grad_scale)
+
+    def prune_step(self) -> PruningStepResult:
+        """Reduce scores over ranks, solve on the main rank, apply the broadcast choice to the gates."""
+        step_index = len(self.results) + 1
+        averaged = mean_across_ranks(self.scores.local_average())
+        scores = {name: value.numpy() for name, value in self.scores.commit(averaged).items()}
+        budget = self.budget_for_step(step_index)
+
+        def solve_on_main():
+            problem = build_problem(
+                self.space, scores, self.latency_terms, budget, self.config.prune,
+                metadata={"step": step_index, "dense_predicted_ms": self.dense_predicted_ms},
+            )  # fmt: skip
+            if self.config.dump_problems_dir:
+                os.makedirs(self.config.dump_problems_dir, exist_ok=True)
+                problem.to_json(os.path.join(self.config.dump_problems_dir, f"problem_step{step_index}.json"))
+            solution = solve(problem, self.config.solver_backend, self.config.solver_time_limit_s)
+            if solution.status != "optimal":
+                logger.warning("MDP step %d: solver stopped with status %s, gap %.3g", step_index, solution.status, solution.gap)
+            choice = choice_from_solution(self.space, scores, solution)
+            return PruningStepResult(
+                step_index, budget, choice, solution.latency_ms, solution.objective, solution.bound, solution.gap,
+                solution.status, solution.backend, solution.solve_time_s, kept_fraction_by_kind(self.space, choice),
+            )  # fmt: skip
+
+        result = run_on_main_and_broadcast(solve_on_main)
+        self.gates.apply_choice(result.choice)
+        self.results.append(result)
+        return result
+
+    def export(self):
+        """The physically pruned model for the current choice (the dense model itself if none yet)."""
+        if self.choice is None:
+            raise RuntimeError("no pruning step has run yet: nothing to export")
+        return slice_model(self.model, self.space, self.choice)
+
+    # checkpoint state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "scores": self.scores.state_dict(),
+            "results": [
+                {**r.__dict__, "choice": {"kept": r.choice.kept, "removed_blocks": r.choice.removed_blocks}}
+                for r in self.results
+            ],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scores.load_state_dict(state["scores"])
+        self.results = []
+        for raw in state["results"]:
+            raw = dict(raw)
+            raw["choice"] = PruningChoice(**raw["choice"])
+            self.results.append(PruningStepResult(**raw))
+        if self.choice is not None:
+            self.gates.apply_choice(self.choice)
+        else:
+            self.gates.reset()
+
+
+def accumulate_importance(session: PruningSession, model, dataloader, num_batches: int, loss_fn=None) -> None:
+    """Forward + backward over ``num_batches`` batches (no optimizer step), adding gate scores each batch."""
+    model.train()
+    device = next(model.parameters()).device
+    seen = 0
+    for batch in dataloader:
+        if seen >= num_batches:
+            break
+        if isinstance(batch, dict):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            outputs = model(**batch)
+            loss = outputs.loss if loss_fn is None else loss_fn(outputs, batch)
+        else:
+            pixel_values, labels = (t.to(device) for t in batch[:2])
+            outputs = model(pixel_values=pixel_values, labels=labels)
+            loss = outputs.loss if loss_fn is None else loss_fn(outputs, labels)
+        if loss is None:
+            raise ValueError("the model returned no loss: give batches with labels, or pass loss_fn=")
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        session.accumulate()
+        seen += 1
+    model.zero_grad(set_to_none=True)
+    if seen == 0:
+        raise ValueError("the dataloader yielded no batches: importance needs data")
+
+
+def prune(model, config: PrunableConfig, dataloader, latency_model, num_batches: int | None = None, loss_fn=None):
+    """One-shot MDP: score units on ``dataloader``, solve for the budget, return (pruned model, step result).
+
+    The input model is not modified (gates are removed again). ``num_batches`` defaults to
+    ``config.accumulation_steps``. Fine-tune the returned model as usual.
+    """
+    session = PruningSession(model, config, latency_model)
+    try:
+        accumulate_importance(session, model, dataloader, num_batches or config.accumulation_steps, loss_fn)
+        result = session.prune_step()
+        pruned = session.export()
+    finally:
+        session.gates.remove()
+        model.eval()
+    logger.info("MDP one-shot: world size %d, predicted %.3f ms for budget %.3f ms", world_size(), result.predicted_latency_ms, result.budget_ms)
+    return pruned, result

@@ -1,0 +1,236 @@
+"""MDPTrainer: MDP inside ordinary Hugging Face training, on one process or many.
+
+A few short overrides on top of ``transformers.Trainer`` (as in trl):
+- ``__init__`` installs gates and builds the latency terms; a callback accumulates importance after
+  every optimizer step and runs the scheduled pruning steps (main rank solves, all ranks apply);
+- ``train`` evaluates the dense model first (for the report) and restores pruning state on resume;
+- ``save_model`` writes the physically pruned model with its card, report and plot;
+- checkpoints carry the pruning state (``on_save``), so ``resume_from_checkpoint`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from .config import PrunableConfig
+from .distributed import world_size
+from .hub import push_folder_to_hub, render_model_card, save_pruned_model
+from .pruning import PruningSession
+from .reporting import kept_dims, kept_dims_markdown, latency_breakdown, plot_report
+
+logger = logging.getLogger(__name__)
+
+STATE_JSON = "mdp_state.json"
+STATE_TENSORS = "mdp_scores.safetensors"
+REPORT_NAME = "pruning_report.json"
+PLOT_NAME = "pruning_report.png"
+
+
+class _MDPCallback(TrainerCallback):
+    """Accumulate scores after each optimizer step; prune on schedule; save pruning state with checkpoints."""
+
+    def __init__(self, trainer: MDPTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer, session = self.trainer, self.trainer.mdp
+        if session.finished:
+            return
+        session.accumulate(trainer._loss_scale())
+        steps = trainer.prunable_config.pruning_steps()
+        if state.global_step >= steps[len(session.results)]:
+            result = session.prune_step()
+            trainer.log(result.log_dict())
+            logger.info(
+                "MDP step %d/%d at step %d: budget %.4g ms, predicted %.4g ms, solver %s %.3fs gap %.2g",
+                result.step_index, len(steps), state.global_step, result.budget_ms, result.predicted_latency_ms,
+                result.backend, result.solve_time_s, result.gap,
+            )  # fmt: skip
+            if session.finished:
+                session.gates.freeze()
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self.trainer.is_world_process_zero():
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder):
+            self.trainer._save_pruning_state(folder)
+
+
+class MDPTrainer(Trainer):
+    """``Trainer`` that prunes the model to a latency budget while it trains.
+
+    Args:
+        prunable_config: what to prune and to which budget (:class:`PrunableConfig`).
+        latency_model: a latency model with ``solver_terms(space)``; by default loaded from
+            ``prunable_config.latency_table`` or built for the model on the configured device.
+        Everything else is passed to ``transformers.Trainer``.
+    """
+
+    def __init__(self, *args, prunable_config: PrunableConfig, latency_model=None, **kwargs):
+        if not isinstance(prunable_config, PrunableConfig):
+            raise TypeError(f"prunable_config must be a PrunableConfig, got {type(prunable_config).__name__}")
+        super().__init__(*args, **kwargs)
+        self.prunable_config = prunable_config
+        if latency_model is None:
+            from .latency import latency_model_for
+
+            latency_model = latency_model_for(self.model, prunable_config)
+        self.latency_model = latency_model
+        self.mdp = PruningSession(self.model, prunable_config, latency_model)
+        self.dense_metrics: dict | None = None
+        self.add_callback(_MDPCallback(self))
+
+    # training -------------------------------------------------------------------------------------------
+    def _loss_scale(self) -> float:
+        scaler = getattr(self.accelerator, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True but no checkpoint found in {self.args.output_dir}")
+        if resume_from_checkpoint:
+            self._load_pruning_state(resume_from_checkpoint)
+        elif self.eval_dataset is not None and self.dense_metrics is None:
+            self.dense_metrics = self.evaluate(metric_key_prefix="dense")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    # pruning state in checkpoints ------------------------------------------------------------------------------
+    def _save_pruning_state(self, folder: str) -> None:
+        state = self.mdp.state_dict()
+        scores = state.pop("scores")
+        tensors = {f"sums/{k}": v for k, v in scores["sums"].items()}
+        if scores["ema"] is not None:
+            tensors.update({f"ema/{k}": v for k, v in scores["ema"].items()})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, STATE_TENSORS))
+        meta = {
+            "results": state["results"],
+            "scores": {"kind": scores["kind"], "ema_decay": scores["ema_decay"], "count": scores["count"], "has_ema": scores["ema"] is not None},
+            "dense_metrics": self.dense_metrics,
+            "prunable_config": self.prunable_config.to_dict(),
+            "latency_model": getattr(self.latency_model, "describe", lambda: type(self.latency_model).__name__)(),
+        }
+        with open(os.path.join(folder, STATE_JSON), "w", encoding="utf-8") as handle:
+            json.dump(meta, handle, indent=1)
+
+    def _load_pruning_state(self, folder: str) -> None:
+        json_path, tensor_path = os.path.join(folder, STATE_JSON), os.path.join(folder, STATE_TENSORS)
+        if not (os.path.isfile(json_path) and os.path.isfile(tensor_path)):
+            raise ValueError(f"{folder} has no MDP pruning state ({STATE_JSON}); it was not written by MDPTrainer")
+        with open(json_path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+        if meta["prunable_config"] != self.prunable_config.to_dict():
+            raise ValueError(f"the checkpoint in {folder} was made with a different PrunableConfig; resume with the same one")
+        tensors = load_file(tensor_path)
+        score_meta = meta["scores"]
+        scores = {
+            "kind": score_meta["kind"],
+            "ema_decay": score_meta["ema_decay"],
+            "count": score_meta["count"],
+            "sums": {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("sums/")},
+            "ema": {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("ema/")} if score_meta["has_ema"] else None,
+        }
+        self.mdp.load_state_dict({"scores": scores, "results": meta["results"]})
+        if self.mdp.finished:
+            self.mdp.gates.freeze()
+        self.dense_metrics = meta.get("dense_metrics")
+
+    # export ---------------------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints (internal calls) keep full shapes; a user's call writes the physically pruned model."""
+        if _internal_call or self.mdp.choice is None:
+            if not _internal_call:
+                logger.warning("save_model before the first pruning step: saving the dense model")
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        output_dir = output_dir or self.args.output_dir
+        pruned_metrics = self.evaluate(metric_key_prefix="pruned") if self.eval_dataset is not None else None
+        if self.is_world_process_zero():
+            self.export_pruned(output_dir, pruned_metrics)
+        self.accelerator.wait_for_everyone()
+
+    def export_pruned(self, output_dir: str, pruned_metrics: dict | None = None) -> dict:
+        """Slice, measure, and write the pruned model folder (main process only). Returns the report."""
+        from .latency import measure_model_latency
+
+        session, config = self.mdp, self.prunable_config
+        model = self.accelerator.unwrap_model(self.model)
+        pruned = session.export()
+        dense = type(model)(model.config)  # a clean copy (no gates): latency does not depend on weight values
+        settings = self.latency_model.settings()
+        dense_ms = measure_model_latency(dense, settings)
+        pruned_ms = measure_model_latency(pruned, settings)
+        result = session.results[-1]
+        report = {
+            "budget_ms": result.budget_ms,
+            "dense_latency_ms": dense_ms,
+            "pruned_latency_ms": pruned_ms,
+            "predicted_latency_ms": result.predicted_latency_ms,
+            "dense_predicted_latency_ms": session.dense_predicted_ms,
+            "dense_params": sum(p.numel() for p in dense.parameters()),
+            "pruned_params": sum(p.numel() for p in pruned.parameters()),
+            "device": settings["device"],
+            "device_name": settings.get("device_name"),
+            "batch_size": settings["batch_size"],
+            "image_size": settings["image_size"],
+            "dtype": settings["dtype"],
+            "num_threads": settings.get("num_threads"),
+            "dense_accuracy": _accuracy(self.dense_metrics),
+            "pruned_accuracy": _accuracy(pruned_metrics),
+            "world_size": world_size(),
+            "base_model": model.config.name_or_path or model.config.model_type,
+            "latency_model": config.latency_model,
+            "solver": {k: getattr(result, k) for k in ("backend", "status", "gap", "objective", "bound", "solve_time_s")},
+            "pruning_steps": [r.log_dict() for r in session.results],
+            "kept_dims": kept_dims(session.space, result.choice),
+            "removed_blocks": result.choice.removed_blocks,
+            "latency_breakdown_predicted_ms": latency_breakdown(session.space, result.choice, session.latency_terms),
+        }
+        report = _jsonable(report)
+        os.makedirs(output_dir, exist_ok=True)
+        plot_path = os.path.join(output_dir, PLOT_NAME)
+        card = render_model_card(report, kept_dims_markdown(session.space, result.choice), repo_or_path=self.args.hub_model_id or output_dir)
+        save_pruned_model(
+            pruned,
+            output_dir,
+            extra_files={REPORT_NAME: json.dumps(report, indent=1), "pruning_config.json": config.to_json_string(), "README.md": card},
+        )
+        plot_report(plot_path, session.space, result.choice, session.latency_terms, title=f"MDP: {report['base_model']}")
+        return report
+
+    def push_to_hub(self, commit_message: str | None = "MDP pruned model", **kwargs) -> str:
+        """Upload the pruned model folder (not the dense checkpoint that Trainer.push_to_hub would save)."""
+        self.save_model(self.args.output_dir)
+        if not self.is_world_process_zero():
+            return ""
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        return push_folder_to_hub(self.args.output_dir, repo_id, token=self.args.hub_token, private=self.args.hub_private_repo, commit_message=commit_message)
+
+
+def _accuracy(metrics: dict | None):
+    if not metrics:
+        return None
+    for key, value in metrics.items():
+        if key.endswith("_accuracy"):
+            return float(value)
+    return None
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
