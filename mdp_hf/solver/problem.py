@@ -183,9 +183,8 @@ class Problem:
                                    f"{term.dims} -> expected {expected}")
             if not np.all(np.isfinite(table)):
                 raise ProblemError(f"{where}: table contains NaN or infinity (unmeasured cells?)")
-            if np.any(table < 0):
-                raise ProblemError(f"{where}: negative latency {table.min():.6g} ms; latencies must be >= 0 "
-                                   f"(subtract no baseline from per-term tables)")
+            # Negative cells are allowed: a decomposed table (e.g. attention = T_qk + T_vo + an interaction
+            # correction) has terms that only make sense summed. The backends are exact for any sign.
         if not math.isfinite(float(self.budget_ms)):
             raise ProblemError(f"budget_ms must be finite, got {self.budget_ms}")
         for dim, c in self.fixed_choices.items():
