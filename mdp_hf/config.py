@@ -54,6 +54,9 @@ class PrunableConfig:
     latency_num_threads: int | None = 1
     latency_dtype: str = "float32"
     latency_repeats: int = 30
+    latency_image_size: int | None = None  # None: the model config's image_size
+    latency_subgrid: int | None = None  # measure every k-th width per axis and interpolate (None: full grid)
+    latency_allow_mismatch: bool = False  # use a table whose metadata differs from this run (warns)
     solver_backend: str = "auto"
     solver_time_limit_s: float | None = 60.0
     dump_problems_dir: str | None = None  # write every solved problem as JSON (for `mdp-hf solve`, bug reports)
@@ -98,6 +101,10 @@ class PrunableConfig:
             bad("num_pruning_steps", "one_shot prunes once; use schedule='iterative' for several steps")
         if self.latency_model not in LATENCY_MODELS:
             bad("latency_model", f"must be one of {LATENCY_MODELS}, got {self.latency_model!r}")
+        if self.latency_image_size is not None and self.latency_image_size < 1:
+            bad("latency_image_size", f"must be >= 1 or None, got {self.latency_image_size}")
+        if self.latency_subgrid is not None and self.latency_subgrid < 1:
+            bad("latency_subgrid", f"must be >= 1 or None, got {self.latency_subgrid}")
         if self.latency_num_threads is not None and self.latency_num_threads < 1:
             bad("latency_num_threads", f"must be >= 1 or None, got {self.latency_num_threads}")
         if self.latency_dtype not in ("float32", "float16", "bfloat16"):

@@ -16,6 +16,19 @@ import torch.distributed as dist
 T = TypeVar("T")
 
 
+def use_cpu_ranks_without_gpu() -> None:
+    """Let a multi-process launch on a machine without GPUs run its ranks on the CPU over gloo.
+
+    ``accelerate launch --multi_gpu`` (and torchrun) start the processes, but without CUDA Accelerate
+    falls back to a single-process setup in each of them unless it is told to use the CPU. Call this
+    before TrainingArguments / Accelerator are created.
+    """
+    import os
+
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -28,15 +28,16 @@ class CheckpointError(ValueError):
 
 def save_pruned_model(model, save_directory: str | os.PathLike, extra_files: dict[str, str] | None = None,
                       overwrite: bool = True) -> Path:  # fmt: skip
-    """Write ``model`` (an mdp_* model) to ``save_directory`` atomically.
+    """Write ``model`` (an mdp_* model) into ``save_directory``, all files or none.
 
-    Everything is written to a temporary sibling folder first and moved into place at the end, so an
-    error half-way (disk full, bad model) never leaves a half-written or mixed checkpoint behind.
+    Everything is written to a temporary sibling folder first and each file is then renamed into
+    place, so an error half-way (disk full, bad model) never leaves a half-written or mixed checkpoint
+    behind. Other files in the folder (checkpoints, latency tables, logs) are left alone.
     ``extra_files`` maps file names to text (pruning_config.json, README.md, reports).
     """
     target = Path(save_directory)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True or choose another directory")
+    if (target / "model.safetensors").exists() and not overwrite:
+        raise FileExistsError(f"{target} already holds a model; pass overwrite=True or choose another directory")
     if not model.config.model_type.startswith("mdp_"):
         raise ValueError(
             f"save_pruned_model expects a sliced model (mdp_vit / mdp_resnet), got model_type "
@@ -47,25 +48,19 @@ def save_pruned_model(model, save_directory: str | os.PathLike, extra_files: dic
     if expected != actual:
         raise ValueError(f"refusing to save: the model has {actual} parameters but its config implies {expected}")
     register_auto_classes()
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(staging)  # safetensors + config.json + modeling files + auto_map
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text, encoding="utf-8")
         _check_saved(staging)
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old")
-            if backup.exists():
-                shutil.rmtree(backup)
-            target.rename(backup)
-            staging.rename(target)
-            shutil.rmtree(backup)
-        else:
-            staging.rename(target)
-    except BaseException:
+        for stale in target.glob("*_mdp_*.py"):  # modeling files of a previously saved other family
+            stale.unlink()
+        for path in staging.iterdir():
+            os.replace(path, target / path.name)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

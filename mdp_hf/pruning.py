@@ -91,13 +91,13 @@ class PruningSession:
 
     # pruning --------------------------------------------------------------------------------------------
     def accumulate(self, grad_scale: float = 1.0) -> None:
-        self.scores.accumulate(grad_scale)
+        self.scores.accumulate(grad_scale, reduce=mean_across_ranks)
 
     def prune_step(self) -> PruningStepResult:
-        """Reduce scores over ranks, solve on the main rank, apply the broadcast choice to the gates."""
+        """Commit the scores (identical on every rank: gradients were reduced each step), solve on the main
+        rank, apply the broadcast choice to the gates on every rank."""
         step_index = len(self.results) + 1
-        averaged = mean_across_ranks(self.scores.local_average())
-        scores = {name: value.numpy() for name, value in self.scores.commit(averaged).items()}
+        scores = {name: value.numpy() for name, value in self.scores.commit().items()}
         budget = self.budget_for_step(step_index)
 
         def solve_on_main():
@@ -149,6 +149,36 @@ class PruningSession:
             self.gates.apply_choice(self.choice)
         else:
             self.gates.reset()
+
+
+def latency_model_for(model, config: PrunableConfig, table_path: str | None = None):
+    """The latency model ``config`` asks for: its table loaded (file or Hub id, checked against this run's
+    settings) or, without ``config.latency_table``, measured now for ``model`` on the configured device.
+
+    Under several processes the main rank builds or loads the table and broadcasts it, so ranks never
+    time concurrently on one device. ``table_path``: where a built table is written (resumable).
+    """
+    from .latency import (FlopsLatencyModel, LatencyTable, LinearLatencyModel, TableLatencyModel, TimingSettings,
+                          build_table, pull_table, run_metadata)  # fmt: skip
+
+    space = build_space(model, config.group_sizes, config.min_keep)
+    settings = TimingSettings(
+        device=config.latency_device, batch_size=config.latency_batch_size, image_size=config.latency_image_size,
+        dtype=config.latency_dtype, threads=config.latency_num_threads, repeats=config.latency_repeats,
+    )  # fmt: skip
+
+    def load_or_build():
+        if config.latency_table:
+            expect = run_metadata(model, space, settings)
+            kwargs = {"expect": expect, "allow_mismatch": config.latency_allow_mismatch, "space": space}
+            if os.path.isfile(config.latency_table):
+                return LatencyTable.load(config.latency_table, **kwargs)
+            return pull_table(config.latency_table, **kwargs)
+        return build_table(model, table_path, space=space, settings=settings, subgrid=config.latency_subgrid)
+
+    table = run_on_main_and_broadcast(load_or_build)
+    model_cls = {"table": TableLatencyModel, "linear": LinearLatencyModel, "flops": FlopsLatencyModel}[config.latency_model]
+    return model_cls(table, space, allow_mismatch=config.latency_allow_mismatch)
 
 
 def accumulate_importance(session: PruningSession, model, dataloader, num_batches: int, loss_fn=None) -> None:

@@ -16,13 +16,13 @@ import os
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .config import PrunableConfig
 from .distributed import world_size
 from .hub import push_folder_to_hub, render_model_card, save_pruned_model
-from .pruning import PruningSession
+from .pruning import PruningSession, latency_model_for
 from .reporting import kept_dims, kept_dims_markdown, latency_breakdown, plot_report
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ STATE_JSON = "mdp_state.json"
 STATE_TENSORS = "mdp_scores.safetensors"
 REPORT_NAME = "pruning_report.json"
 PLOT_NAME = "pruning_report.png"
+LATENCY_TABLE_NAME = "latency_table.json"
 
 
 class _MDPCallback(TrainerCallback):
@@ -80,9 +81,8 @@ class MDPTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.prunable_config = prunable_config
         if latency_model is None:
-            from .latency import latency_model_for
-
-            latency_model = latency_model_for(self.model, prunable_config)
+            table_path = os.path.join(self.args.output_dir, LATENCY_TABLE_NAME)
+            latency_model = latency_model_for(self.model, prunable_config, table_path)
         self.latency_model = latency_model
         self.mdp = PruningSession(self.model, prunable_config, latency_model)
         self.dense_metrics: dict | None = None
@@ -103,6 +103,17 @@ class MDPTrainer(Trainer):
         elif self.eval_dataset is not None and self.dense_metrics is None:
             self.dense_metrics = self.evaluate(metric_key_prefix="dense")
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # transformers 5.24 writes ViT/DeiT checkpoints with legacy key names (encoder.layer.N...) and
+        # Trainer reloads them without converting back, keeping the random weights with only a warning;
+        # from_pretrained applies the conversion, so the weights are loaded through it.
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if isinstance(target, PreTrainedModel) and os.path.isfile(os.path.join(resume_from_checkpoint, "model.safetensors")):
+            loaded = type(target).from_pretrained(resume_from_checkpoint, config=target.config)
+            target.load_state_dict(loaded.state_dict(), strict=True)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     # pruning state in checkpoints ------------------------------------------------------------------------------
     def _save_pruning_state(self, folder: str) -> None:
@@ -159,15 +170,16 @@ class MDPTrainer(Trainer):
 
     def export_pruned(self, output_dir: str, pruned_metrics: dict | None = None) -> dict:
         """Slice, measure, and write the pruned model folder (main process only). Returns the report."""
-        from .latency import measure_model_latency
+        from .latency import TimingSettings, measure_latencies
 
         session, config = self.mdp, self.prunable_config
         model = self.accelerator.unwrap_model(self.model)
         pruned = session.export()
         dense = type(model)(model.config)  # a clean copy (no gates): latency does not depend on weight values
-        settings = self.latency_model.settings()
-        dense_ms = measure_model_latency(dense, settings)
-        pruned_ms = measure_model_latency(pruned, settings)
+        # the table's own protocol and settings, dense and pruned interleaved in one process: comparable
+        metadata = self.latency_model.table.metadata
+        settings = TimingSettings(**{**metadata["timing"], "repeats": max(30, metadata["timing"]["repeats"])})
+        dense_ms, pruned_ms = (m.ms for m in measure_latencies([dense, pruned], settings))
         result = session.results[-1]
         report = {
             "budget_ms": result.budget_ms,
@@ -177,12 +189,14 @@ class MDPTrainer(Trainer):
             "dense_predicted_latency_ms": session.dense_predicted_ms,
             "dense_params": sum(p.numel() for p in dense.parameters()),
             "pruned_params": sum(p.numel() for p in pruned.parameters()),
-            "device": settings["device"],
-            "device_name": settings.get("device_name"),
-            "batch_size": settings["batch_size"],
-            "image_size": settings["image_size"],
-            "dtype": settings["dtype"],
-            "num_threads": settings.get("num_threads"),
+            "device": settings.device,
+            "device_name": metadata.get("device_name"),
+            "batch_size": settings.batch_size,
+            "image_size": metadata.get("image_size", settings.image_size),
+            "dtype": settings.dtype,
+            "num_threads": settings.threads,
+            "latency_statistic": settings.statistic,
+            "latency_repeats": settings.repeats,
             "dense_accuracy": _accuracy(self.dense_metrics),
             "pruned_accuracy": _accuracy(pruned_metrics),
             "world_size": world_size(),

@@ -230,3 +230,11 @@ def test_failed_save_leaves_existing_checkpoint_intact(tmp_path):
         save_pruned_model(broken, path, extra_files={"README.md": "x"})
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging folders left behind
+
+
+def test_saving_into_a_run_folder_keeps_its_other_files(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "latency_table.json").write_text("{}")
+    path = _saved(tmp_path)
+    assert (path / "latency_table.json").read_text() == "{}"
+    assert (path / "model.safetensors").exists()

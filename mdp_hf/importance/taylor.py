@@ -25,8 +25,8 @@ class ScoreKind(str, Enum):
 class ImportanceAccumulator:
     """Collects per-unit scores for every dimension of a GateSet.
 
-    Call :meth:`accumulate` once per optimizer step (after backward, before the gates' grads are
-    cleared); :meth:`scores` returns the EMA'd averages as CPU float64 tensors; :meth:`state_dict`
+    Call :meth:`accumulate` once per optimizer step (after backward); :meth:`commit` at a pruning
+    step averages the steps since the last one into the EMA and returns it as CPU float64 tensors; :meth:`state_dict`
     makes the accumulator resumable from a checkpoint.
     """
 
@@ -41,18 +41,30 @@ class ImportanceAccumulator:
         self.ema: dict[str, torch.Tensor] | None = None
 
     @torch.no_grad()
-    def accumulate(self, grad_scale: float = 1.0) -> None:
-        """Add this step's gate gradients (divided by ``grad_scale``, e.g. an fp16 loss scale) and clear them."""
-        for name, gate in self.gates.dims.items():
-            if gate.grad is None:
-                continue
-            grad = gate.grad.detach().double().cpu() / grad_scale
+    def accumulate(self, grad_scale: float = 1.0, reduce=None) -> bool:
+        """Add this step's gate gradients (divided by ``grad_scale``, e.g. an fp16 loss scale) and clear them.
+
+        ``reduce`` maps {dimension: gradient} to its mean over data-parallel ranks. Gradients are reduced
+        *before* |.| or (.)^2, as DDP averages parameter gradients, so every rank gets the scores one
+        process would compute on the same global batch. Returns False (and adds nothing) for a step whose
+        gradients are not finite (an fp16 overflow step that the optimizer skips too).
+        """
+        grads = {
+            name: (gate.grad.detach().double().cpu() / grad_scale) if gate.grad is not None else torch.zeros(gate.numel(), dtype=torch.float64)
+            for name, gate in self.gates.dims.items()
+        }
+        self.gates.zero_grad()
+        if reduce is not None:
+            grads = reduce(grads)
+        if not all(torch.isfinite(g).all() for g in grads.values()):
+            return False
+        for name, grad in grads.items():
             self.sums[name] += grad.abs() if self.kind is ScoreKind.ABS else grad.square()
         self.count += 1
-        self.gates.zero_grad()
+        return True
 
-    def local_average(self) -> dict[str, torch.Tensor]:
-        """Average over the steps accumulated since the last :meth:`commit` (this process only)."""
+    def average(self) -> dict[str, torch.Tensor]:
+        """Average over the steps accumulated since the last :meth:`commit`."""
         if self.count == 0:
             raise RuntimeError(
                 "no importance was accumulated: run at least one training step with gates installed "
@@ -60,8 +72,9 @@ class ImportanceAccumulator:
             )
         return {name: total / self.count for name, total in self.sums.items()}
 
-    def commit(self, averaged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Blend a (possibly cross-rank reduced) average into the EMA, reset the sums, return the EMA."""
+    def commit(self) -> dict[str, torch.Tensor]:
+        """Blend the average since the last commit into the EMA, reset the sums, return the EMA."""
+        averaged = self.average()
         if self.ema is None:
             self.ema = {name: value.clone() for name, value in averaged.items()}
         else:
@@ -74,7 +87,7 @@ class ImportanceAccumulator:
 
     def scores(self) -> dict[str, torch.Tensor]:
         if self.ema is None:
-            raise RuntimeError("no committed scores yet: call commit(local_average()) at a pruning step")
+            raise RuntimeError("no committed scores yet: call commit() at a pruning step")
         return {name: value.clone() for name, value in self.ema.items()}
 
     def state_dict(self) -> dict:

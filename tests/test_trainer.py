@@ -1,0 +1,251 @@
+"""PrunableConfig, the one-shot API and MDPTrainer: schedule, logging, export, resume, two ranks."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from tiny_models import GROUPS, IMAGE_SIZE, build, logits_of
+from torch.utils.data import Dataset
+from transformers import TrainerCallback, TrainingArguments
+
+from mdp_hf.config import PrunableConfig
+from mdp_hf.hub import load_pruned_model
+from mdp_hf.pruning import latency_model_for, prune
+from mdp_hf.trainer import MDPTrainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPORT_KEYS = {"budget_ms", "dense_latency_ms", "pruned_latency_ms", "predicted_latency_ms", "dense_params",
+               "pruned_params", "device", "batch_size", "image_size", "num_threads", "dense_accuracy",
+               "pruned_accuracy", "world_size"}  # fmt: skip
+
+
+class RandomImages(Dataset):
+    """Fixed random images with labels that depend on them (so training has something to learn)."""
+
+    def __init__(self, n, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+        self.y = (self.x.mean(dim=(1, 2, 3)) > 0).long() + 2 * (self.x[:, 0].mean(dim=(1, 2)) > 0).long()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def config(**overrides):
+    base = dict(budget_fraction=0.6, group_sizes=GROUPS, accumulation_steps=3, latency_repeats=3, latency_subgrid=2)
+    return PrunableConfig(**{**base, **overrides})
+
+
+def args(tmp_path, **overrides):
+    base = dict(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-3,
+                report_to="none", save_strategy="no", logging_steps=1, seed=0, use_cpu=True, dataloader_num_workers=0)  # fmt: skip
+    return TrainingArguments(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def vit_latency(tmp_path_factory):
+    """One measured table for the tiny ViT, shared so runs that must agree see the same latencies."""
+    return latency_model_for(build("vit"), config(), str(tmp_path_factory.mktemp("lat") / "table.json"))
+
+
+# --- PrunableConfig --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(), "budget_ms/budget_fraction"),
+        (dict(budget_ms=3.0, budget_fraction=0.5), "budget_ms/budget_fraction"),
+        (dict(budget_fraction=1.5), "budget_fraction"),
+        (dict(budget_ms=-1.0), "budget_ms"),
+        (dict(budget_fraction=0.5, prune=["heads", "wings"]), "prune"),
+        (dict(budget_fraction=0.5, group_sizes={"mlp": 0}), "group_sizes"),
+        (dict(budget_fraction=0.5, schedule="cosine"), "schedule"),
+        (dict(budget_fraction=0.5, num_pruning_steps=3), "num_pruning_steps"),
+        (dict(budget_fraction=0.5, latency_model="roofline"), "latency_model"),
+        (dict(budget_fraction=0.5, ema_decay=1.0), "ema_decay"),
+    ],
+)
+def test_invalid_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"PrunableConfig.{field}"):
+        PrunableConfig(**kwargs)
+
+
+def test_config_round_trip_and_unknown_keys(tmp_path, caplog):
+    cfg = PrunableConfig(budget_ms=2.5, prune=["heads", "mlp", "blocks"], schedule="iterative", num_pruning_steps=3)
+    cfg.save_pretrained(tmp_path)
+    assert PrunableConfig.from_pretrained(tmp_path) == cfg
+    data = json.loads((tmp_path / "pruning_config.json").read_text())
+    data["from_the_future"] = 1
+    (tmp_path / "pruning_config.json").write_text(json.dumps(data))
+    with caplog.at_level("WARNING"):
+        assert PrunableConfig.from_pretrained(tmp_path / "pruning_config.json") == cfg
+    assert "from_the_future" in caplog.text
+
+
+def test_iterative_schedule_is_exponential():
+    cfg = PrunableConfig(budget_fraction=0.25, schedule="iterative", num_pruning_steps=4, accumulation_steps=10, pruning_interval=5)
+    assert cfg.pruning_steps() == [10, 15, 20, 25]
+    budgets = [cfg.step_budget(t, 8.0, 2.0) for t in range(1, 5)]
+    assert budgets == pytest.approx([8.0 * (2.0 / 8.0) ** (t / 4) for t in range(1, 5)])
+
+
+# --- one-shot API ------------------------------------------------------------------------------------------
+def test_one_shot_prune_meets_budget_and_leaves_model_intact(vit_latency):
+    model = build("vit")
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        before = logits_of(model, x)
+    batches = [(RandomImages(8, s).x, RandomImages(8, s).y) for s in range(3)]
+    pruned, result = prune(model, config(budget_fraction=0.5), batches, vit_latency)
+    assert result.predicted_latency_ms <= result.budget_ms * (1 + 1e-9)
+    assert result.status == "optimal" and result.gap == 0
+    assert vit_latency.predict(pruned) == pytest.approx(result.predicted_latency_ms, rel=1e-6)
+    with torch.no_grad():
+        assert torch.equal(logits_of(model.eval(), x), before)  # gates removed again
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+# --- MDPTrainer ---------------------------------------------------------------------------------------------
+def test_trainer_prunes_on_schedule_logs_and_exports(tmp_path, vit_latency):
+    model = build("vit")
+    trainer = MDPTrainer(
+        model=model, args=args(tmp_path), prunable_config=config(), latency_model=vit_latency,
+        train_dataset=RandomImages(48), eval_dataset=RandomImages(16, seed=1),
+        compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())},
+    )  # fmt: skip
+    trainer.train()
+    result = trainer.mdp.results[0]
+    assert len(trainer.mdp.results) == 1 and result.predicted_latency_ms <= result.budget_ms * (1 + 1e-9)
+    logged = [entry for entry in trainer.state.log_history if "mdp/predicted_latency_ms" in entry]
+    assert len(logged) == 1 and logged[0]["step"] == 3
+    # after pruning the gates are fixed 0/1 masks and training kept the pruned units switched off
+    for name, gate in trainer.mdp.gates.dims.items():
+        assert set(gate.unique().tolist()) <= {0.0, 1.0} and not gate.requires_grad
+        assert int(gate.sum()) == len(result.choice.kept_indices(trainer.mdp.space, name))
+
+    x = RandomImages(4, seed=5).x
+    with torch.no_grad():
+        gated = logits_of(model.eval(), x)
+    out = tmp_path / "pruned"
+    trainer.save_model(str(out))
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["world_size"] == 1 and report["device"] == "cpu"
+    assert report["pruned_params"] < report["dense_params"]
+    assert report["predicted_latency_ms"] == pytest.approx(result.predicted_latency_ms)
+    assert 0.0 <= report["dense_accuracy"] <= 1.0 and 0.0 <= report["pruned_accuracy"] <= 1.0
+    for name in ("README.md", "pruning_config.json", "pruning_report.png", "model.safetensors", "config.json"):
+        assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert "trust_remote_code=True" in card and f"{report['budget_ms']:.4g}" in card
+    assert PrunableConfig.from_pretrained(out) == trainer.prunable_config
+    reloaded = load_pruned_model(out)
+    with torch.no_grad():
+        assert (logits_of(reloaded, x) - gated).abs().max() < 1e-5
+    assert reloaded.config.base_config["model_type"] == "vit"
+
+
+class StopAfter(TrainerCallback):
+    """Simulates a job killed right after step ``step`` (same max_steps, so the same LR schedule)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def test_resume_continues_the_iterative_schedule_exactly(tmp_path, vit_latency):
+    cfg = config(schedule="iterative", num_pruning_steps=2, accumulation_steps=2, pruning_interval=2, budget_fraction=0.5)
+
+    def trainer_for(out, **kw):
+        return MDPTrainer(model=build("vit"), args=args(tmp_path, output_dir=str(out), **kw), prunable_config=cfg,
+                          latency_model=vit_latency, train_dataset=RandomImages(48))  # fmt: skip
+
+    straight = trainer_for(tmp_path / "straight", max_steps=5)
+    straight.train()
+    interrupted = trainer_for(tmp_path / "resumed", max_steps=5, save_strategy="steps", save_steps=3)
+    interrupted.add_callback(StopAfter(3))
+    interrupted.train()  # killed after the first pruning step, checkpoint at step 3
+    assert len(interrupted.mdp.results) == 1
+    assert (tmp_path / "resumed" / "checkpoint-3" / "mdp_state.json").is_file()
+    resumed = trainer_for(tmp_path / "resumed", max_steps=5)
+    resumed.train(resume_from_checkpoint=True)
+    assert [r.budget_ms for r in resumed.mdp.results] == pytest.approx([r.budget_ms for r in straight.mdp.results])
+    for a, b in zip(resumed.mdp.results, straight.mdp.results):
+        assert a.choice.kept == b.choice.kept and a.choice.removed_blocks == b.choice.removed_blocks
+    for name, ema in straight.mdp.scores.ema.items():
+        assert torch.allclose(resumed.mdp.scores.ema[name], ema, rtol=1e-6, atol=1e-15), name
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_resume_with_another_config_is_refused(tmp_path, vit_latency):
+    first = MDPTrainer(model=build("vit"), args=args(tmp_path, max_steps=3, save_strategy="steps", save_steps=3),
+                       prunable_config=config(), latency_model=vit_latency, train_dataset=RandomImages(24))  # fmt: skip
+    first.train()
+    other = MDPTrainer(model=build("vit"), args=args(tmp_path, max_steps=4), prunable_config=config(budget_fraction=0.4),
+                       latency_model=vit_latency, train_dataset=RandomImages(24))  # fmt: skip
+    with pytest.raises(ValueError, match="different PrunableConfig"):
+        other.train(resume_from_checkpoint=True)
+
+
+def test_infeasible_budget_states_the_smallest_reachable_latency(tmp_path, vit_latency):
+    trainer = MDPTrainer(model=build("vit"), args=args(tmp_path), prunable_config=config(budget_ms=1e-6, budget_fraction=None),
+                         latency_model=vit_latency, train_dataset=RandomImages(48))  # fmt: skip
+    with pytest.raises(ValueError, match="smallest reachable latency"):
+        trainer.train()
+
+
+TWO_RANK_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, {tests!r})
+    from mdp_hf.distributed import use_cpu_ranks_without_gpu
+    use_cpu_ranks_without_gpu()
+    from transformers import TrainerCallback, TrainingArguments
+    from mdp_hf.config import PrunableConfig
+    from mdp_hf.trainer import MDPTrainer
+    from test_trainer import RandomImages
+    from tiny_models import GROUPS, build
+    out, per_device = sys.argv[1], int(sys.argv[2])
+    cfg = PrunableConfig(budget_fraction=0.5, group_sizes=GROUPS, accumulation_steps=2, latency_table=sys.argv[3])
+    # one batch per step = the whole dataset, whatever the sampler order: ranks and one process see the same data
+    args = TrainingArguments(output_dir=out, max_steps=3, per_device_train_batch_size=per_device, learning_rate=0.0,
+                             report_to="none", save_strategy="no", seed=0)
+    trainer = MDPTrainer(model=build("vit"), args=args, prunable_config=cfg, train_dataset=RandomImages(16))
+    trainer.train()
+    rank = args.process_index
+    result = trainer.mdp.results[0]
+    with open(os.path.join(out, f"rank{{rank}}.json"), "w") as f:
+        json.dump({{"world_size": args.world_size, "kept": result.choice.kept, "removed": result.choice.removed_blocks,
+                   "scores": {{k: v.tolist() for k, v in trainer.mdp.scores.ema.items()}}}}, f)
+""")
+
+
+def test_two_ranks_get_the_masks_of_one_process(tmp_path, vit_latency):
+    table = tmp_path / "table.json"
+    vit_latency.table.save(table)
+    script = tmp_path / "two_rank.py"
+    script.write_text(TWO_RANK_SCRIPT.format(tests=os.path.join(REPO, "tests")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              os.path.join(REPO, "recipes", "accelerate_configs", "cpu_multiprocess.yaml")]  # fmt: skip
+    two = subprocess.run(launch + [str(script), str(tmp_path / "two"), "8", str(table)], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-4000:]
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "16", str(table)], capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-4000:]
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    single = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    assert [r["world_size"] for r in ranks] == [2, 2] and single["world_size"] == 1
+    assert ranks[0]["kept"] == ranks[1]["kept"] == single["kept"]
+    assert ranks[0]["removed"] == ranks[1]["removed"] == single["removed"]
+    for name, values in single["scores"].items():
+        assert ranks[0]["scores"][name] == ranks[1]["scores"][name]
+        assert torch.allclose(torch.tensor(ranks[0]["scores"][name]), torch.tensor(values), rtol=1e-4, atol=1e-12), name
