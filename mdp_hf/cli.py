@@ -10,6 +10,7 @@ import sys
 # name -> (module, help). Each module exposes `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS = {
     "solve": ("mdp_hf.solver.cli", "solve a saved pruning problem (JSON) and print its certificate"),
+    "latency": ("mdp_hf.latency.cli", "build, inspect, share latency tables; predict and measure latency"),
 }
 
 

@@ -1,0 +1,207 @@
+"""`mdp-hf latency ...`: build, inspect, use and share latency tables.
+
+    mdp-hf latency build MODEL -o table.json [--device cpu] [--batch-size 1] [--image-size 224]
+                         [--dtype float32] [--threads 1] [--attn-implementation sdpa]
+                         [--group-sizes embed=16,heads=1,qk=2,v=2,mlp=32] [--subgrid 2 | embed=2,qk=4]
+                         [--repeats 15] [--warmup 3] [--validate 8] [--no-calibrate] [--overwrite]
+    mdp-hf latency show table.json
+    mdp-hf latency predict table.json PRUNED_MODEL_DIR [--model-type table|linear|flops] [--allow-mismatch]
+    mdp-hf latency measure MODEL [--batch-size 1] [--threads 1] [--repeats 30]
+    mdp-hf latency push table.json REPO_ID [--filename latency_table.json]
+    mdp-hf latency pull REPO_ID -o table.json [--filename latency_table.json] [--revision main]
+
+MODEL is a local directory with config.json (weights are not needed: random weights time the same),
+or a preset: tiny-vit, tiny-deit, tiny-resnet, deit-tiny, deit-small, deit-base, vit-base, resnet18, resnet50.
+A build writes the table after every chunk of cells; running the same command again resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+PRESETS = {
+    "tiny-vit": ("vit", dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8, num_labels=5)),
+    "tiny-deit": ("deit", dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8, num_labels=5)),
+    "tiny-resnet": ("resnet", dict(embedding_size=8, hidden_sizes=[16, 24, 32], depths=[2, 2, 1], layer_type="bottleneck", num_labels=5)),
+    "deit-tiny": ("deit", dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, num_labels=1000)),
+    "deit-small": ("deit", dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, num_labels=1000)),
+    "deit-base": ("deit", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, num_labels=1000)),
+    "vit-base": ("vit", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, num_labels=1000)),
+    "resnet18": ("resnet", dict(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic", num_labels=1000)),
+    "resnet50": ("resnet", dict(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3], layer_type="bottleneck", num_labels=1000)),
+}  # fmt: skip
+
+
+def load_config(spec: str):
+    """The config of a preset or of a directory with config.json."""
+    from transformers import AutoConfig
+
+    import mdp_hf  # noqa: F401  (registers mdp_* classes)
+
+    if spec in PRESETS:
+        model_type, kwargs = PRESETS[spec]
+        return AutoConfig.for_model(model_type, **kwargs)
+    if Path(spec, "config.json").exists():
+        return AutoConfig.from_pretrained(spec)
+    raise SystemExit(f"error: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json")
+
+
+def load_model(spec: str):
+    """A model for timing: a preset name, or a directory with config.json (random weights)."""
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    config = load_config(spec)
+    torch.manual_seed(0)
+    return AutoModelForImageClassification.from_config(config).eval()
+
+
+def _key_values(text: str | None, cast=int) -> dict | None:
+    if not text:
+        return None
+    out = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise SystemExit(f"error: expected KIND=VALUE pairs separated by commas, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = cast(value)
+    return out
+
+
+def _subgrid(text: str | None):
+    if text is None:
+        return None
+    return int(text) if text.isdigit() else _key_values(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="latency_command", required=True)
+
+    def timing_args(p, repeats=15):
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--batch-size", type=int, default=1)
+        p.add_argument("--image-size", type=int, default=None, help="default: the model config's image size")
+        p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+        p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads); 0 = torch default")
+        p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
+        p.add_argument("--warmup", type=int, default=3)
+        p.add_argument("--repeats", type=int, default=repeats)
+        p.add_argument("--statistic", default="median", choices=["median", "min"])
+
+    b = sub.add_parser("build", help="measure a latency table for a model")
+    b.add_argument("model", help="directory with config.json, or a preset (" + ", ".join(PRESETS) + ")")
+    b.add_argument("-o", "--output", required=True, help="table file (JSON); resumed if it exists")
+    timing_args(b)
+    b.add_argument("--group-sizes", default=None, help="per dimension kind, e.g. embed=16,heads=1,qk=2,v=2,mlp=32")
+    b.add_argument("--min-keep", default=None, help="per dimension kind, e.g. heads=1")
+    b.add_argument("--subgrid", default=None, help="measure every k-th choice (int or per kind, e.g. embed=2,qk=4); "
+                   "the rest is interpolated")  # fmt: skip
+    b.add_argument("--validate", type=int, default=0, help="also time N random off-sub-grid cells per grid")
+    b.add_argument("--no-calibrate", action="store_true", help="skip timing the dense model end to end")
+    b.add_argument("--recheck", type=float, default=0.15, help="re-time cells this far (relative) from their "
+                   "neighbours' median, keeping the faster timing; 0 disables")  # fmt: skip
+    b.add_argument("--chunk-size", type=int, default=64)
+    b.add_argument("--overwrite", action="store_true", help="start from scratch instead of resuming")
+    b.add_argument("--no-progress", action="store_true")
+
+    s = sub.add_parser("show", help="print a table's metadata and terms")
+    s.add_argument("table")
+
+    p = sub.add_parser("predict", help="predict the latency of a (pruned) model from a table")
+    p.add_argument("table")
+    p.add_argument("model", help="directory with config.json (e.g. a saved pruned model) or a preset")
+    p.add_argument("--model-type", default="table", choices=["table", "linear", "flops", "params"])
+    p.add_argument("--calibration", default="scale", choices=["scale", "offset", "none"])
+    p.add_argument("--breakdown", action="store_true")
+
+    m = sub.add_parser("measure", help="time a model end to end with the table protocol")
+    m.add_argument("model")
+    timing_args(m, repeats=30)
+
+    u = sub.add_parser("push", help="upload a table to a Hub repository (or copy it into a local directory)")
+    u.add_argument("table")
+    u.add_argument("repo_id")
+    u.add_argument("--filename", default="latency_table.json")
+    u.add_argument("--token", default=None)
+
+    d = sub.add_parser("pull", help="download a table from a Hub repository (or a local directory)")
+    d.add_argument("repo_id")
+    d.add_argument("-o", "--output", required=True)
+    d.add_argument("--filename", default="latency_table.json")
+    d.add_argument("--revision", default=None)
+
+
+def _settings(args):
+    from .timing import TimingSettings
+
+    return TimingSettings(device=args.device, batch_size=args.batch_size, image_size=args.image_size, dtype=args.dtype,
+                          threads=args.threads or None, attn_implementation=args.attn_implementation, warmup=args.warmup,
+                          repeats=args.repeats, statistic=args.statistic)  # fmt: skip
+
+
+def run(args) -> int:
+    from . import FlopsLatencyModel, LatencyTable, LinearLatencyModel, TableLatencyModel, build_table, interpolation_report
+    from .table import pull_table, push_table
+
+    cmd = args.latency_command
+    if cmd == "build":
+        model = load_model(args.model)
+        table = build_table(model, args.output, settings=_settings(args), group_sizes=_key_values(args.group_sizes),
+                            min_keep=_key_values(args.min_keep), subgrid=_subgrid(args.subgrid), validate=args.validate,
+                            calibrate=not args.no_calibrate, recheck=args.recheck or None, chunk_size=args.chunk_size, overwrite=args.overwrite,
+                            progress=not args.no_progress)  # fmt: skip
+        lm = TableLatencyModel(table)
+        print(f"wrote {args.output}: {len(table.tables)} grids, {table.num_measured}/{table.num_cells} cells measured, "
+              f"{table.metadata['build_seconds']:.0f} s; dense predicted {lm.dense_ms():.3f} ms"
+              + (f", measured {table.reference['dense_measured_ms']:.3f} ms" if table.reference else ""))  # fmt: skip
+        report = interpolation_report(table)
+        if report.get("cells"):
+            print(f"interpolation error at {report['cells']} off-grid cells: mean {report['mean_abs_pct']:.1f}%, max {report['max_abs_pct']:.1f}%")
+        return 0
+    if cmd == "show":
+        table = LatencyTable.load(args.table)
+        print(json.dumps(table.metadata, indent=2, default=str))
+        print(f"reference: {table.reference}")
+        print(f"{len(table.tables)} grids ({table.num_measured}/{table.num_cells} sub-grid cells measured, complete={table.complete}):")
+        for t in table.tables.values():
+            print(f"  {t.key}: shape {t.shape}, measured {int(t.measured.sum())}")
+        print(f"{len(table.terms)} terms; first: " + ", ".join(f"{t.name}{t.dims}" for t in table.terms[:4]))
+        return 0
+    if cmd == "predict":
+        table = LatencyTable.load(args.table)
+        model = load_config(args.model)  # widths come from the config; no weights needed
+        if args.model_type == "table":
+            lm = TableLatencyModel(table, calibration=args.calibration)
+        elif args.model_type == "linear":
+            lm = LinearLatencyModel(table, calibration=args.calibration)
+        else:
+            lm = FlopsLatencyModel(table, metric=args.model_type)
+        if args.breakdown:
+            for name, ms in lm.breakdown(model):
+                print(f"  {name:<48} {ms:9.4f} ms")
+        print(f"{lm.predict(model):.4f} ms predicted ({lm.name} model; dense {lm.dense_ms():.4f} ms)")
+        return 0
+    if cmd == "measure":
+        from .timing import measure_latency
+
+        result = measure_latency(load_model(args.model), _settings(args))
+        print(f"{result.ms:.4f} ms ({args.statistic} of {args.repeats}; min {result.min_ms:.4f}, spread {100 * result.spread:.1f}%)")
+        return 0
+    if cmd == "push":
+        print(f"uploaded to {push_table(args.table, args.repo_id, filename=args.filename, token=args.token)}")
+        return 0
+    if cmd == "pull":
+        table = pull_table(args.repo_id, filename=args.filename, revision=args.revision)
+        table.save(args.output)
+        print(f"wrote {args.output}")
+        return 0
+    raise SystemExit(f"unknown latency command {cmd!r}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="mdp-hf latency")
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
