@@ -39,8 +39,9 @@ class PrunableConfig:
     budget_ms: float | None = None
     budget_fraction: float | None = None
     prune: list[str] = field(default_factory=lambda: list(PRUNABLE_KINDS))
-    group_sizes: dict[str, int] = field(default_factory=dict)  # per kind; empty -> adapter defaults (paper's)
-    min_keep: dict[str, int] = field(default_factory=dict)  # per kind, in units; empty -> one group
+    # per kind; empty -> the adapter's defaults (the paper's). On a command line: '{"embed": 16}' or embed=16,mlp=32
+    group_sizes: dict[str, int] | str | None = field(default_factory=dict)
+    min_keep: dict[str, int] | str | None = field(default_factory=dict)  # per kind, in units; empty -> one group
     importance: str = "taylor"
     ema_decay: float = 0.9
     schedule: str = "one_shot"
@@ -63,6 +64,8 @@ class PrunableConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
+        self.group_sizes = _parse_mapping("group_sizes", self.group_sizes)
+        self.min_keep = _parse_mapping("min_keep", self.min_keep)
         self.validate()
 
     # validation ----------------------------------------------------------------------------------------
@@ -164,3 +167,24 @@ class PrunableConfig:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path} is not valid JSON: {error}") from error
         return cls.from_dict(data)
+
+
+def _parse_mapping(name: str, value) -> dict[str, int]:
+    """A per-kind mapping from a dict, a JSON object string, or "kind=int,kind=int"."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    text = str(value).strip()
+    if not text:
+        return {}
+    try:
+        if text.startswith("{"):
+            parsed = json.loads(text)
+        else:
+            parsed = {k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(","))}
+    except (ValueError, json.JSONDecodeError) as error:
+        raise ValueError(f"PrunableConfig.{name}: cannot parse {text!r}; write '{{\"embed\": 16}}' or embed=16,mlp=32") from error
+    if not isinstance(parsed, dict):
+        raise ValueError(f"PrunableConfig.{name}: expected a mapping kind -> int, got {text!r}")
+    return parsed

@@ -61,12 +61,18 @@ class PruningSession:
         self.config = config
         self.adapter = get_adapter(model)
         self.space = build_space(model, config.group_sizes, config.min_keep)
-        self.gates = gate_model(model, self.space)
-        self.scores = ImportanceAccumulator(self.gates, self.adapter.default_score_kind, config.ema_decay)
         self.latency_model = latency_model
         self.latency_terms = latency_model.solver_terms(self.space)
         self.dense_predicted_ms = float(sum(float(np.asarray(t.table)[(-1,) * len(t.dims)]) for t in self.latency_terms))
         self.results: list[PruningStepResult] = []
+        self.check_budget()  # before touching the model: a bad budget fails fast and leaves it as it was
+        self.gates = gate_model(model, self.space)
+        self.scores = ImportanceAccumulator(self.gates, self.adapter.default_score_kind, config.ema_decay)
+
+    def check_budget(self) -> None:
+        """Raise InfeasibleBudgetError (stating the smallest reachable latency) now, before any training,
+        if no sub-network of the allowed space meets the final budget."""
+        _check_feasible(self.space, self.latency_terms, self.final_budget_ms, self.config)
 
     # budget and schedule -----------------------------------------------------------------------------
     @property
@@ -149,6 +155,22 @@ class PruningSession:
             self.gates.apply_choice(self.choice)
         else:
             self.gates.reset()
+
+
+def _check_feasible(space, latency_terms, budget_ms: float, config: PrunableConfig) -> None:
+    uniform = {name: np.ones(dim.size) for name, dim in space.dimensions.items()}
+    problem = build_problem(space, uniform, latency_terms, budget_ms, config.prune)
+    solve(problem, config.solver_backend, config.solver_time_limit_s)
+
+
+def check_budget(model, config: PrunableConfig, latency_model) -> None:
+    """Fail fast (InfeasibleBudgetError with the smallest reachable latency) if ``config``'s budget cannot be
+    met for ``model`` under ``latency_model`` — before hours of training are spent."""
+    space = build_space(model, config.group_sizes, config.min_keep)
+    terms = latency_model.solver_terms(space)
+    dense = float(sum(float(np.asarray(t.table)[(-1,) * len(t.dims)]) for t in terms))
+    budget = config.budget_ms if config.budget_ms is not None else config.budget_fraction * dense
+    _check_feasible(space, terms, budget, config)
 
 
 def latency_model_for(model, config: PrunableConfig, table_path: str | None = None):

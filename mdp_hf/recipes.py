@@ -22,7 +22,9 @@ from .config import PrunableConfig
 from .distributed import use_cpu_ranks_without_gpu
 from .data import collate, image_transforms, label_names, load_image_classification, with_transforms
 from .metrics import ACCURACY_PATH
-from .trainer import REPORT_NAME, MDPTrainer
+from .adapters import get_adapter
+from .pruning import check_budget, latency_model_for
+from .trainer import LATENCY_TABLE_NAME, REPORT_NAME, MDPTrainer
 
 logger = logging.getLogger("mdp_hf.recipes")
 
@@ -48,16 +50,26 @@ class ScriptArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing run in --output_dir."})
 
 
-def parse_args(defaults: dict) -> tuple[ScriptArguments, PrunableConfig, TrainingArguments]:
-    """Command line (or a single YAML file argument) -> the three argument dataclasses, over ``defaults``."""
+def parse_args(defaults: dict, argv: list[str] | None = None) -> tuple[ScriptArguments, PrunableConfig, TrainingArguments]:
+    """Command line (or a single YAML/JSON file) -> the three argument dataclasses, over the recipe's ``defaults``."""
     use_cpu_ranks_without_gpu()
+    argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser((ScriptArguments, PrunableConfig, TrainingArguments))
-    parser.set_defaults(**defaults)
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    return parser.parse_args_into_dataclasses()
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        import yaml
+
+        with open(argv[0], encoding="utf-8") as handle:
+            given = yaml.safe_load(handle) or {}
+        return parser.parse_dict(_with_defaults(defaults, given))
+    given = {arg[2:].split("=", 1)[0]: True for arg in argv if arg.startswith("--")}
+    parser.set_defaults(**_with_defaults(defaults, given, only_defaults=True))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _with_defaults(defaults: dict, given: dict, only_defaults: bool = False) -> dict:
+    # An absolute budget given by the user replaces the recipe's default fraction (they are exclusive).
+    merged = {k: v for k, v in defaults.items() if not (k == "budget_fraction" and "budget_ms" in given)}
+    return merged if only_defaults else {**merged, **given}
 
 
 def check_output_dir(args: ScriptArguments, training_args: TrainingArguments) -> None:
@@ -146,9 +158,13 @@ def run(defaults: dict, default_model_config) -> dict:
     data = prepare_data(args, training_args.seed)
     labels = label_names(data, args.label_column)
     model, from_scratch = build_model(args, default_model_config, labels)
+    get_adapter(model)  # an unsupported family fails here, before any training
     data = attach_transforms(data, model, args)
     if prunable_config.latency_image_size is None:  # time the blocks at the resolution the model is fed
         prunable_config.latency_image_size = input_size(model, args)
+    # measure (or load) the latency table and check the budget before the dense training is spent
+    latency_model = latency_model_for(model, prunable_config, os.path.join(training_args.output_dir, LATENCY_TABLE_NAME))
+    check_budget(model, prunable_config, latency_model)
     compute_metrics = accuracy_metric()
 
     if args.dense_epochs > 0:
@@ -165,6 +181,7 @@ def run(defaults: dict, default_model_config) -> dict:
         model=model,
         args=training_args,
         prunable_config=prunable_config,
+        latency_model=latency_model,
         train_dataset=data["train"],
         eval_dataset=data["validation"],
         data_collator=collate,

@@ -190,6 +190,20 @@ def test_bad_choices_are_clear_errors(family, choice, message):
         gate_model(model, space, choice)
 
 
+def test_pruned_resnet_whose_identity_stage_lost_its_first_branch_can_be_pruned_again():
+    model = build("resnet_basic")
+    space = build_space(model, group_sizes=GROUPS)
+    pruned = slice_model(model, space, PruningChoice({"stem": [0, 2, 4, 6]}, ["stages.0.layers.0", "stages.0.layers.1"]))
+    space2 = build_space(pruned, group_sizes=GROUPS)
+    assert space2.dimensions["stem"].size == 4 and "stages.0.layers.0" not in space2.blocks
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    choice = PruningChoice({"stem": [1, 3]}, ["stages.1.layers.1"])
+    with gate_model(pruned, space2, choice), torch.no_grad():
+        gated = logits_of(pruned, x)
+    with torch.no_grad():
+        assert (gated - logits_of(slice_model(pruned, space2, choice), x)).abs().max() < 1e-5
+
+
 def test_stem_and_stage0_are_coupled_when_the_shortcut_is_identity():
     space = build_space(build("resnet_basic"), group_sizes=GROUPS)
     assert "stem" in space.dimensions and "stages.0.residual" not in space.dimensions

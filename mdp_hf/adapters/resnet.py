@@ -45,6 +45,17 @@ class ResNetAdapter(ModelAdapter):
     def _has_projection(layer) -> bool:
         return not isinstance(layer.shortcut, nn.Identity)
 
+    @staticmethod
+    def _stage_width(stage) -> int | None:
+        """Residual width of a stage from any conv writing into it; None when every branch was removed
+        and the shortcuts are identities (then the width is its producer's, which shares the name)."""
+        for layer in stage.layers:
+            if not isinstance(layer.shortcut, nn.Identity):
+                return layer.shortcut.convolution.out_channels
+            if layer.layer is not None:
+                return layer.layer[-1].convolution.out_channels
+        return None
+
     def _residual_names(self, base) -> tuple[str, list[str]]:
         """Dimension name of the stem output and of each stage's residual width (identity shortcuts couple)."""
         names = ["stem"]  # producer name per stage input
@@ -89,9 +100,7 @@ class ResNetAdapter(ModelAdapter):
         # residual widths first (in network order), then inner dims
         residual_dims = {}
         for name, size in [(stem_name, stem_channels)] + [
-            (n, stage.layers[0].layer[-1].convolution.out_channels if stage.layers[0].layer is not None
-             else stage.layers[0].shortcut.convolution.out_channels)
-            for n, stage in zip(stage_names, base.encoder.stages)
+            (name, self._stage_width(stage)) for name, stage in zip(stage_names, base.encoder.stages)
         ]:  # fmt: skip
             if name not in residual_dims:
                 group, minimum = self._group_and_min("residual", size, group_sizes, min_keep)

@@ -1,0 +1,102 @@
+"""Recipes: a quick end-to-end run, the bad inputs a new user hits, and (slow) the embedded defaults."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from transformers import BertConfig, DeiTConfig, ResNetConfig
+
+from mdp_hf.data import load_image_classification
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = ["--max_train_samples", "128", "--max_eval_samples", "64", "--dense_epochs", "0", "--max_steps", "4",
+         "--accumulation_steps", "2", "--latency_repeats", "3", "--latency_subgrid", "2", "--latency_batch_size", "2",
+         "--logging_steps", "1", "--per_device_train_batch_size", "16", "--budget_fraction", "0.8"]  # fmt: skip
+
+
+QUICK_MS = QUICK[:-2]  # without the fraction, for runs that give --budget_ms
+
+
+def run_recipe(recipe, *argv, env=None, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(REPO, "recipes", recipe), *argv], capture_output=True, text=True,
+                          cwd=REPO, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})  # fmt: skip
+
+
+def tiny_config(tmp_path, config, name):
+    path = tmp_path / name
+    config.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("recipe,config", [
+    ("prune_deit.py", DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, architectures=["DeiTForImageClassification"])),
+    ("prune_resnet.py", ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck")),
+])  # fmt: skip
+def test_quick_recipe_run_writes_a_loadable_pruned_model(tmp_path, recipe, config):
+    out = tmp_path / "out"
+    group = ["--group_sizes", json.dumps({"embed": 8, "mlp": 16, "channels": 4, "residual": 8})]
+    result = run_recipe(recipe, "--model_config", tiny_config(tmp_path, config, "cfg"), "--output_dir", str(out), *QUICK, *group)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "measured latency (ms)" in result.stdout and str(out) in result.stdout
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["world_size"] == 1 and report["pruned_params"] < report["dense_params"]
+    assert report["dense_accuracy"] is not None and report["pruned_accuracy"] is not None
+    assert report["predicted_latency_ms"] <= report["budget_ms"] * (1 + 1e-9)
+    for name in ("README.md", "pruning_report.png", "latency_table.json", "model.safetensors", "pruning_config.json"):
+        assert (out / name).is_file(), name
+    from mdp_hf.hub import load_pruned_model
+
+    assert load_pruned_model(out).config.model_type.startswith("mdp_")
+    # a second run into the same folder is refused before any work
+    again = run_recipe(recipe, "--model_config", tiny_config(tmp_path, config, "cfg"), "--output_dir", str(out), *QUICK)
+    assert again.returncode != 0 and "already holds a finished pruning run" in again.stderr
+    assert "--overwrite_output_dir" in again.stderr
+
+
+def test_unsupported_family_fails_before_training(tmp_path):
+    bert = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                      architectures=["BertForSequenceClassification"])  # fmt: skip
+    result = run_recipe("prune_deit.py", "--model_config", tiny_config(tmp_path, bert, "bert"), "--output_dir", str(tmp_path / "o"), *QUICK)
+    assert result.returncode != 0
+    assert "no adapter for model_type 'bert'" in result.stderr or "Unrecognized configuration" in result.stderr
+    assert not (tmp_path / "o" / "latency_table.json").exists()
+
+
+def test_impossible_budget_fails_before_training(tmp_path):
+    config = DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, architectures=["DeiTForImageClassification"])  # fmt: skip
+    both = run_recipe("prune_deit.py", "--model_config", tiny_config(tmp_path, config, "cfg"), "--output_dir",
+                      str(tmp_path / "o"), *QUICK, "--budget_ms", "0.000001")  # fmt: skip
+    assert both.returncode != 0 and "PrunableConfig.budget_ms/budget_fraction" in both.stderr
+    result = run_recipe("prune_deit.py", "--model_config", tiny_config(tmp_path, config, "cfg"), "--output_dir",
+                        str(tmp_path / "o2"), *QUICK_MS, "--dense_epochs", "5", "--budget_ms", "0.000001")  # fmt: skip
+    assert result.returncode != 0 and "smallest reachable latency" in result.stderr
+    assert "train_runtime" not in result.stdout + result.stderr  # nothing was trained
+
+
+def test_recipe_arguments_from_yaml(tmp_path):
+    from mdp_hf.recipes import parse_args
+
+    path = tmp_path / "run.yaml"
+    path.write_text("budget_ms: 3.5\nnum_train_epochs: 2\noutput_dir: somewhere\nprune: [heads, mlp, blocks]\n")
+    script, pruning, training = parse_args({"budget_fraction": 0.5, "dense_epochs": 7, "output_dir": "x"}, [str(path)])
+    assert pruning.budget_ms == 3.5 and pruning.budget_fraction is None and pruning.prune == ["heads", "mlp", "blocks"]
+    assert training.num_train_epochs == 2 and training.output_dir == "somewhere" and script.dense_epochs == 7
+
+
+def test_dataset_without_the_label_column_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"no column\(s\) \['target'\].*columns are \['image', 'label'\].*--label_column"):
+        load_image_classification("digits", label_column="target")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["prune_deit.py", "prune_resnet.py"])
+def test_embedded_default_runs_offline(tmp_path, recipe):
+    result = run_recipe(recipe, "--output_dir", str(tmp_path / "out"), timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "out" / "pruning_report.json").read_text())
+    assert report["pruned_latency_ms"] < report["dense_latency_ms"]
+    assert report["pruned_accuracy"] > 0.5  # digits: far above chance (0.1) after the short training
