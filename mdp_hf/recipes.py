@@ -29,6 +29,21 @@ from .trainer import LATENCY_TABLE_NAME, REPORT_NAME, MDPTrainer
 logger = logging.getLogger("mdp_hf.recipes")
 
 
+# Settings both recipes share for the embedded default (each recipe adds its own on top).
+EMBEDDED_DEFAULTS = {
+    "per_device_train_batch_size": 64,
+    "per_device_eval_batch_size": 128,
+    "logging_steps": 10,
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "report_to": "none",
+    "dataloader_num_workers": 0,
+    "budget_fraction": 0.5,
+    "accumulation_steps": 30,
+    "latency_batch_size": 16,
+}
+
+
 @dataclass
 class ScriptArguments:
     """Model, data and dense-training arguments of a recipe (pruning ones are PrunableConfig's)."""

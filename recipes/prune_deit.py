@@ -21,7 +21,7 @@ All arguments can also come from one YAML file: python recipes/prune_deit.py my_
 
 from transformers import DeiTConfig
 
-from mdp_hf.recipes import run
+from mdp_hf.recipes import EMBEDDED_DEFAULTS, run
 
 # The embedded default: a DeiT-style model small enough to train on 2 CPU cores in minutes.
 TINY_DEIT = DeiTConfig(
@@ -31,23 +31,14 @@ TINY_DEIT = DeiTConfig(
 )  # fmt: skip
 
 DEFAULTS = {
+    **EMBEDDED_DEFAULTS,
     "output_dir": "outputs/prune_deit",
     "dense_epochs": 15,
     "num_train_epochs": 10,
     "learning_rate": 5e-4,
-    "per_device_train_batch_size": 64,
-    "per_device_eval_batch_size": 128,
     "weight_decay": 0.05,
     "warmup_steps": 10,
-    "logging_steps": 10,
-    "save_strategy": "no",
-    "eval_strategy": "no",
-    "report_to": "none",
-    "dataloader_num_workers": 0,
-    "budget_fraction": 0.5,
-    "accumulation_steps": 30,
     "group_sizes": {"embed": 16, "heads": 1, "qk": 8, "v": 8, "mlp": 32},
-    "latency_batch_size": 16,
 }
 
 

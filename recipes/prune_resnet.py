@@ -20,7 +20,7 @@ All arguments can also come from one YAML file: python recipes/prune_resnet.py m
 
 from transformers import ResNetConfig
 
-from mdp_hf.recipes import run
+from mdp_hf.recipes import EMBEDDED_DEFAULTS, run
 
 # The embedded default: a small bottleneck ResNet for 32x32 inputs (digits upsampled).
 TINY_RESNET = ResNetConfig(
@@ -29,23 +29,14 @@ TINY_RESNET = ResNetConfig(
 )  # fmt: skip
 
 DEFAULTS = {
+    **EMBEDDED_DEFAULTS,
     "output_dir": "outputs/prune_resnet",
     "image_size": 32,
     "dense_epochs": 10,
     "num_train_epochs": 8,
     "learning_rate": 2e-3,
-    "per_device_train_batch_size": 64,
-    "per_device_eval_batch_size": 128,
     "weight_decay": 1e-4,
-    "logging_steps": 10,
-    "save_strategy": "no",
-    "eval_strategy": "no",
-    "report_to": "none",
-    "dataloader_num_workers": 0,
-    "budget_fraction": 0.5,
-    "accumulation_steps": 30,
     "group_sizes": {"channels": 8, "residual": 16},
-    "latency_batch_size": 16,
 }
 
 

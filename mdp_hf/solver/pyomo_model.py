@@ -30,16 +30,23 @@ def _pyo():
     return pyo
 
 
-def build_milp(problem: Problem, objective: str = "importance"):
-    """Pyomo model of ``problem``. objective='importance' (max, budget constrained) or 'latency' (min, no budget)."""
-    pyo = _pyo()
-    model = pyo.ConcreteModel(name="mdp_pruning")
+def _choice_variables(pyo, model, problem: Problem):
+    """One-hot x[d, c] over each dimension's allowed choices and a keep bit y[b] per free block (shared by
+    the MILP and the paper's MINLP). Returns (block states, allowed choices)."""
     state = {b.name: problem.block_state(b.name) for b in problem.blocks}
     allowed = {d.name: problem.allowed_choices(d.name) for d in problem.dimensions}
     model.x = pyo.Var([(d, c) for d in allowed for c in allowed[d]], domain=pyo.Binary)
     model.one_hot = pyo.Constraint(list(allowed), rule=lambda m, d: sum(m.x[d, c] for c in allowed[d]) == 1)
     free = [b for b in state if state[b] == "free"]
     model.y = pyo.Var(free, domain=pyo.Binary)
+    return state, allowed
+
+
+def build_milp(problem: Problem, objective: str = "importance"):
+    """Pyomo model of ``problem``. objective='importance' (max, budget constrained) or 'latency' (min, no budget)."""
+    pyo = _pyo()
+    model = pyo.ConcreteModel(name="mdp_pruning")
+    state, allowed = _choice_variables(pyo, model, problem)
 
     def active(block):
         return block is None or state[block] != "removed"
@@ -196,12 +203,7 @@ def build_minlp(problem: Problem):
     """The paper's nonconvex formulation: latency = sum_b y_b * sum_cells T[cell] * prod x (products kept)."""
     pyo = _pyo()
     model = pyo.ConcreteModel(name="mdp_pruning_minlp")
-    state = {b.name: problem.block_state(b.name) for b in problem.blocks}
-    allowed = {d.name: problem.allowed_choices(d.name) for d in problem.dimensions}
-    model.x = pyo.Var([(d, c) for d in allowed for c in allowed[d]], domain=pyo.Binary)
-    model.one_hot = pyo.Constraint(list(allowed), rule=lambda m, d: sum(m.x[d, c] for c in allowed[d]) == 1)
-    free = [b for b in state if state[b] == "free"]
-    model.y = pyo.Var(free, domain=pyo.Binary)
+    state, allowed = _choice_variables(pyo, model, problem)
 
     def keep(block):
         return model.y[block] if block is not None and state[block] == "free" else 1
