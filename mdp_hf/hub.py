@@ -22,6 +22,9 @@ from .adapters import get_adapter
 from .modeling import register_auto_classes
 
 
+PUSH_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "_*", "runs/**", "*.pt", "*.pth", "*.pkl", "*.bin"]
+
+
 class CheckpointError(ValueError):
     """A saved pruned model is unreadable or its weights do not match its config."""
 
@@ -159,5 +162,8 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, token: str | Non
         raise FileNotFoundError(f"{folder} is not a saved pruned model (config.json / model.safetensors missing)")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message)
+    # A run's output folder also holds Trainer checkpoints (full-size weights, pickled optimizer/RNG state)
+    # and logs: only the pruned model's own files go up.
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
+                               ignore_patterns=PUSH_IGNORE_PATTERNS)  # fmt: skip
     return str(getattr(commit, "commit_url", commit))

@@ -396,6 +396,7 @@ def push_table(table: LatencyTable | str | os.PathLike, repo_id: str, filename: 
 
         meta = LatencyTable.load(source).metadata
         message = commit_message or f"Add latency table ({meta.get('device_name')}, batch {meta.get('batch_size')}, {meta.get('dtype')})"
+        huggingface_hub.create_repo(repo_id, repo_type=repo_type, token=token, exist_ok=True)
         huggingface_hub.upload_file(path_or_fileobj=str(source), path_in_repo=filename, repo_id=repo_id,
                                     repo_type=repo_type, token=token, revision=revision, commit_message=message)  # fmt: skip
         return f"{repo_id}/{filename}"
