@@ -11,6 +11,7 @@ the stem and the projections sit outside every block and are never removed.
 from __future__ import annotations
 
 import torch
+from transformers.initialization import no_init_weights
 from torch import nn
 
 from ..modeling import MDPResNetConfig, MDPResNetForImageClassification, MDPResNetModel
@@ -216,11 +217,12 @@ class ResNetAdapter(ModelAdapter):
             label2id=source.label2id,
             architectures=["MDPResNetForImageClassification" if prefix else "MDPResNetModel"],
         )
-        if prefix is None:
-            state = {k.removeprefix(bp): v for k, v in state.items()}
-            pruned = MDPResNetModel(config)
-        else:
-            pruned = MDPResNetForImageClassification(config)
+        with no_init_weights():  # every parameter and buffer is overwritten below (strict load)
+            if prefix is None:
+                state = {k.removeprefix(bp): v for k, v in state.items()}
+                pruned = MDPResNetModel(config)
+            else:
+                pruned = MDPResNetForImageClassification(config)
             if linear is None:
                 raise PruningSpaceError("ResNet classifiers without a linear head (num_labels=0) are not supported")
         pruned.load_state_dict(state, strict=True)

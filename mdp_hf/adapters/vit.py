@@ -12,6 +12,7 @@ per-head width and attention stays one dense batched matmul after slicing.
 from __future__ import annotations
 
 import torch
+from transformers.initialization import no_init_weights
 
 from ..modeling import MDPViTConfig, MDPViTForImageClassification, MDPViTModel
 from .base import Block, Dimension, GateSet, ModelAdapter, PruningChoice, PruningSpace, PruningSpaceError
@@ -224,11 +225,12 @@ class ViTAdapter(ModelAdapter):
             put_linear(name, head, None, E)
 
         config = self._pruned_config(model, base, heads, len(E), per_layer)
-        if prefix is None:  # a bare ViTModel / DeiTModel
-            state = {k.removeprefix("vit."): v for k, v in state.items()}
-            pruned = MDPViTModel(config, add_pooling_layer=pooler is not None)
-        else:
-            pruned = MDPViTForImageClassification(config)
+        with no_init_weights():  # every parameter is overwritten below (strict load): skip the random init
+            if prefix is None:  # a bare ViTModel / DeiTModel
+                state = {k.removeprefix("vit."): v for k, v in state.items()}
+                pruned = MDPViTModel(config, add_pooling_layer=pooler is not None)
+            else:
+                pruned = MDPViTForImageClassification(config)
         pruned.load_state_dict(state, strict=True)
         return pruned.to(next(model.parameters()).dtype).eval()
 
