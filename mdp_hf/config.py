@@ -20,7 +20,7 @@ CONFIG_VERSION = 1
 
 # dimension kinds a user can switch on/off; "blocks" is whole residual branches.
 PRUNABLE_KINDS = ("embed", "heads", "qk", "v", "mlp", "channels", "residual", "blocks")
-IMPORTANCE_KINDS = ("taylor",)
+IMPORTANCE_KINDS = ("taylor", "magnitude")
 SCHEDULES = ("one_shot", "iterative")
 LATENCY_MODELS = ("table", "linear", "flops")
 
@@ -42,7 +42,7 @@ class PrunableConfig:
     # per kind; empty -> the adapter's defaults (the paper's). On a command line: '{"embed": 16}' or embed=16,mlp=32
     group_sizes: dict[str, int] | str | None = field(default_factory=dict)
     min_keep: dict[str, int] | str | None = field(default_factory=dict)  # per kind, in units; empty -> one group
-    importance: str = "taylor"
+    importance: str = "taylor"  # "magnitude": squared L2 norm of each unit's weights (a baseline)
     ema_decay: float = 0.9
     schedule: str = "one_shot"
     accumulation_steps: int = 100  # optimizer steps of score accumulation before the (first) pruning step

@@ -103,7 +103,11 @@ class PruningSession:
         """Commit the scores (identical on every rank: gradients were reduced each step), solve on the main
         rank, apply the broadcast choice to the gates on every rank."""
         step_index = len(self.results) + 1
-        scores = {name: value.numpy() for name, value in self.scores.commit().items()}
+        if self.config.importance == "magnitude":  # baseline: weights only, identical on every rank
+            self.scores.commit()  # keeps the schedule and checkpoint state identical to the Taylor mode
+            scores = {k: v.numpy() for k, v in self.adapter.unit_magnitudes(self.model, self.space).items()}
+        else:
+            scores = {name: value.numpy() for name, value in self.scores.commit().items()}
         budget = self.budget_for_step(step_index)
 
         def solve_on_main():

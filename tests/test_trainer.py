@@ -111,6 +111,32 @@ def test_one_shot_prune_meets_budget_and_leaves_model_intact(vit_latency):
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("family", ["vit", "deit_distilled", "resnet_bottleneck", "resnet_basic"])
+def test_magnitude_scores_follow_the_weights(family):
+    from mdp_hf import build_space, get_adapter
+
+    model = build(family)
+    space = build_space(model, group_sizes=GROUPS)
+    magnitudes = get_adapter(model).unit_magnitudes(model, space)
+    assert set(magnitudes) == set(space.dimensions)
+    for name, dim in space.dimensions.items():
+        assert magnitudes[name].shape == (dim.size,) and (magnitudes[name] > 0).all(), name
+    if family == "vit":  # zeroing head 1's weights of layer 0 makes it the least important head
+        attn = model.vit.layers[0].attention
+        with torch.no_grad():
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                proj.weight[8:16] = 0
+            attn.o_proj.weight[:, 8:16] = 0
+        heads = get_adapter(model).unit_magnitudes(model, space)["layers.0.heads"]
+        assert heads[1] == 0 and heads.argmin() == 1
+
+
+def test_one_shot_prune_with_magnitude_importance(vit_latency):
+    batches = [(RandomImages(8, s).x, RandomImages(8, s).y) for s in range(2)]
+    pruned, result = prune(build("vit"), config(budget_fraction=0.5, importance="magnitude"), batches, vit_latency)
+    assert result.status == "optimal" and result.predicted_latency_ms <= result.budget_ms * (1 + 1e-9)
+
+
 # --- MDPTrainer ---------------------------------------------------------------------------------------------
 def test_trainer_prunes_on_schedule_logs_and_exports(tmp_path, vit_latency):
     model = build("vit")

@@ -231,6 +231,11 @@ class ModelAdapter:
         """Return a new, physically smaller model (a pruned-model class) computing what the gated model computes."""
         raise NotImplementedError
 
+    def unit_magnitudes(self, model, space: PruningSpace) -> dict[str, torch.Tensor]:
+        """Magnitude baseline: per unit of every dimension, the squared L2 norm of the weights that
+        produce it (summed over coupled layers). Not used by MDP's default Taylor importance."""
+        raise NotImplementedError
+
     def expected_num_parameters(self, config) -> int:
         """Parameter count implied by a pruned model's config (checks that weights match the structure)."""
         raise NotImplementedError

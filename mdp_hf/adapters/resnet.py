@@ -228,6 +228,27 @@ class ResNetAdapter(ModelAdapter):
         pruned.load_state_dict(state, strict=True)
         return pruned.to(next(model.parameters()).dtype).eval()
 
+    @torch.no_grad()
+    def unit_magnitudes(self, model, space: PruningSpace) -> dict[str, torch.Tensor]:
+        base, _, _ = self._parts(model)
+        stem_name, stage_names = self._residual_names(base)
+        out = {name: torch.zeros(dim.size, dtype=torch.float64) for name, dim in space.dimensions.items()}
+
+        def add(name, conv):  # squared L2 norm of each output filter
+            out[name] += conv.weight.detach().double().square().flatten(1).sum(1).cpu()
+
+        add(stem_name, base.embedder.embedder.convolution)
+        for s, j, flat, layer in self._layers(base):
+            if self._has_projection(layer):
+                add(stage_names[s], layer.shortcut.convolution)
+            if layer.layer is None:
+                continue
+            convs = list(layer.layer)
+            for k, conv in enumerate(convs[:-1], start=1):
+                add(f"stages.{s}.layers.{j}.conv{k}", conv.convolution)
+            add(stage_names[s], convs[-1].convolution)
+        return out
+
     def expected_num_parameters(self, config: MDPResNetConfig) -> int:
         def conv_bn(cin, cout, k):
             return cin * cout * k * k + 2 * cout

@@ -278,6 +278,29 @@ class ViTAdapter(ModelAdapter):
             **fields,
         )
 
+    @torch.no_grad()
+    def unit_magnitudes(self, model, space: PruningSpace) -> dict[str, torch.Tensor]:
+        base, _, _ = self._parts(model)
+        sq = lambda w: w.detach().float().square()  # noqa: E731
+        embed = sq(base.embeddings.patch_embeddings.projection.weight).flatten(1).sum(1)
+        out = {}
+        for i, layer in enumerate(base.layers):
+            shape = self._layer_shape(layer)
+            if shape["attention"]:
+                attn, H, qk, v = layer.attention, shape["heads"], shape["qk"], shape["v"]
+                q = (sq(attn.q_proj.weight) + sq(attn.k_proj.weight)).sum(1).view(H, qk)
+                vo = sq(attn.v_proj.weight).sum(1).view(H, v) + sq(attn.o_proj.weight).sum(0).view(H, v)
+                out[f"layers.{i}.heads"] = q.sum(1) + vo.sum(1)
+                out[f"layers.{i}.qk_dim"] = q.sum(0)
+                out[f"layers.{i}.v_dim"] = vo.sum(0)
+                embed = embed + sq(attn.o_proj.weight).sum(1)
+            if shape["mlp"]:
+                fc1, fc2 = layer.mlp.fc1, layer.mlp.fc2
+                out[f"layers.{i}.mlp_dim"] = sq(fc1.weight).sum(1) + sq(fc2.weight).sum(0)
+                embed = embed + sq(fc2.weight).sum(1)
+        out["embed"] = embed  # writers into the residual stream: patch embedding, o_proj and fc2 rows
+        return {name: out[name].double().cpu() for name in space.dimensions}
+
     def expected_num_parameters(self, config: MDPViTConfig) -> int:
         E = config.hidden_size
         channels = config.num_channels
