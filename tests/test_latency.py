@@ -403,32 +403,6 @@ def test_push_pull_local_directory(tmp_path, vit_table):
         pull_table(str(repo), filename="other.json")
 
 
-def test_push_pull_hub_calls(tmp_path, monkeypatch, vit_table):
-    """Hub push/pull go through huggingface_hub.upload_file / hf_hub_download (mocked: no network)."""
-    import huggingface_hub
-
-    _, _, table = vit_table
-    store = tmp_path / "fake_hub"
-    store.mkdir()
-    seen = {}
-
-    def upload_file(path_or_fileobj, path_in_repo, repo_id, **kwargs):
-        seen["upload"] = (repo_id, path_in_repo, kwargs.get("repo_type"))
-        (store / path_in_repo).write_bytes(open(path_or_fileobj, "rb").read())
-
-    def hf_hub_download(repo_id, filename, revision=None, **kwargs):
-        seen["download"] = (repo_id, filename, revision)
-        return str(store / filename)
-
-    monkeypatch.setattr(huggingface_hub, "upload_file", upload_file)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
-    push_table(table, "user/deit-latency")
-    assert seen["upload"] == ("user/deit-latency", "latency_table.json", "model")
-    pulled = pull_table("user/deit-latency", revision="main")
-    assert seen["download"] == ("user/deit-latency", "latency_table.json", "main")
-    assert pulled.metadata == json.loads(json.dumps(table.metadata))
-
-
 # ---------------------------------------------------------------------------------- real timing (smoke)
 def test_measure_latency_dense_gated_sliced():
     model = build("vit")
