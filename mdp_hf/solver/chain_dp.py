@@ -266,6 +266,17 @@ class ChainSolver:
             self.info["states_generated"] += int(key.size)
             self.info["max_states"] = max(self.info["max_states"], int(key.size))
 
+        def add_factors(t, v, key, factors, rem, rem_min, kind, j):
+            """Expand the states by every option of each factor in turn, pruning after each; None on time-out."""
+            for k, f in enumerate(factors):
+                if out_of_time(t, v, key, rem[k]):
+                    return None
+                t, v, key, parent, opt = _expand(t, v, key, f)
+                idx = prune(t, v, key, rem[k + 1], rem_min[k + 1], f.block is not None)
+                t, v, key = t[idx], v[idx], key[idx]
+                record(kind, j, f, parent[idx], opt[idx], key)
+            return t, v, key
+
         # Start: one empty state per choice of the first hub.
         key = np.arange(n[0]) if allowed is None else np.flatnonzero(allowed[0])
         t = np.full(key.size, S.const_t)
@@ -274,13 +285,10 @@ class ChainSolver:
         t, v, key = t[idx], v[idx], key[idx]
         record("node", 0, None, idx, None, key)
         for j in range(m):
-            for k, f in enumerate(S.node_factors[j]):
-                if out_of_time(t, v, key, suffix.node[j][k]):
-                    return {"timed_out": True, "bound": live_bound[0], "best": None}
-                t, v, key, parent, opt = _expand(t, v, key, f)
-                idx = prune(t, v, key, suffix.node[j][k + 1], min_suffix.node[j][k + 1], f.block is not None)
-                t, v, key = t[idx], v[idx], key[idx]
-                record("node", j, f, parent[idx], opt[idx], key)
+            states = add_factors(t, v, key, S.node_factors[j], suffix.node[j], min_suffix.node[j], "node", j)
+            if states is None:
+                return {"timed_out": True, "bound": live_bound[0], "best": None}
+            t, v, key = states
             if j == m - 1 or t.size == 0:
                 break
             # Node j -> edge (j, j+1): pair every state with the next hub's choices that can still pay off.
@@ -315,13 +323,10 @@ class ChainSolver:
             t, v, key = t[idx], v[idx], key[idx]
             record("edge", j, None, parent[idx], None, key)
             if not collapse:
-                for k, f in enumerate(S.edge_factors[j]):
-                    if out_of_time(t, v, key, suffix.edge[j][k]):
-                        return {"timed_out": True, "bound": live_bound[0], "best": None}
-                    t, v, key, parent, opt = _expand(t, v, key, f)
-                    idx = prune(t, v, key, suffix.edge[j][k + 1], min_suffix.edge[j][k + 1], f.block is not None)
-                    t, v, key = t[idx], v[idx], key[idx]
-                    record("edge", j, f, parent[idx], opt[idx], key)
+                states = add_factors(t, v, key, S.edge_factors[j], suffix.edge[j], min_suffix.edge[j], "edge", j)
+                if states is None:
+                    return {"timed_out": True, "bound": live_bound[0], "best": None}
+                t, v, key = states
             # Edge -> node j+1: forget the previous hub choice.
             key = key % n[j + 1]
             idx = np.arange(key.size) if collapse else _pareto_by_key(t, v, key)
