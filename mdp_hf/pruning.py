@@ -18,6 +18,7 @@ from .adapters import PruningChoice, get_adapter
 from .config import PrunableConfig
 from .distributed import mean_across_ranks, run_on_main_and_broadcast, world_size
 from .importance import ImportanceAccumulator
+from .latency.models import dense_latency_ms
 from .masks import build_problem, choice_from_solution, kept_fraction_by_kind
 from .solver import solve
 from .surgery import build_space, gate_model, slice_model
@@ -63,7 +64,7 @@ class PruningSession:
         self.space = build_space(model, config.group_sizes, config.min_keep)
         self.latency_model = latency_model
         self.latency_terms = latency_model.solver_terms(self.space)
-        self.dense_predicted_ms = float(sum(float(np.asarray(t.table)[(-1,) * len(t.dims)]) for t in self.latency_terms))
+        self.dense_predicted_ms = dense_latency_ms(self.latency_terms)
         self.results: list[PruningStepResult] = []
         self.check_budget()  # before touching the model: a bad budget fails fast and leaves it as it was
         self.gates = gate_model(model, self.space)
@@ -78,9 +79,7 @@ class PruningSession:
     @property
     def final_budget_ms(self) -> float:
         """The run's target; a fraction is taken of the dense latency predicted by the same model."""
-        if self.config.budget_ms is not None:
-            return float(self.config.budget_ms)
-        return self.config.budget_fraction * self.dense_predicted_ms
+        return _final_budget(self.config, self.dense_predicted_ms)
 
     def budget_for_step(self, step_index: int) -> float:
         if self.config.schedule == "one_shot":
@@ -161,6 +160,10 @@ class PruningSession:
             self.gates.reset()
 
 
+def _final_budget(config: PrunableConfig, dense_ms: float) -> float:
+    return float(config.budget_ms) if config.budget_ms is not None else config.budget_fraction * dense_ms
+
+
 def _check_feasible(space, latency_terms, budget_ms: float, config: PrunableConfig) -> None:
     uniform = {name: np.ones(dim.size) for name, dim in space.dimensions.items()}
     problem = build_problem(space, uniform, latency_terms, budget_ms, config.prune)
@@ -172,9 +175,7 @@ def check_budget(model, config: PrunableConfig, latency_model) -> None:
     met for ``model`` under ``latency_model`` — before hours of training are spent."""
     space = build_space(model, config.group_sizes, config.min_keep)
     terms = latency_model.solver_terms(space)
-    dense = float(sum(float(np.asarray(t.table)[(-1,) * len(t.dims)]) for t in terms))
-    budget = config.budget_ms if config.budget_ms is not None else config.budget_fraction * dense
-    _check_feasible(space, terms, budget, config)
+    _check_feasible(space, terms, _final_budget(config, dense_latency_ms(terms)), config)
 
 
 def latency_model_for(model, config: PrunableConfig, table_path: str | None = None):

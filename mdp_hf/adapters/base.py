@@ -211,6 +211,11 @@ class GateSet:
         self.remove()
 
 
+def has_classifier(config) -> bool:
+    """Whether a pruned model's config describes a model with its classification head(s)."""
+    return bool(config.architectures) and config.architectures[0].endswith("ForImageClassification")
+
+
 class ModelAdapter:
     """Model-family knowledge: subclasses implement the four methods below for one family."""
 

@@ -15,7 +15,7 @@ from transformers.initialization import no_init_weights
 from torch import nn
 
 from ..modeling import MDPResNetConfig, MDPResNetForImageClassification, MDPResNetModel
-from .base import Block, Dimension, GateSet, ModelAdapter, PruningChoice, PruningSpace, PruningSpaceError
+from .base import Block, Dimension, GateSet, ModelAdapter, PruningChoice, PruningSpace, PruningSpaceError, has_classifier
 
 
 class ResNetAdapter(ModelAdapter):
@@ -267,10 +267,6 @@ class ResNetAdapter(ModelAdapter):
                     else:
                         total += conv_bn(cin, inner[0], 3) + conv_bn(inner[0], width, 3)
                 cin, flat = width, flat + 1
-        if _has_classifier(config) and config.num_labels > 0:
+        if has_classifier(config) and config.num_labels > 0:
             total += cin * config.num_labels + config.num_labels
         return total
-
-
-def _has_classifier(config) -> bool:
-    return bool(config.architectures) and config.architectures[0].endswith("ForImageClassification")

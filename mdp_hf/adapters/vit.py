@@ -15,7 +15,7 @@ import torch
 from transformers.initialization import no_init_weights
 
 from ..modeling import MDPViTConfig, MDPViTForImageClassification, MDPViTModel
-from .base import Block, Dimension, GateSet, ModelAdapter, PruningChoice, PruningSpace, PruningSpaceError
+from .base import Block, Dimension, GateSet, ModelAdapter, PruningChoice, PruningSpace, PruningSpaceError, has_classifier
 
 # configuration fields copied unchanged from the model being pruned
 _COPIED_FIELDS = (
@@ -321,12 +321,8 @@ class ViTAdapter(ModelAdapter):
         if config.add_pooling_layer:
             out = config.pooler_output_size or E
             total += E * out + out
-        if _has_classifier(config) and config.num_labels > 0:
+        if has_classifier(config) and config.num_labels > 0:
             heads = 2 if config.classifier_heads == "cls+distillation" else 1
             total += heads * (E * config.num_labels + config.num_labels)
         return total
 
-
-
-def _has_classifier(config) -> bool:
-    return bool(config.architectures) and config.architectures[0].endswith("ForImageClassification")

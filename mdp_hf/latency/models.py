@@ -127,6 +127,11 @@ def _lookup(grid: np.ndarray, axes: list[list[int]], widths: list[int], term_nam
     return float(interpolate_grid(axes, grid, [[w] for w in widths]).reshape(-1)[0])
 
 
+def dense_latency_ms(terms) -> float:
+    """Sum of every term at its last (dense) cell: the latency the terms predict for the unpruned model."""
+    return float(sum(float(np.asarray(t.table)[(-1,) * len(t.dims)]) for t in terms))
+
+
 class LatencyModel:
     """Base: a list of additive terms over the table's space; ``predict`` sums the kept ones."""
 
@@ -221,7 +226,7 @@ class TableLatencyModel(LatencyModel):
         if self.calibration == "none":
             return terms
         measured = float(self.table.reference["dense_measured_ms"])
-        predicted = sum(float(t.table[(-1,) * len(t.dims)]) for t in terms)
+        predicted = dense_latency_ms(terms)
         if self.calibration == "scale":
             factor = measured / predicted
             return [LatencyTermSpec(t.name, t.dims, t.table * factor, t.block) for t in terms]
@@ -232,7 +237,7 @@ class TableLatencyModel(LatencyModel):
         ref = self.table.reference.get("dense_measured_ms")
         if not ref:
             return 1.0
-        return float(ref) / sum(float(t.table[(-1,) * len(t.dims)]) for t in self.raw_terms())
+        return float(ref) / dense_latency_ms(self.raw_terms())
 
 
 class LinearLatencyModel(LatencyModel):
