@@ -39,7 +39,7 @@ def load_config(spec: str):
     """The config of a preset or of a directory with config.json."""
     from transformers import AutoConfig
 
-    import mdp_hf  # noqa: F401  (registers mdp_* classes)
+    import mdp_hf.modeling  # noqa: F401  (registers the mdp_* classes with the Auto API)
 
     if spec in PRESETS:
         model_type, kwargs = PRESETS[spec]
