@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def min_latency(problem: Problem) -> float:
     saved = problem.budget_ms
-    problem.budget_ms = -1.0
+    problem.budget_ms = -1e12  # below anything (latency terms may be negative)
     try:
         solve_brute_force(problem)
     except InfeasibleBudgetError as e:
@@ -88,6 +88,101 @@ def test_negative_cells_in_decomposed_terms_keep_backends_exact():
                 assert_same_optimum(solution, reference, split)
             checked += 1
     assert checked >= 40
+
+
+def _variants(problem: Problem, seed: int):
+    """Widths-only (every block fixed kept), a monotone iterative step (widths truncated, blocks already
+    removed, some choices fixed) and both together."""
+    mono = synthetic.monotone_step(problem, seed, shrink=0.6, removed=0.3, fixed=0.2)
+    return {"widths_only": synthetic.widths_only(problem), "monotone": mono, "monotone_widths_only":
+            synthetic.widths_only(mono)}
+
+
+@pytest.mark.parametrize("chunk", range(3))
+def test_widths_only_monotone_and_fixed_dims_equal_brute_force(chunk):
+    """Kept blocks' local dimensions stay local and fixed dimensions are folded, so auto never needs the MILP."""
+    for seed in range(chunk * 40, chunk * 40 + 40):
+        for name, problem in _variants(synthetic.random_problem(seed), seed).items():
+            for budget in budgets(problem, seed, 2):
+                problem.budget_ms = budget
+                reference = solve_brute_force(problem)
+                for backend in ("chain_dp", "auto"):
+                    solution = solve(problem, backend=backend)
+                    assert_same_optimum(solution, reference, problem)
+                    if problem.metadata["kind"] != "random":  # the trainer's shapes: structured, never the MILP
+                        assert solution.backend in ("chain_dp", "dense"), (name, seed, solution.info)
+
+
+def test_widths_only_paper_shapes_use_the_structured_dp():
+    for problem in (synthetic.widths_only(synthetic.resnet(50, seed=0, fraction=0.5)),
+                    synthetic.widths_only(synthetic.deit(seed=0, fraction=0.5)),
+                    synthetic.monotone_step(synthetic.resnet(101, seed=1, fraction=0.5), seed=1, fixed=0.1)):
+        problem.budget_ms = 0.5 * problem.dense_latency()
+        solution = solve(problem)
+        assert solution.backend == "chain_dp" and solution.status == "optimal" and solution.gap == 0.0
+        assert "auto_fallback" not in solution.info
+
+
+def test_widths_only_small_deit_equals_milp():
+    problem = synthetic.widths_only(synthetic.deit(seed=2, fraction=0.5, layers=2, embed=64, heads=3, head_dim=8,
+                                                   mlp=64, groups=(16, 1, 2, 2, 16)))
+    problem.budget_ms = -1.0
+    with pytest.raises(InfeasibleBudgetError) as err:
+        solve(problem)
+    lo, hi = err.value.min_latency_ms, problem.dense_latency()
+    for fraction in (0.0, 0.3, 0.7):
+        problem.budget_ms = lo + fraction * (hi - lo)
+        exact, milp = solve(problem), solve(problem, backend="milp")
+        assert exact.backend == "chain_dp" and milp.status == "optimal"
+        assert exact.objective == pytest.approx(milp.objective, rel=1e-7)
+
+
+def test_block_with_negative_total_latency_is_feasible():
+    """A removable block whose latency terms sum to a negative value (decomposed tables): keeping it is cheaper
+    than removing it. chain_dp used to report such budgets infeasible."""
+    problem = Problem(
+        dimensions=[Dimension("E", [1, 2]), Dimension("H", [1, 2])], blocks=[Block("b")],
+        objective_terms=[ObjectiveTerm("E", [1.0, 2.0]), ObjectiveTerm("H", [0.0, 1.0], "b")],
+        latency_terms=[LatencyTerm("e", ["E"], np.array([1.0, 2.0])),
+                       LatencyTerm("b", ["H", "E"], np.array([[-0.5, -0.2], [-0.1, 0.3]]), "b")], budget_ms=0.6)
+    reference = solve_brute_force(problem)
+    assert reference.objective == pytest.approx(1.0) and reference.blocks["b"]
+    for backend in ("chain_dp", "auto", "milp"):
+        assert_same_optimum(solve(problem, backend=backend), reference, problem)
+    rng = np.random.default_rng(3)
+    checked = 0
+    for seed in range(80):  # random problems whose blocks' totals are shifted below zero
+        problem = synthetic.random_problem(seed)
+        terms = []
+        for term in problem.latency_terms:
+            shift = rng.uniform(0.0, 3.0) if term.block is not None and rng.random() < 0.5 else 0.0
+            terms.append(LatencyTerm(term.name, term.dims, term.table - shift, term.block))
+        problem.latency_terms = terms
+        for budget in budgets(problem, seed, 2):
+            problem.budget_ms = budget
+            reference = solve_brute_force(problem)
+            for backend in ("chain_dp", "auto"):
+                assert_same_optimum(solve(problem, backend=backend), reference, problem)
+            checked += 1
+    assert checked == 160
+
+
+def test_feasibility_tolerance_is_the_same_for_every_backend():
+    """A budget a hair (5e-10 relative) below the smallest latency is within the shared 1e-9 tolerance."""
+    for seed in range(20):
+        problem = synthetic.random_problem(seed)
+        lo = min_latency(problem)
+        problem.budget_ms = lo - 5e-10 * max(1.0, abs(lo))
+        reference = solve_brute_force(problem)
+        for backend in ("chain_dp", "auto"):
+            assert_same_optimum(solve(problem, backend=backend), reference, problem)
+        problem.budget_ms = lo - 1e-6 * max(1.0, abs(lo))
+        for backend in ("chain_dp", "brute_force"):
+            with pytest.raises(InfeasibleBudgetError) as err:
+                solve(problem, backend=backend)
+            budget_text, min_text = (str(err.value).split(" ms")[0].split()[-1],
+                                     str(err.value).split("smallest reachable latency ")[1].split(" ms")[0])
+            assert budget_text != min_text  # the message never reads "budget 1 ms is below ... 1 ms"
 
 
 def test_chain_dp_without_beam_equals_brute_force():

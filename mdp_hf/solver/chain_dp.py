@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from .problem import InfeasibleBudgetError, Problem, Solution, make_solution
+from .problem import FEASIBILITY_RTOL, InfeasibleBudgetError, Problem, Solution, make_solution
 from .structure import Factor, Structure, decompose
 
 OPTIMALITY_RTOL = 1e-9
@@ -107,11 +107,12 @@ class ChainSolver:
             choices.update(S.position_choices(j, keys[j]))
         blocks = {b.name: self.problem.block_state(b.name) != "removed" for b in self.problem.blocks}
         for f in self._factors:
-            if f.block is None:
+            if not f.local_dims and not f.removable:
                 continue
             local, kept = f.decode(options[id(f)])
-            blocks[f.block] = kept
             choices.update(local)
+            if f.removable:
+                blocks[f.block] = kept
         return choices, blocks
 
     def _scope_key(self, f: Factor, keys: list[int]) -> int:
@@ -148,7 +149,7 @@ class ChainSolver:
         # Smallest reachable latency (exact min-sum along the chain).
         min_suffix = _Suffix(S, lambda f: f.min_latency()[None, :], np.min, np.zeros((1, 1)))
         min_latency = float(S.const_t + min_suffix.node[0][0][0].min())
-        if min_latency > B + 1e-12 * max(1.0, abs(B)):
+        if not self.problem.within_budget(min_latency):  # the same tolerance as every backend
             keys, options = self._decode_lagrangian(min_suffix, 0, None)
             raise infeasible_budget_error(self.problem, *self._assignment(keys, options))
 
@@ -218,7 +219,7 @@ class ChainSolver:
         """Exact when beam and allowed are None. A beam keeps only the best-bounded states; ``allowed`` restricts
         each hub to a few choices (exact within that restriction). Both serve as fast warm starts."""
         S, B, m, n = self.S, self.budget, self.m, self.n
-        B_dp = B + 1e-12 * max(1.0, abs(B))
+        B_dp = B + FEASIBILITY_RTOL * max(1.0, abs(B))  # = Problem.within_budget
         lam_star = lams[i_star]
         trace = []
         live_bound = [-np.inf]
@@ -272,7 +273,7 @@ class ChainSolver:
                 if out_of_time(t, v, key, rem[k]):
                     return None
                 t, v, key, parent, opt = _expand(t, v, key, f)
-                idx = prune(t, v, key, rem[k + 1], rem_min[k + 1], f.block is not None)
+                idx = prune(t, v, key, rem[k + 1], rem_min[k + 1], bool(f.removable or f.local_dims))
                 t, v, key = t[idx], v[idx], key[idx]
                 record(kind, j, f, parent[idx], opt[idx], key)
             return t, v, key
@@ -377,12 +378,14 @@ def infeasible_budget_error(problem: Problem, choices: dict, blocks: dict) -> In
     top = ", ".join(f"{name} {ms:.4g} ms" for name, ms in contributions[:8])
     fixed = [d for d in problem.fixed_choices]
     at_min = [d.name for d in problem.dimensions if d.name not in problem.fixed_choices and choices[d.name] == 0]
-    message = (f"budget {problem.budget_ms:.6g} ms is below the smallest reachable latency {min_latency:.6g} ms. "
+    short = min_latency - problem.budget_ms
+    message = (f"budget {problem.budget_ms:.9g} ms is below the smallest reachable latency {min_latency:.9g} ms "
+               f"(short by {short:.3g} ms). "
                f"At that minimum {len(at_min)} dimensions sit at their smallest allowed width (min-keep), "
                f"{sum(1 for b in problem.blocks if not blocks[b.name])} blocks are removed"
                + (f", {len(fixed)} choices are fixed ({', '.join(fixed[:5])}{'...' if len(fixed) > 5 else ''})"
                   if fixed else "")
-               + f". Largest remaining latency terms: {top}. Raise the budget to at least {min_latency:.6g} ms, or "
+               + f". Largest remaining latency terms: {top}. Raise the budget to at least {min_latency:.9g} ms, or "
                f"lower min-keep / unfix choices or blocks.")
     return InfeasibleBudgetError(message, min_latency, problem.budget_ms, contributions)
 

@@ -47,6 +47,7 @@ class Factor:
     row_start: np.ndarray
     local_dims: list[str] = field(default_factory=list)
     local_domains: list[np.ndarray] = field(default_factory=list)
+    removable: bool = False  # True for a free block (its rows include "remove"); False: always counted
 
     @property
     def n_rows(self) -> int:
@@ -95,16 +96,19 @@ class Structure:
         return {d: int(self.domains[d][i]) for d, i in zip(dims, idx)}
 
 
-def _pareto_rows_separable(t: np.ndarray, v_hub: np.ndarray, v_local: np.ndarray, chunk_cells: int = 1 << 15):
-    """Per-row Pareto filter (with the "remove" option (0, 0) first in every row) when importance is
-    v_hub[row] + v_local[option]: options are ordered by v once, and an option survives when its latency is
-    below that of every option with more importance (a reverse running minimum) -- no per-row sort.
-    Returns flat t, v, code (option index, -1 = remove), row_start; rows sorted by latency."""
+def _pareto_rows_separable(t: np.ndarray, v_hub: np.ndarray, v_local: np.ndarray, removable: bool = True,
+                           chunk_cells: int = 1 << 15):
+    """Per-row Pareto filter when importance is v_hub[row] + v_local[option]: options are ordered by v once,
+    and an option survives when its latency is below that of every option with more importance (a reverse
+    running minimum) -- no per-row sort. With ``removable`` every row also offers "remove" (0, 0): options it
+    dominates (t >= 0, v <= 0) are dropped, and it is dropped itself when an option dominates it (t <= 0,
+    v >= 0; a block whose terms sum to a negative latency). Any sign of t and v is handled.
+    Returns flat t, v, code (option index, -1 = remove), row_start; each row sorted by latency (and importance)."""
     n_rows, n_opts = t.shape
     order = np.argsort(v_local, kind="stable")
     v_sorted = v_local[order]
     rows_per_chunk = max(1, chunk_cells // max(n_opts, 1))
-    parts_t, parts_v, parts_c, counts = [], [], [], []
+    parts_t, parts_v, parts_c, counts, remove_kept, remove_pos = [], [], [], [], [], []
     for lo in range(0, n_rows, rows_per_chunk):
         ts = t[lo:lo + rows_per_chunk][:, order]
         keep = np.empty(ts.shape, dtype=bool)
@@ -113,22 +117,30 @@ def _pareto_rows_separable(t: np.ndarray, v_hub: np.ndarray, v_local: np.ndarray
             later_min = np.minimum.accumulate(ts[:, :0:-1], axis=1)[:, ::-1]  # min t over options with more v
             np.less(ts[:, :-1], later_min, out=keep[:, :-1])
         vh = v_hub[lo:lo + rows_per_chunk]
-        keep &= (v_sorted[None, :] + vh[:, None]) > 0  # not dominated by "remove"
+        if removable:
+            vs = v_sorted[None, :] + vh[:, None]
+            keep &= ~((ts >= 0) & (vs <= 0))  # dominated by "remove"
+            remove_kept.append(~np.any(keep & (ts <= 0) & (vs >= 0), axis=1))
+            remove_pos.append(np.sum(keep & (ts < 0), axis=1))  # kept options cheaper than removing
         rows, cols = np.nonzero(keep)
         parts_t.append(ts[rows, cols])
         parts_v.append(vh[rows] + v_sorted[cols])
         parts_c.append(order[cols])
         counts.append(keep.sum(axis=1))
-    counts = np.concatenate(counts) + 1
-    row_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    n_kept = np.concatenate(counts).astype(np.int64)
+    opt_t, opt_v, opt_c = np.concatenate(parts_t), np.concatenate(parts_v), np.concatenate(parts_c).astype(np.int64)
+    if not removable:
+        return opt_t, opt_v, opt_c, np.concatenate([[0], np.cumsum(n_kept)]).astype(np.int64)
+    r_kept = np.concatenate(remove_kept)
+    r_pos = np.concatenate(remove_pos).astype(np.int64)
+    row_start = np.concatenate([[0], np.cumsum(n_kept + r_kept)]).astype(np.int64)
     total = int(row_start[-1])
-    is_option = np.ones(total, dtype=bool)
-    is_option[row_start[:-1]] = False
     out_t, out_v = np.zeros(total), np.zeros(total)
     out_c = np.full(total, -1, dtype=np.int64)
-    out_t[is_option] = np.concatenate(parts_t)
-    out_v[is_option] = np.concatenate(parts_v)
-    out_c[is_option] = np.concatenate(parts_c)
+    row_of = np.repeat(np.arange(n_rows), n_kept)
+    rank = np.arange(opt_t.size) - np.repeat(np.cumsum(n_kept) - n_kept, n_kept)
+    at = row_start[row_of] + rank + (r_kept[row_of] & (rank >= r_pos[row_of]))
+    out_t[at], out_v[at], out_c[at] = opt_t, opt_v, opt_c  # "remove" rows keep (0, 0, -1)
     return out_t, out_v, out_c, row_start
 
 
@@ -168,40 +180,105 @@ def _chain_order(outer: list[str], edges: set[tuple[str, str]]) -> list[str] | N
 
 def decompose(problem: Problem, max_merged_hub_choices: int = 20000, max_factor_cells: int = 20_000_000,
               threads: int | None = None) -> Structure:
-    """Split the problem into chain positions and factors (raises NotApplicable with the reason)."""
+    """Split the problem into chain positions and factors (raises NotApplicable with the reason).
+
+    Fixed dimensions (one allowed choice) are folded into the tables first. A dimension is local to a group
+    when only that group's terms use it; groups are the free blocks and the *kept* blocks (never removable or
+    fixed kept), so widths-only problems (every block kept) keep their per-block dimensions local. A kept
+    block becomes one factor per connected set of its local dimensions, without a "remove" option; its terms
+    over hubs only are always-on terms. Terms outside blocks make their dimensions hubs."""
     threads = threads or 1  # a thread pool measured no faster (the Pareto filters hold the GIL)
     domains = {d.name: np.asarray(problem.allowed_choices(d.name), dtype=np.int64) for d in problem.dimensions}
+    fixed = {d: int(dom[0]) for d, dom in domains.items() if len(dom) == 1}
     state = {b.name: problem.block_state(b.name) for b in problem.blocks}
 
     def group_of(block):
-        if block is None or state[block] == "kept":
+        if block is None:
             return ALWAYS
-        return block
+        return ("kept", block) if state[block] == "kept" else block
 
-    obj_terms = [t for t in problem.objective_terms if t.block is None or state[t.block] != "removed"]
-    lat_terms = [t for t in problem.latency_terms if t.block is None or state[t.block] != "removed"]
-    usage: dict[str, set] = {d.name: set() for d in problem.dimensions}
-    for term in obj_terms:
-        usage[term.dim].add(group_of(term.block))
-    for term in lat_terms:
+    # Terms of active blocks with fixed dimensions sliced away: (name, dims, table, group) / (dim, values, group).
+    lat_terms, obj_terms, group_const_v = [], [], {}
+    for term in problem.latency_terms:
+        if term.block is not None and state[term.block] == "removed":
+            continue
+        table, dims = np.asarray(term.table, dtype=np.float64), []
         for d in term.dims:
-            usage[d].add(group_of(term.block))
-    outer = [d.name for d in problem.dimensions if ALWAYS in usage[d.name] or len(usage[d.name]) >= 2]
-    outer_set = set(outer)
+            if d in fixed:
+                table = np.take(table, fixed[d], axis=len(dims))
+            else:
+                dims.append(d)
+        lat_terms.append((term.name, dims, table, group_of(term.block)))
+    for term in problem.objective_terms:
+        if term.block is not None and state[term.block] == "removed":
+            continue
+        g = group_of(term.block)
+        if term.dim in fixed:
+            group_const_v[g] = group_const_v.get(g, 0.0) + float(term.values[fixed[term.dim]])
+        else:
+            obj_terms.append((term.dim, np.asarray(term.values, dtype=np.float64), g))
+
+    usage: dict[str, set] = {d.name: set() for d in problem.dimensions}
+    for _, dims, _, g in lat_terms:
+        for d in dims:
+            usage[d].add(g)
+    for d, _, g in obj_terms:
+        usage[d].add(g)
+    outer_set = {d for d, gs in usage.items() if d not in fixed and (ALWAYS in gs or len(gs) >= 2)}
     unused = [d.name for d in problem.dimensions if not usage[d.name]]
     groups = [b.name for b in problem.blocks if state[b.name] == "free"]
+    local_of = {d: next(iter(gs)) for d, gs in usage.items() if len(gs) == 1 and d not in outer_set}
+
+    def n_choices(dims) -> int:
+        return int(np.prod([len(domains[d]) for d in dims], dtype=np.float64)) if dims else 1
+
+    # Kept blocks: one factor ("component") per connected set of local dimensions; too large ones fall back
+    # to hub dimensions (the old behaviour), their terms then being always-on.
+    components = []  # (block, local dims, hub dims, lat terms, obj terms)
+    kept_groups = {g for _, _, _, g in lat_terms if isinstance(g, tuple)} | {g for _, _, g in obj_terms
+                                                                            if isinstance(g, tuple)}
+    for kg in sorted(kept_groups, key=lambda g: g[1]):
+        local = [d.name for d in problem.dimensions if local_of.get(d.name) == kg]
+        parent = {d: d for d in local}
+
+        def find(d):
+            while parent[d] != d:
+                parent[d] = parent[parent[d]]
+                d = parent[d]
+            return d
+
+        for _, dims, _, g in lat_terms:
+            if g == kg:
+                ds = [d for d in dims if d in parent]
+                for a in ds[1:]:
+                    parent[find(a)] = find(ds[0])
+        by_root: dict[str, list] = {}
+        for d in local:
+            by_root.setdefault(find(d), []).append(d)
+        for comp in by_root.values():
+            comp_set = set(comp)
+            lats = [t for t in lat_terms if t[3] == kg and comp_set & set(t[1])]
+            hubs = sorted({d for t in lats for d in t[1]} - comp_set)
+            if len(hubs) > 2 or n_choices(hubs) * n_choices(comp) > max_factor_cells:
+                outer_set |= comp_set
+                continue
+            components.append((kg[1], comp, hubs, lats))
+    component_of = {d: i for i, c in enumerate(components) for d in c[1]}
+    outer = [d.name for d in problem.dimensions if d.name in outer_set]
     group_outer = {g: set() for g in groups}
     group_local = {g: [] for g in groups}
     for d in problem.dimensions:
         for g in usage[d.name]:
-            if g is ALWAYS:
-                continue
-            (group_outer[g].add(d.name) if d.name in outer_set else group_local[g].append(d.name))
+            if g in group_outer:
+                (group_outer[g].add(d.name) if d.name in outer_set else group_local[g].append(d.name))
+
+    def always_on(term_group, dims) -> bool:
+        return term_group is ALWAYS or (isinstance(term_group, tuple) and not any(d in component_of for d in dims))
 
     # Hub interaction edges.
     edges, too_wide = set(), False
-    scopes_of_factors = [set(t.dims) for t in lat_terms if group_of(t.block) is ALWAYS]
-    scopes_of_factors += [group_outer[g] for g in groups]
+    scopes_of_factors = [set(dims) for _, dims, _, g in lat_terms if always_on(g, dims)]
+    scopes_of_factors += [group_outer[g] for g in groups] + [set(c[2]) for c in components]
     for dims in scopes_of_factors:
         dims = sorted(dims)
         if len(dims) > 2:
@@ -211,10 +288,10 @@ def decompose(problem: Problem, max_merged_hub_choices: int = 20000, max_factor_
     order = None if too_wide else _chain_order(outer, edges)
     merged = False
     if order is None:
-        total = int(np.prod([len(domains[d]) for d in outer], dtype=np.float64)) if outer else 1
+        total = n_choices(outer)
         if total > max_merged_hub_choices:
             raise NotApplicable(f"the {len(outer)} shared (hub) dimensions do not form a chain and have {total} "
-                                f"joint choices (> {max_merged_hub_choices}); use the MILP backend")
+                                f"joint choices (> {max_merged_hub_choices})")
         positions = [outer]
         merged = True
     else:
@@ -238,7 +315,7 @@ def decompose(problem: Problem, max_merged_hub_choices: int = 20000, max_factor_
         return list(positions[j]) + (list(positions[j + 1]) if kind == "edge" else [])
 
     def scope_keys(scope):
-        return int(np.prod([len(domains[d]) for d in scope_axes(scope)], dtype=np.int64)) if scope_axes(scope) else 1
+        return n_choices(scope_axes(scope))
 
     node_factors: list[list[Factor]] = [[] for _ in range(n_pos)]
     edge_factors: list[list[Factor]] = [[] for _ in range(max(n_pos - 1, 0))]
@@ -248,74 +325,68 @@ def decompose(problem: Problem, max_merged_hub_choices: int = 20000, max_factor_
         (node_factors if kind == "node" else edge_factors)[j].append(factor)
 
     # Always-on terms: one base factor per scope (sum of its terms), constants folded in.
-    const_t, const_v = 0.0, 0.0
+    const_t = 0.0
+    const_v = sum(v for g, v in group_const_v.items() if g is ALWAYS or isinstance(g, tuple))
     base: dict[tuple, list] = {}
-    for term in lat_terms:
-        if group_of(term.block) is not ALWAYS:
+    for _, dims, table, g in lat_terms:
+        if not always_on(g, dims):
             continue
-        if not term.dims:
-            const_t += float(term.table)
+        if not dims:
+            const_t += float(table)
             continue
-        base.setdefault(scope_of(set(term.dims)), []).append(("t", term))
-    for term in obj_terms:
-        if group_of(term.block) is ALWAYS:
-            base.setdefault(scope_of({term.dim}), []).append(("v", term))
+        base.setdefault(scope_of(set(dims)), []).append(("t", dims, table))
+    for d, values, g in obj_terms:
+        if always_on(g, [d]):
+            base.setdefault(scope_of({d}), []).append(("v", [d], values))
     for scope in sorted(base, key=lambda s: (s[1], s[0] == "edge")):
         axes = scope_axes(scope)
         t = np.zeros([len(domains[d]) for d in axes])
         v = np.zeros_like(t)
-        for kind, term in base[scope]:
+        for kind, dims, table in base[scope]:
             if kind == "t":
-                t = t + _broadcast_table(term.table, term.dims, axes, domains)
+                t = t + _broadcast_table(table, dims, axes, domains)
             else:
-                v = v + _broadcast_table(np.asarray(term.values, dtype=np.float64), [term.dim], axes, domains)
+                v = v + _broadcast_table(table, dims, axes, domains)
         n = scope_keys(scope)
         t, v = t.reshape(n), v.reshape(n)
         add(Factor(f"always-on {scope[0]} {scope[1]}", None, scope, np.arange(n), t.astype(np.float64).copy(),
                    v.astype(np.float64).copy(), np.zeros(n, dtype=np.int64), np.arange(n + 1, dtype=np.int64)))
 
-    # Removable blocks: Pareto options per scope key.
-    lat_by_block: dict[str, list] = {g: [] for g in groups}
-    obj_by_block: dict[str, list] = {g: [] for g in groups}
-    for term in lat_terms:
-        if term.block in lat_by_block:
-            lat_by_block[term.block].append(term)
-    for term in obj_terms:
-        if term.block in obj_by_block:
-            obj_by_block[term.block].append(term)
-
-    def block_factor(g: str) -> Factor:
-        scope = scope_of(group_outer[g])
+    def options_factor(name, block, hub_dims, local, lats, objs, v_const, removable) -> Factor:
+        """Pareto options (over the local dims) of a group's terms for every key of its scope."""
+        scope = scope_of(set(hub_dims))
         axes = scope_axes(scope)
-        local = group_local[g]
         n_keys = scope_keys(scope)
-        n_local = int(np.prod([len(domains[d]) for d in local], dtype=np.int64)) if local else 1
         all_axes = axes + local
-        shape = [len(domains[d]) for d in all_axes]
-        t = np.zeros(shape)
-        for term in lat_by_block[g]:
-            t += _broadcast_table(term.table, term.dims, all_axes, domains)
+        t = np.zeros([len(domains[d]) for d in all_axes])
+        for dims, table in lats:
+            t += _broadcast_table(table, dims, all_axes, domains)
         # Importance terms are 1-D, so v = v_hub(key) + v_local(option): one ordering serves every key.
-        v_hub = np.zeros([len(domains[d]) for d in axes])
+        v_hub = np.full([len(domains[d]) for d in axes], float(v_const))
         v_local = np.zeros([len(domains[d]) for d in local])
-        for term in obj_by_block[g]:
-            values = np.asarray(term.values, dtype=np.float64)
-            if term.dim in local:
-                v_local += _broadcast_table(values, [term.dim], local, domains)
+        for dim, values in objs:
+            if dim in local:
+                v_local += _broadcast_table(values, [dim], local, domains)
             else:
-                v_hub += _broadcast_table(values, [term.dim], axes, domains)
-        ft, fv, code, row_start = _pareto_rows_separable(t.reshape(n_keys, n_local), v_hub.reshape(n_keys),
-                                                         v_local.reshape(n_local))
-        return Factor(g, g, scope, np.arange(n_keys), ft, fv, code, row_start, list(local),
-                      [domains[d] for d in local])
+                v_hub += _broadcast_table(values, [dim], axes, domains)
+        ft, fv, code, row_start = _pareto_rows_separable(t.reshape(n_keys, n_choices(local)), v_hub.reshape(n_keys),
+                                                         v_local.reshape(-1), removable=removable)
+        return Factor(name, block, scope, np.arange(n_keys), ft, fv, code, row_start, list(local),
+                      [domains[d] for d in local], removable=removable)
 
+    # Removable blocks: Pareto options per scope key, "remove" included.
     sizes = {}
     for g in groups:
-        n_local = int(np.prod([len(domains[d]) for d in group_local[g]], dtype=np.int64)) if group_local[g] else 1
-        sizes[g] = scope_keys(scope_of(group_outer[g])) * n_local
+        sizes[g] = scope_keys(scope_of(group_outer[g])) * n_choices(group_local[g])
         if sizes[g] > max_factor_cells:
-            raise NotApplicable(f"block {g!r} has {n_local} local choice combinations for each hub choice "
-                                f"({sizes[g]} cells > {max_factor_cells}); use the MILP backend")
+            raise NotApplicable(f"block {g!r} has {n_choices(group_local[g])} local choice combinations for each "
+                                f"hub choice ({sizes[g]} cells > {max_factor_cells})")
+
+    def block_factor(g: str) -> Factor:
+        return options_factor(g, g, group_outer[g], group_local[g],
+                              [(dims, table) for _, dims, table, tg in lat_terms if tg == g],
+                              [(d, values) for d, values, tg in obj_terms if tg == g], group_const_v.get(g, 0.0), True)
+
     if threads > 1 and sum(sizes.values()) > 200_000:
         with ThreadPoolExecutor(threads) as pool:
             factors = list(pool.map(block_factor, sorted(groups, key=lambda g: -sizes[g])))
@@ -323,6 +394,11 @@ def decompose(problem: Problem, max_merged_hub_choices: int = 20000, max_factor_
         factors.sort(key=lambda f: order[f.block])
     else:
         factors = [block_factor(g) for g in groups]
+    for block, comp, hubs, lats in components:
+        comp_set = set(comp)
+        factors.append(options_factor(f"{block} (kept) {'/'.join(comp)}", block, hubs, comp,
+                                      [(dims, table) for _, dims, table, _ in lats],
+                                      [(d, values) for d, values, g in obj_terms if d in comp_set], 0.0, False))
     for factor in factors:
         add(factor)
 

@@ -262,3 +262,44 @@ def random_problem(seed: int, kind: str | None = None) -> Problem:
     fixed_choices = {d.name: int(rng.integers(len(d.widths))) for d in dims if rng.random() < 0.1}
     problem = Problem(dims, blocks, obj, lat, 0.0, fixed_choices, fixed_blocks, {"kind": kind, "seed": seed})
     return problem.validate()
+
+
+# ---------------------------------------------------------------------------------------------- problem variants
+def widths_only(problem: Problem) -> Problem:
+    """The same problem with every removable block fixed kept (pruning without blocks; the paper's ablations)."""
+    fixed = {b.name: True for b in problem.blocks if b.removable}
+    fixed.update({b: k for b, k in problem.fixed_blocks.items() if not k})  # already removed stays removed
+    return Problem(problem.dimensions, problem.blocks, problem.objective_terms, problem.latency_terms,
+                   problem.budget_ms, dict(problem.fixed_choices), fixed,
+                   {**problem.metadata, "variant": "widths_only"}).validate()
+
+
+def monotone_step(problem: Problem, seed: int = 0, shrink: float = 0.5, removed: float = 0.2,
+                  fixed: float = 0.0) -> Problem:
+    """A later step of monotone iterative pruning: each dimension's widths are truncated to the currently active
+    units (its largest allowed width drops below the original size, by up to ``shrink`` of its choices), a
+    ``removed`` fraction of the removable blocks is already removed (fixed removed), and a ``fixed`` fraction of
+    the dimensions has its choice fixed. Tables and importances are sliced accordingly; the budget is kept."""
+    rng = np.random.default_rng(seed)
+    keep = {}
+    dims = []
+    for d in problem.dimensions:
+        k = len(d.widths)
+        keep[d.name] = max(1, k - int(rng.integers(0, int(shrink * k) + 1)))
+        dims.append(Dimension(d.name, list(d.widths[:keep[d.name]])))
+
+    def sliced(table, term_dims):
+        return np.asarray(table)[tuple(slice(0, keep[d]) for d in term_dims)]
+
+    lat = [LatencyTerm(t.name, t.dims, sliced(t.table, t.dims), t.block) for t in problem.latency_terms]
+    obj = [ObjectiveTerm(t.dim, list(np.asarray(t.values)[:keep[t.dim]]), t.block) for t in problem.objective_terms]
+    fixed_blocks = {b: k for b, k in problem.fixed_blocks.items()}
+    for b in problem.blocks:
+        if b.removable and b.name not in fixed_blocks and rng.random() < removed:
+            fixed_blocks[b.name] = False
+    fixed_choices = {d: min(int(c), keep[d] - 1) for d, c in problem.fixed_choices.items()}
+    for d in dims:
+        if d.name not in fixed_choices and rng.random() < fixed:
+            fixed_choices[d.name] = int(rng.integers(len(d.widths)))
+    return Problem(dims, problem.blocks, obj, lat, problem.budget_ms, fixed_choices, fixed_blocks,
+                   {**problem.metadata, "variant": "monotone_step"}).validate()
