@@ -20,7 +20,8 @@ CONFIG_VERSION = 1
 
 # dimension kinds a user can switch on/off; "blocks" is whole residual branches.
 PRUNABLE_KINDS = ("embed", "heads", "qk", "v", "mlp", "channels", "residual", "blocks")
-IMPORTANCE_KINDS = ("taylor", "magnitude")
+# "taylor": each family's official score; "taylor_gates": gate gradients (ablation); "magnitude": weights only
+IMPORTANCE_KINDS = ("taylor", "taylor_gates", "magnitude")
 SCHEDULES = ("one_shot", "iterative")
 LATENCY_MODELS = ("table", "linear", "flops")
 
@@ -39,11 +40,15 @@ class PrunableConfig:
     budget_ms: float | None = None
     budget_fraction: float | None = None
     prune: list[str] = field(default_factory=lambda: list(PRUNABLE_KINDS))
-    # per kind; empty -> the adapter's defaults (the paper's). On a command line: '{"embed": 16}' or embed=16,mlp=32
+    # keys: a kind ("mlp"), a dimension name ("layers.3.mlp_dim") or a glob ("stages.*.conv1"); or a preset name
+    # (mdp_hf.presets.GROUP_SIZE_PRESETS, e.g. "resnet50_official", "deit_base_paper"). Empty -> the adapter's
+    # defaults. On a command line: '{"embed": 16}', embed=16,mlp=32 or resnet50_official
     group_sizes: dict[str, int] | str | None = field(default_factory=dict)
     min_keep: dict[str, int] | str | None = field(default_factory=dict)  # per kind, in units; empty -> one group
-    importance: str = "taylor"  # "magnitude": squared L2 norm of each unit's weights (a baseline)
+    importance: str = "taylor"  # see IMPORTANCE_KINDS
     ema_decay: float = 0.9
+    monotone: bool = True  # iterative: a pruned unit/block stays pruned; later steps rank only the active units
+    prune_stem: bool = False  # CNN stems keep their full width unless set (the official code never prunes them)
     schedule: str = "one_shot"
     accumulation_steps: int = 100  # optimizer steps of score accumulation before the (first) pruning step
     pruning_interval: int = 100  # iterative: optimizer steps between pruning steps
@@ -64,7 +69,7 @@ class PrunableConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
-        self.group_sizes = _parse_mapping("group_sizes", self.group_sizes)
+        self.group_sizes = _parse_mapping("group_sizes", _group_size_preset(self.group_sizes))
         self.min_keep = _parse_mapping("min_keep", self.min_keep)
         self.validate()
 
@@ -84,12 +89,13 @@ class PrunableConfig:
             bad("prune", f"unknown kinds {unknown}; choose from {list(PRUNABLE_KINDS)}")
         if not self.prune:
             bad("prune", "is empty: nothing would be pruned")
+        unknown = sorted(set(self.min_keep) - set(PRUNABLE_KINDS))
+        if unknown:
+            bad("min_keep", f"unknown kinds {unknown}; choose from {list(PRUNABLE_KINDS[:-1])}")
+        # group-size keys may also be dimension names or globs: they are checked against the model's space
         for name in ("group_sizes", "min_keep"):
             mapping = getattr(self, name)
-            unknown = sorted(set(mapping) - set(PRUNABLE_KINDS))
-            if unknown:
-                bad(name, f"unknown kinds {unknown}; choose from {list(PRUNABLE_KINDS[:-1])}")
-            if any(not isinstance(v, int) or v < 1 for v in mapping.values()):
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in mapping.values()):
                 bad(name, f"values must be integers >= 1, got {mapping}")
         if self.importance not in IMPORTANCE_KINDS:
             bad("importance", f"must be one of {IMPORTANCE_KINDS}, got {self.importance!r}")
@@ -167,6 +173,20 @@ class PrunableConfig:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path} is not valid JSON: {error}") from error
         return cls.from_dict(data)
+
+
+def _group_size_preset(value):
+    """A preset name -> its mapping (copied); anything else unchanged."""
+    if isinstance(value, str) and value.strip() and not value.strip().startswith("{") and "=" not in value:
+        from .presets import GROUP_SIZE_PRESETS
+
+        if value.strip() not in GROUP_SIZE_PRESETS:
+            raise ValueError(
+                f"PrunableConfig.group_sizes: unknown preset {value.strip()!r}; presets: {sorted(GROUP_SIZE_PRESETS)} "
+                "(or give a mapping such as embed=16,mlp=32)"
+            )
+        return dict(GROUP_SIZE_PRESETS[value.strip()])
+    return value
 
 
 def _parse_mapping(name: str, value) -> dict[str, int]:

@@ -31,6 +31,9 @@ def build_problem(
     budget_ms: float,
     prune: Iterable[str] = ("embed", "heads", "qk", "v", "mlp", "channels", "residual", "blocks"),
     metadata: dict | None = None,
+    shares: dict[str, list[tuple[str | None, np.ndarray]]] | None = None,
+    active: PruningChoice | None = None,
+    keep_full: Iterable[str] = (),
 ) -> Problem:
     """The MDP problem for ``space``.
 
@@ -38,52 +41,84 @@ def build_problem(
     ``name, dims, table, block`` (the latency model's solver terms). A dimension whose kind is not in
     ``prune`` is fixed at full width; blocks are removable only if "blocks" is in ``prune``.
 
-    A dimension shared by several blocks (the embedding width, a residual width) has its score split
-    equally between those blocks and one share outside every block, so removing a block loses exactly
-    its share.
+    ``shares[d]`` splits a shared dimension's importance among its member layers (the official CNN rule:
+    each unit's score in proportion to each member's own score, see mdp_hf.importance): a list of
+    ``(block or None, per-unit share)``, each share counted only while its block is kept; units are still
+    ranked by ``scores[d]``. A dimension outside every block without shares (ViT's embedding width) is
+    never charged to blocks.
+
+    ``active`` (monotone iterative pruning, as the official engine): the choice of the previous pruning
+    step. Only its kept units are ranked, widths stop at its kept count (the latency tables are sliced
+    to those widths), and its removed blocks stay removed. ``keep_full``: dimensions fixed at their
+    largest allowed width (a CNN stem, as the official code does).
     """
     prune = set(prune)
+    keep_full = set(keep_full)
+    shares = shares or {}
     missing = sorted(set(space.dimensions) - set(scores))
     if missing:
         raise ValueError(f"no importance scores for dimensions {missing[:5]}; accumulate scores for the whole space")
+    candidates = {name: _candidates(space, name, active) for name in space.dimensions}
     # scale so the dense objective is 1e6: solvers then compare numbers of a sane magnitude
-    total = sum(float(np.asarray(scores[name], dtype=np.float64).sum()) for name in space.dimensions)
+    total = sum(float(np.asarray(scores[name], dtype=np.float64)[candidates[name]].sum()) for name in space.dimensions)
     scale = 1e6 / total if total > 0 else 1.0
 
     dimensions, objective_terms, fixed = [], [], {}
     for name, dim in space.dimensions.items():
-        widths = dim.widths()
+        widths = [w for w in dim.widths() if w <= len(candidates[name])]
         dimensions.append(Dimension(name, widths))
-        if _KIND_SWITCH.get(dim.kind) not in prune:
+        if _KIND_SWITCH.get(dim.kind) not in prune or name in keep_full:
             fixed[name] = len(widths) - 1
         unit_scores = np.asarray(scores[name], dtype=np.float64)
         if unit_scores.shape != (dim.size,):
             raise ValueError(f"scores for '{name}' have shape {unit_scores.shape}, expected ({dim.size},)")
-        cumulative = np.concatenate([[0.0], np.cumsum(unit_scores[ranked_units(unit_scores)])]) * scale
-        values = [float(cumulative[w]) for w in widths]
-        if dim.block is not None:
-            objective_terms.append(ObjectiveTerm(name, values, dim.block))
-        elif dim.shared_by:
-            share = 1.0 / (len(dim.shared_by) + 1)
-            objective_terms.append(ObjectiveTerm(name, [v * share for v in values], None))
-            objective_terms += [ObjectiveTerm(name, [v * share for v in values], block) for block in dim.shared_by]
-        else:
-            objective_terms.append(ObjectiveTerm(name, values, None))
+        order = candidates[name][ranked_units(unit_scores[candidates[name]])]
 
-    blocks = [Block(name, removable=block.removable and "blocks" in prune) for name, block in space.blocks.items()]
-    terms = [LatencyTerm(t.name, list(t.dims), np.asarray(t.table, dtype=np.float64), t.block) for t in latency_terms]
+        def top_k_sums(values, order=order, widths=widths):
+            cumulative = np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64)[order])]) * scale
+            return [float(cumulative[w]) for w in widths]
+
+        if dim.block is not None:
+            objective_terms.append(ObjectiveTerm(name, top_k_sums(unit_scores), dim.block))
+        elif name in shares:
+            objective_terms += [ObjectiveTerm(name, top_k_sums(share), block) for block, share in shares[name]]
+        else:
+            objective_terms.append(ObjectiveTerm(name, top_k_sums(unit_scores), None))
+
+    removed_before = set(active.removed_blocks) if active is not None else set()
+    blocks = [Block(name, removable=block.removable and ("blocks" in prune or name in removed_before))
+              for name, block in space.blocks.items()]  # fmt: skip
+    fixed_blocks = {name: False for name in removed_before}
+    choices = {d.name: len(d.widths) for d in dimensions}
+    terms = []
+    for t in latency_terms:
+        table = np.asarray(t.table, dtype=np.float64)
+        table = table[tuple(slice(0, choices[d]) for d in t.dims)] if t.dims else table
+        terms.append(LatencyTerm(t.name, list(t.dims), table, t.block))
     meta = {"model_type": space.model_type, "importance_scale": scale, **(metadata or {})}
-    problem = Problem(dimensions, blocks, objective_terms, terms, float(budget_ms), fixed_choices=fixed, metadata=meta)
+    problem = Problem(dimensions, blocks, objective_terms, terms, float(budget_ms), fixed_choices=fixed,
+                      fixed_blocks=fixed_blocks, metadata=meta)  # fmt: skip
     problem.validate()
     return problem
 
 
-def choice_from_solution(space: PruningSpace, scores: dict[str, np.ndarray], solution: Solution) -> PruningChoice:
-    """Kept unit indices (the top-scoring ``widths[c]`` units) per dimension, and the removed blocks."""
+def _candidates(space: PruningSpace, name: str, active: PruningChoice | None) -> np.ndarray:
+    """Units a step may keep: all of them, or (monotone) the ones the previous step kept."""
+    if active is None:
+        return np.arange(space.dimensions[name].size)
+    return np.asarray(active.kept_indices(space, name), dtype=np.int64)
+
+
+def choice_from_solution(
+    space: PruningSpace, scores: dict[str, np.ndarray], solution: Solution, active: PruningChoice | None = None
+) -> PruningChoice:
+    """Kept unit indices (the top-scoring ``widths[c]`` candidate units) per dimension, and the removed blocks."""
     kept = {}
     for name, dim in space.dimensions.items():
         width = dim.widths()[solution.choices[name]]
-        kept[name] = sorted(int(i) for i in ranked_units(scores[name])[:width])
+        candidates = _candidates(space, name, active)
+        order = candidates[ranked_units(np.asarray(scores[name], dtype=np.float64)[candidates])]
+        kept[name] = sorted(int(i) for i in order[:width])
     removed = sorted(name for name, keep in solution.blocks.items() if not keep)
     return PruningChoice(kept, removed)
 

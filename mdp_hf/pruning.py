@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .adapters import PruningChoice, get_adapter
+from .adapters import ModelAdapter, PruningChoice, get_adapter
 from .config import PrunableConfig
 from .distributed import mean_across_ranks, run_on_main_and_broadcast, world_size
 from .importance import ImportanceAccumulator
@@ -65,10 +65,23 @@ class PruningSession:
         self.latency_model = latency_model
         self.latency_terms = latency_model.solver_terms(self.space)
         self.dense_predicted_ms = dense_latency_ms(self.latency_terms)
+        self.keep_full = _kept_full(self.adapter, self.space, config)
         self.results: list[PruningStepResult] = []
         self.check_budget()  # before touching the model: a bad budget fails fast and leaves it as it was
         self.gates = gate_model(model, self.space)
-        self.scores = ImportanceAccumulator(self.gates, self.adapter.default_score_kind, config.ema_decay)
+        # "taylor": the family's official score (ViT: linked w * dL/dw); "taylor_gates": gate gradients
+        self.scores_from_gates = config.importance == "taylor_gates" or self.adapter.scores_from_gates
+        if not self.scores_from_gates:
+            self.gates.freeze()  # plain masks: no autograd work for gates nobody reads
+        sizes = {name: dim.size for name, dim in self.space.dimensions.items()}
+        # a shared width's members: (score name, block) in the adapter's fixed order
+        self.share_keys: dict[str, list[tuple[str, str | None]]] = {
+            name: [(f"share/{name}/{i}", block) for i, (block, _) in enumerate(members)]
+            for name, members in self._step_shares().items()
+        }
+        sizes.update({key: self.space.dimensions[name].size for name, keys in self.share_keys.items() for key, _ in keys})
+        share_groups = {name: [key for key, _ in keys] for name, keys in self.share_keys.items()}
+        self.scores = ImportanceAccumulator(sizes, self.adapter.default_score_kind, config.ema_decay, share_groups)
 
     def check_budget(self) -> None:
         """Raise InfeasibleBudgetError (stating the smallest reachable latency) now, before any training,
@@ -95,24 +108,47 @@ class PruningSession:
         return len(self.results) >= self.config.num_pruning_steps
 
     # pruning --------------------------------------------------------------------------------------------
-    def accumulate(self, grad_scale: float = 1.0) -> None:
-        self.scores.accumulate(grad_scale, reduce=mean_across_ranks)
+    def _step_shares(self) -> dict[str, list[tuple[str | None, torch.Tensor]]]:
+        return self.adapter.score_shares(self.model, self.space, self.gates)
+
+    def step_scores(self) -> dict[str, torch.Tensor]:
+        """This step's signed per-unit scores (and shares), read from the gradients of the last backward."""
+        if self.scores_from_gates:
+            signed = ModelAdapter.taylor_scores(self.adapter, self.model, self.space, self.gates)
+        else:
+            signed = self.adapter.taylor_scores(self.model, self.space, self.gates)
+        for name, members in self._step_shares().items():
+            signed.update({key: value for (key, _), (_, value) in zip(self.share_keys[name], members)})
+        return signed
+
+    def accumulate(self, grad_scale: float = 1.0) -> bool:
+        """Add this step's scores (``grad_scale``: what the gradients are multiplied by, e.g. an fp16 loss
+        scale, or a gradient-clipping coefficient). Returns False for a skipped (non-finite) step."""
+        added = self.scores.add(self.step_scores(), grad_scale, reduce=mean_across_ranks)
+        self.gates.zero_grad()
+        return added
 
     def prune_step(self) -> PruningStepResult:
         """Commit the scores (identical on every rank: gradients were reduced each step), solve on the main
         rank, apply the broadcast choice to the gates on every rank."""
         step_index = len(self.results) + 1
+        committed = {name: value.numpy() for name, value in self.scores.commit().items()}
         if self.config.importance == "magnitude":  # baseline: weights only, identical on every rank
-            self.scores.commit()  # keeps the schedule and checkpoint state identical to the Taylor mode
             scores = {k: v.numpy() for k, v in self.adapter.unit_magnitudes(self.model, self.space).items()}
         else:
-            scores = {name: value.numpy() for name, value in self.scores.commit().items()}
+            scores = {name: committed[name] for name in self.space.dimensions}
+        shares = {} if self.config.importance == "magnitude" else {
+            name: [(block, committed[key]) for key, block in keys] for name, keys in self.share_keys.items()
+        }  # fmt: skip
         budget = self.budget_for_step(step_index)
+        # monotone (official): a pruned unit or block stays pruned; later steps rank only the active units
+        active = self.choice if self.config.monotone else None
 
         def solve_on_main():
             problem = build_problem(
                 self.space, scores, self.latency_terms, budget, self.config.prune,
                 metadata={"step": step_index, "dense_predicted_ms": self.dense_predicted_ms},
+                shares=shares, active=active, keep_full=self.keep_full,
             )  # fmt: skip
             if self.config.dump_problems_dir:
                 os.makedirs(self.config.dump_problems_dir, exist_ok=True)
@@ -120,7 +156,7 @@ class PruningSession:
             solution = solve(problem, self.config.solver_backend, self.config.solver_time_limit_s)
             if solution.status != "optimal":
                 logger.warning("MDP step %d: solver stopped with status %s, gap %.3g", step_index, solution.status, solution.gap)
-            choice = choice_from_solution(self.space, scores, solution)
+            choice = choice_from_solution(self.space, scores, solution, active)
             return PruningStepResult(
                 step_index, budget, choice, solution.latency_ms, solution.objective, solution.bound, solution.gap,
                 solution.status, solution.backend, solution.solve_time_s, kept_fraction_by_kind(self.space, choice),
@@ -164,9 +200,15 @@ def _final_budget(config: PrunableConfig, dense_ms: float) -> float:
     return float(config.budget_ms) if config.budget_ms is not None else config.budget_fraction * dense_ms
 
 
+def _kept_full(adapter, space, config: PrunableConfig) -> list[str]:
+    """Dimensions held at full width: the family's stem unless ``config.prune_stem``."""
+    return [] if config.prune_stem else [name for name in adapter.stem_dimensions if name in space.dimensions]
+
+
 def _check_feasible(space, latency_terms, budget_ms: float, config: PrunableConfig) -> None:
     uniform = {name: np.ones(dim.size) for name, dim in space.dimensions.items()}
-    problem = build_problem(space, uniform, latency_terms, budget_ms, config.prune)
+    keep_full = _kept_full(get_adapter(space.model_type), space, config)
+    problem = build_problem(space, uniform, latency_terms, budget_ms, config.prune, keep_full=keep_full)
     solve(problem, config.solver_backend, config.solver_time_limit_s)
 
 

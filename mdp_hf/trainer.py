@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 
 import torch
@@ -35,16 +36,20 @@ LATENCY_TABLE_NAME = "latency_table.json"
 
 
 class _MDPCallback(TrainerCallback):
-    """Accumulate scores after each optimizer step; prune on schedule; save pruning state with checkpoints."""
+    """Accumulate scores before each optimizer step; prune on schedule; save pruning state with checkpoints."""
 
     def __init__(self, trainer: MDPTrainer):
         self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # gradients of the whole (accumulated, rank-averaged) step, unscaled, before the optimizer moves w
+        if not self.trainer.mdp.finished:
+            self.trainer.mdp.accumulate(self.trainer._gradient_scale())
 
     def on_step_end(self, args, state, control, **kwargs):
         trainer, session = self.trainer, self.trainer.mdp
         if session.finished:
             return
-        session.accumulate(trainer._loss_scale())
         steps = trainer.prunable_config.pruning_steps()
         if state.global_step >= steps[len(session.results)]:
             result = session.prune_step()
@@ -89,9 +94,23 @@ class MDPTrainer(Trainer):
         self.add_callback(_MDPCallback(self))
 
     # training -------------------------------------------------------------------------------------------
-    def _loss_scale(self) -> float:
-        scaler = getattr(self.accelerator, "scaler", None)
-        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+    def _gradient_scale(self) -> float:
+        """What this step's gradients were multiplied by before the optimizer sees them: parameter gradients
+        are unscaled by Accelerate when the norm is taken, but clipped (coefficient <= 1); gate gradients
+        are not parameters, so they still carry the fp16 loss scale."""
+        if self.mdp.scores_from_gates:
+            scaler = getattr(self.accelerator, "scaler", None)
+            return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        return self._clip_coefficient
+
+    _clip_coefficient = 1.0
+
+    def _clip_grad_norm(self, model):
+        # remember the clipping factor so that scores are taken from the unclipped gradients (as officially)
+        norm = super()._clip_grad_norm(model)
+        total = float(norm)
+        self._clip_coefficient = min(1.0, self.args.max_grad_norm / (total + 1e-6)) if math.isfinite(total) else 1.0
+        return norm
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         if resume_from_checkpoint is True:

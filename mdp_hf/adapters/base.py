@@ -6,10 +6,15 @@ model has, where to gate them and how to slice them.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+
+# every family's dimension kinds: a kind-level group size for another family's kind is not an error
+DIMENSION_KINDS = ("embed", "heads", "qk", "v", "mlp", "channels", "residual")
 
 
 class PruningSpaceError(ValueError):
@@ -236,6 +241,24 @@ class ModelAdapter:
         """Return a new, physically smaller model (a pruned-model class) computing what the gated model computes."""
         raise NotImplementedError
 
+    def taylor_scores(self, model, space: PruningSpace, gates: GateSet) -> dict[str, torch.Tensor]:
+        """This step's signed first-order Taylor score per unit of every dimension (CPU float64), read after a
+        backward. Default: the gates' gradients, dL/dg = sum over the unit's activations of a * dL/da.
+        Families whose official score links other tensors override it (ViT: w * dL/dw of linked weights)."""
+        return {
+            name: gate.grad.detach().double().cpu() if gate.grad is not None else torch.zeros(gate.numel(), dtype=torch.float64)
+            for name, gate in gates.dims.items()
+        }
+
+    #: whether :meth:`taylor_scores` reads gate gradients (False: the gates are plain masks, no autograd cost)
+    scores_from_gates: bool = True
+
+    def score_shares(self, model, space: PruningSpace, gates: GateSet) -> dict[str, list[tuple[str | None, torch.Tensor]]]:
+        """Per shared dimension, this step's signed score of each member layer, with the block it belongs to
+        (None: outside every block), for splitting a shared width's importance among the blocks that own it.
+        Always the same members in the same order. Default: none (shared widths are not charged to blocks)."""
+        return {}
+
     def unit_magnitudes(self, model, space: PruningSpace) -> dict[str, torch.Tensor]:
         """Magnitude baseline: per unit of every dimension, the squared L2 norm of the weights that
         produce it (summed over coupled layers). Not used by MDP's default Taylor importance."""
@@ -246,10 +269,40 @@ class ModelAdapter:
         raise NotImplementedError
 
     # shared helpers --------------------------------------------------------------------------------
-    def _group_and_min(self, kind: str, size: int, group_sizes, min_keep) -> tuple[int, int]:
-        group = (group_sizes or {}).get(kind, self.default_group_sizes.get(kind, 1))
+    #: dimensions that keep their full width unless the user asks to prune them (CNN stems, as officially)
+    stem_dimensions: tuple[str, ...] = ()
+
+    def _group_and_min(self, name: str, kind: str, size: int, group_sizes, min_keep) -> tuple[int, int]:
+        group = group_size_for(name, kind, group_sizes, self.default_group_sizes.get(kind, 1))
         if group < 1:
-            raise PruningSpaceError(f"group size for '{kind}' must be >= 1, got {group}")
+            raise PruningSpaceError(f"group size for '{name}' must be >= 1, got {group}")
         group = min(group, size)
         minimum = (min_keep or {}).get(kind, group)
         return group, max(1, min(minimum, size))
+
+
+def group_size_for(name: str, kind: str, group_sizes: dict | None, default: int) -> int:
+    """A dimension's group size: its exact name, else the longest matching glob, else its kind, else ``default``."""
+    group_sizes = group_sizes or {}
+    if name in group_sizes:
+        return group_sizes[name]
+    globs = [key for key in group_sizes if any(c in key for c in "*?[") and fnmatch.fnmatchcase(name, key)]
+    if globs:
+        return group_sizes[max(globs, key=len)]
+    return group_sizes.get(kind, default)
+
+
+def check_group_size_keys(space: PruningSpace, group_sizes: dict | None) -> None:
+    """Every group-size key must name a kind, a dimension or a glob matching one; else a clear error."""
+    kinds = {dim.kind for dim in space.dimensions.values()}
+    for key in group_sizes or {}:
+        if key in kinds or key in DIMENSION_KINDS or key in space.dimensions:
+            continue
+        if any(fnmatch.fnmatchcase(name, key) for name in space.dimensions):
+            continue
+        sample = ", ".join(list(space.dimensions)[:8])
+        raise PruningSpaceError(
+            f"group_sizes key {key!r} matches no dimension of this {space.model_type} model; keys are kinds "
+            f"({', '.join(sorted(kinds))}), dimension names or globs over them (dimensions: {sample}, ...; "
+            "print(build_space(model).describe()) lists them all)"
+        )

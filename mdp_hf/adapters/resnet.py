@@ -73,7 +73,7 @@ class ResNetAdapter(ModelAdapter):
         dims, blocks, aliases = {}, {}, {}
 
         def add_dim(name, kind, size, block=None, coupled=()):
-            group, minimum = self._group_and_min(kind, size, group_sizes, min_keep)
+            group, minimum = self._group_and_min(name, kind, size, group_sizes, min_keep)
             dims[name] = Dimension(name, kind, size, group, minimum, block, coupled=list(coupled))
 
         stem_name, stage_names = self._residual_names(base)
@@ -104,7 +104,7 @@ class ResNetAdapter(ModelAdapter):
             (name, self._stage_width(stage)) for name, stage in zip(stage_names, base.encoder.stages)
         ]:  # fmt: skip
             if name not in residual_dims:
-                group, minimum = self._group_and_min("residual", size, group_sizes, min_keep)
+                group, minimum = self._group_and_min(name, "residual", size, group_sizes, min_keep)
                 residual_dims[name] = Dimension(name, "residual", size, group, minimum, None, coupled=coupled.get(name, []))
         # a residual width is shared by every block that reads it (first conv) or writes into it (last conv)
         producer = stem_name
@@ -227,6 +227,53 @@ class ResNetAdapter(ModelAdapter):
                 raise PruningSpaceError("ResNet classifiers without a linear head (num_labels=0) are not supported")
         pruned.load_state_dict(state, strict=True)
         return pruned.to(next(model.parameters()).dtype).eval()
+
+    # importance ----------------------------------------------------------------------------------------
+    # Official (NVlabs/MDP resnet50+ablation/prune/pruning.py, calc_importance / update_neuron_metric_mdp): a
+    # channel's score is |gamma dL/dgamma + beta dL/dbeta| of the BatchNorm after its conv; a residual width's
+    # members (the BNs writing into it: each branch's last conv, the projection shortcuts, the stem) are summed
+    # before |.|, and that combined score is split among the members in proportion to each member's own |.|.
+    scores_from_gates = False
+    stem_dimensions = ("stem",)
+
+    def _members(self, base) -> dict[str, list[tuple[str | None, nn.BatchNorm2d]]]:
+        """Per dimension: (block or None, BatchNorm) of every layer whose output channels are the dimension's."""
+        stem_name, stage_names = self._residual_names(base)
+        members = {stem_name: [(None, base.embedder.embedder.normalization)]}
+        for s, j, flat, layer in self._layers(base):
+            if self._has_projection(layer):
+                members.setdefault(stage_names[s], []).append((None, layer.shortcut.normalization))
+            if layer.layer is None:
+                continue
+            block = f"stages.{s}.layers.{j}"
+            convs = list(layer.layer)
+            for k, conv in enumerate(convs[:-1], start=1):
+                members[f"{block}.conv{k}"] = [(block, conv.normalization)]
+            members.setdefault(stage_names[s], []).append((block, convs[-1].normalization))
+        return members
+
+    @staticmethod
+    def _bn_taylor(norm) -> torch.Tensor:
+        total = torch.zeros(norm.num_features, dtype=torch.float64, device=norm.weight.device)
+        for param in (norm.weight, norm.bias):
+            if param is not None and param.grad is not None:
+                total += (param.detach() * param.grad).double()
+        return total.cpu()
+
+    @torch.no_grad()
+    def taylor_scores(self, model, space: PruningSpace, gates: GateSet) -> dict[str, torch.Tensor]:
+        base, _, _ = self._parts(model)
+        members = self._members(base)
+        return {name: sum(self._bn_taylor(norm) for _, norm in members[name]) for name in space.dimensions}
+
+    @torch.no_grad()
+    def score_shares(self, model, space: PruningSpace, gates: GateSet) -> dict[str, list[tuple[str | None, torch.Tensor]]]:
+        base, _, _ = self._parts(model)
+        return {
+            name: [(block, self._bn_taylor(norm)) for block, norm in layers]
+            for name, layers in self._members(base).items()
+            if len(layers) > 1 and space.dimensions[name].block is None
+        }
 
     @torch.no_grad()
     def unit_magnitudes(self, model, space: PruningSpace) -> dict[str, torch.Tensor]:

@@ -65,7 +65,7 @@ class ViTAdapter(ModelAdapter):
         dims, blocks, aliases = {}, {}, {}
 
         def add_dim(name, kind, size, block=None, coupled=()):
-            group, minimum = self._group_and_min(kind, size, group_sizes, min_keep)
+            group, minimum = self._group_and_min(name, kind, size, group_sizes, min_keep)
             dims[name] = Dimension(name, kind, size, group, minimum, block, coupled=list(coupled))
 
         embed_coupled = [f"{p}embeddings.patch_embeddings.projection", f"{p}embeddings.cls_token",
@@ -277,6 +277,57 @@ class ViTAdapter(ModelAdapter):
             **defaults,
             **fields,
         )
+
+    # importance ----------------------------------------------------------------------------------------
+    # The official DeiT engine (NVlabs/MDP 975f7c7, pruning_core/pruning_engine_general_minlp.py, method 23 of
+    # add_criteria; links in deit/model_pruning.py) scores a unit by the signed sum of w * dL/dw over every
+    # tensor linked to it, divides by a per-kind constant and squares (per iteration). Links per unit:
+    #   embed: patch-embedding output (weight + bias), and in every layer the o_proj and fc2 outputs
+    #          (weight + bias) and the q/k/v and fc1 inputs (weight columns); norms, tokens and heads unlinked.
+    #   heads: the Q, K and V outputs of the head (weights + biases);  qk: the Q outputs (K unlinked);
+    #   v: the V outputs;  mlp: the fc1 outputs.
+    # Divisors (applied before squaring): embed / depth (12 for DeiT-B: the embedding is linked once per layer,
+    # so its sum grows with depth), heads / 12 (the engine's /6 for the head and its /2 for the Q/V links),
+    # qk / 2, v / 2, mlp / 1.
+    scores_from_gates = False
+    score_divisors = {"heads": 12.0, "qk": 2.0, "v": 2.0, "mlp": 1.0}  # embed: the number of layers
+
+    @torch.no_grad()
+    def taylor_scores(self, model, space: PruningSpace, gates: GateSet) -> dict[str, torch.Tensor]:
+        base, _, _ = self._parts(model)
+
+        def wg(param):  # w * dL/dw (zeros before the first backward)
+            if param is None:
+                return None
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            return (param.detach() * grad).double()
+
+        def rows(linear, groups=None):  # per output unit: weight row + bias; groups=(H, d) -> [H, d]
+            out = wg(linear.weight).sum(1)
+            if linear.bias is not None:
+                out = out + wg(linear.bias)
+            return out if groups is None else out.view(*groups)
+
+        def cols(linear):  # per input unit: weight column
+            return wg(linear.weight).sum(0)
+
+        projection = base.embeddings.patch_embeddings.projection
+        embed = wg(projection.weight).flatten(1).sum(1) + (wg(projection.bias) if projection.bias is not None else 0)
+        out = {}
+        for i, layer in enumerate(base.layers):
+            shape = self._layer_shape(layer)
+            if shape["attention"]:
+                attn, H = layer.attention, shape["heads"]
+                q, k, v = rows(attn.q_proj, (H, shape["qk"])), rows(attn.k_proj, (H, shape["qk"])), rows(attn.v_proj, (H, shape["v"]))
+                out[f"layers.{i}.heads"] = (q.sum(1) + k.sum(1) + v.sum(1)) / self.score_divisors["heads"]
+                out[f"layers.{i}.qk_dim"] = q.sum(0) / self.score_divisors["qk"]
+                out[f"layers.{i}.v_dim"] = v.sum(0) / self.score_divisors["v"]
+                embed = embed + rows(attn.o_proj) + cols(attn.q_proj) + cols(attn.k_proj) + cols(attn.v_proj)
+            if shape["mlp"]:
+                out[f"layers.{i}.mlp_dim"] = rows(layer.mlp.fc1) / self.score_divisors["mlp"]
+                embed = embed + rows(layer.mlp.fc2) + cols(layer.mlp.fc1)
+        out["embed"] = embed / len(base.layers)
+        return {name: out[name].cpu() for name in space.dimensions}
 
     @torch.no_grad()
     def unit_magnitudes(self, model, space: PruningSpace) -> dict[str, torch.Tensor]:

@@ -1,11 +1,16 @@
-"""First-order Taylor importance from gate gradients, averaged over iterations and EMA'd across steps.
+"""First-order Taylor importance, averaged over the iterations of an interval and EMA'd across pruning steps.
 
-A gate g multiplies a unit's activations a, so dL/dg (at g = 1) = sum over the unit's activations of
-a * dL/da — the first-order estimate of the loss change when the unit is removed. The paper scores
-CNN channels with |.| of that quantity (the BN Taylor score |gamma dL/dgamma + beta dL/dbeta|) and ViT
-units with its square; both are offered. Scores are summed over optimizer steps (gradient accumulation
-has already summed the micro-batches into the gate's .grad), averaged when a pruning step reads them,
-and blended across pruning steps with an exponential moving average.
+Every optimizer step the adapter hands over one signed score per unit (``ModelAdapter.taylor_scores``):
+the official ViT score, the sum of w * dL/dw over the tensors linked to the unit (divided by a per-kind
+constant), or a gate's gradient dL/dg = sum over the unit's activations of a * dL/da (for a gate right
+after a BatchNorm this is the official CNN score gamma dL/dgamma + beta dL/dbeta). The accumulator turns
+each step's score into |.| (official CNN) or (.)^2 (official ViT) and sums it; a pruning step averages the
+sums over the interval and blends them into an exponential moving average (0.9 officially).
+
+A shared CNN width (the residual stream that several convs add into) also gets one share per member layer,
+as the official code splits it (NVlabs/MDP resnet50+ablation/prune/pruning.py, update_neuron_metric_mdp):
+each step, the width's combined score |sum of the members' signed scores| is split in proportion to each
+member's own |score|; the shares are summed like the scores.
 """
 
 from __future__ import annotations
@@ -14,52 +19,60 @@ from enum import Enum
 
 import torch
 
-from ..adapters import GateSet
-
 
 class ScoreKind(str, Enum):
-    ABS = "abs"  # |dL/dg|  (paper: CNN channels)
-    SQUARE = "square"  # (dL/dg)^2  (paper: ViT units)
+    ABS = "abs"  # |s|  (paper: CNN channels)
+    SQUARE = "square"  # s^2  (paper: ViT units)
 
 
 class ImportanceAccumulator:
-    """Collects per-unit scores for every dimension of a GateSet.
+    """Collects per-unit scores for a set of named vectors (dimensions, and shares of shared dimensions).
 
-    Call :meth:`accumulate` once per optimizer step (after backward); :meth:`commit` at a pruning
-    step averages the steps since the last one into the EMA and returns it as CPU float64 tensors; :meth:`state_dict`
-    makes the accumulator resumable from a checkpoint.
+    Call :meth:`add` once per optimizer step with that step's signed scores; :meth:`commit` at a pruning step
+    averages the steps since the last one into the EMA and returns it as CPU float64 tensors;
+    :meth:`state_dict` makes the accumulator resumable from a checkpoint.
     """
 
-    def __init__(self, gates: GateSet, kind: ScoreKind | str = ScoreKind.SQUARE, ema_decay: float = 0.9):
-        self.gates = gates
+    def __init__(self, sizes: dict[str, int], kind: ScoreKind | str = ScoreKind.SQUARE, ema_decay: float = 0.9,
+                 share_groups: dict[str, list[str]] | None = None):  # fmt: skip
+        """``sizes``: units per scored name. ``share_groups``: shared dimension -> the names of its members'
+        signed scores; each member name is also a key of ``sizes`` and accumulates that member's share."""
         self.kind = ScoreKind(kind)
+        self.share_groups = dict(share_groups or {})
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.ema_decay = ema_decay
-        self.sums = {name: torch.zeros(g.numel(), dtype=torch.float64) for name, g in gates.dims.items()}
+        self.sums = {name: torch.zeros(size, dtype=torch.float64) for name, size in sizes.items()}
         self.count = 0
         self.ema: dict[str, torch.Tensor] | None = None
 
     @torch.no_grad()
-    def accumulate(self, grad_scale: float = 1.0, reduce=None) -> bool:
-        """Add this step's gate gradients (divided by ``grad_scale``, e.g. an fp16 loss scale) and clear them.
+    def add(self, signed: dict[str, torch.Tensor], grad_scale: float = 1.0, reduce=None) -> bool:
+        """Add one step's signed scores (divided by ``grad_scale``, e.g. an fp16 loss scale).
 
-        ``reduce`` maps {dimension: gradient} to its mean over data-parallel ranks. Gradients are reduced
-        *before* |.| or (.)^2, as DDP averages parameter gradients, so every rank gets the scores one
-        process would compute on the same global batch. Returns False (and adds nothing) for a step whose
-        gradients are not finite (an fp16 overflow step that the optimizer skips too).
+        ``reduce`` maps {name: score} to its mean over data-parallel ranks. Scores are linear in the
+        gradients, so reducing them *before* |.| or (.)^2 gives every rank the scores one process would
+        compute on the same global batch. Returns False (and adds nothing) for a step whose scores are not
+        finite (an fp16 overflow step that the optimizer skips too).
         """
-        grads = {
-            name: (gate.grad.detach().double().cpu() / grad_scale) if gate.grad is not None else torch.zeros(gate.numel(), dtype=torch.float64)
-            for name, gate in self.gates.dims.items()
-        }
-        self.gates.zero_grad()
+        missing = set(self.sums) - set(signed)
+        if missing:
+            raise ValueError(f"no score for {sorted(missing)[:5]} in this step")
+        scores = {name: signed[name].detach().double().cpu() / grad_scale for name in self.sums}
         if reduce is not None:
-            grads = reduce(grads)
-        if not all(torch.isfinite(g).all() for g in grads.values()):
+            scores = reduce(scores)
+        if not all(torch.isfinite(v).all() for v in scores.values()):
             return False
-        for name, grad in grads.items():
-            self.sums[name] += grad.abs() if self.kind is ScoreKind.ABS else grad.square()
+        members = {m for group in self.share_groups.values() for m in group}
+        transformed = {name: value.abs() if self.kind is ScoreKind.ABS else value.square()
+                       for name, value in scores.items() if name not in members}  # fmt: skip
+        for dim, group in self.share_groups.items():
+            magnitudes = {m: scores[m].abs() for m in group}
+            total = sum(magnitudes.values())
+            total = torch.where(total > 0, total, torch.ones_like(total))  # no member moved: no share
+            transformed.update({m: transformed[dim] * magnitude / total for m, magnitude in magnitudes.items()})
+        for name, value in transformed.items():
+            self.sums[name] += value
         self.count += 1
         return True
 
