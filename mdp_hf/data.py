@@ -3,6 +3,19 @@
 Built-ins (no network): ``digits`` (scikit-learn's 8x8 digits, 1,797 images, needs only pip) and
 ``fashion_mnist`` (the full 70,000-image Fashion-MNIST from Debian's ``dataset-fashion-mnist``
 package, /usr/share/datasets/fashion-mnist).
+
+Pipelines: ``train_transform`` / ``eval_transform`` (or ``build_transforms``) build per-image transforms from
+a preset's ``data`` dict (mdp_hf.presets); ``MixupCollator`` (or ``train_collator``) mixes whole batches.
+
+- DeiT keys, timm ``create_transform`` as in the DeiT recipe: ``rand_augment`` (e.g. "rand-m9-mstd0.5-inc1"),
+  ``random_erasing`` (probability; pixel mode, one region), ``color_jitter`` (timm turns it off while
+  RandAugment is on, as DeiT did). timm's pipeline always has RandomResizedCrop(0.08-1) and a 0.5 flip.
+- ResNet keys, torchvision: ``random_resized_crop`` (RandomResizedCrop(size)), ``horizontal_flip``.
+- Eval keys: ``eval_resize`` / ``eval_crop`` (shorter side resize, centre crop, scaled to the model's size).
+- Batch keys (``MixupCollator``): ``mixup``, ``cutmix``, ``mixup_switch_prob``, ``label_smoothing``.
+
+Without transform keys (the embedded tiny demos) the pipeline is ``image_transforms``: grey/RGB conversion,
+square resize and, for training, a light RandomAffine.
 """
 
 from __future__ import annotations
@@ -109,15 +122,220 @@ def label_names(data: DatasetDict, label_column: str = "label") -> list[str]:
     return [str(v) for v in sorted(set(data["train"][label_column]))]
 
 
+TIMM_AUGMENT_KEYS = ("rand_augment", "random_erasing", "color_jitter")
+TORCHVISION_AUGMENT_KEYS = ("random_resized_crop", "horizontal_flip")
+TRANSFORM_KEYS = TIMM_AUGMENT_KEYS + TORCHVISION_AUGMENT_KEYS
+EVAL_KEYS = ("eval_resize", "eval_crop")
+MIXUP_KEYS = ("mixup", "cutmix", "mixup_switch_prob", "label_smoothing")
+DATA_KEYS = TRANSFORM_KEYS + EVAL_KEYS + MIXUP_KEYS  # every key a preset's ``data`` dict may hold
+
+
+def check_data_config(data: dict | None) -> dict:
+    """The ``data`` dict (a copy; {} for None), or ValueError naming an unknown key and the supported keys."""
+    data = dict(data or {})
+    unknown = sorted(k for k in data if k not in DATA_KEYS)
+    if unknown:
+        raise ValueError(f"unknown data/augmentation key(s) {unknown}; supported keys are {list(DATA_KEYS)}")
+    return data
+
+
+class ConvertMode:
+    """PIL ``image.convert(mode)`` as a picklable transform (DataLoader workers may pickle transforms)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, image):
+        return image if image.mode == self.mode else image.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.mode!r})"
+
+
+def _interpolation(name):
+    from torchvision.transforms import InterpolationMode
+
+    return name if isinstance(name, InterpolationMode) else InterpolationMode(str(name).lower())
+
+
+def _normalize(channels: int, mean, std):
+    from torchvision import transforms as T
+
+    return T.Normalize(mean=list(mean)[:channels], std=list(std)[:channels])
+
+
 def image_transforms(image_size: int, num_channels: int, mean, std, train: bool):
     """torchvision transforms: grey -> RGB if the model wants 3 channels, resize, light augmentation."""
     from torchvision import transforms as T
 
-    steps = [T.Lambda(lambda im: im.convert("RGB" if num_channels == 3 else "L")), T.Resize((image_size, image_size))]
+    steps = [ConvertMode("RGB" if num_channels == 3 else "L"), T.Resize((image_size, image_size))]
     if train:
         steps.append(T.RandomAffine(degrees=8, translate=(0.08, 0.08)))
-    steps += [T.ToTensor(), T.Normalize(mean=list(mean)[:num_channels], std=list(std)[:num_channels])]
+    steps += [T.ToTensor(), _normalize(num_channels, mean, std)]
     return T.Compose(steps)
+
+
+def _three(values, channels: int) -> tuple[float, ...]:
+    values = [float(v) for v in values]
+    return tuple(values[:3]) if channels == 3 and len(values) >= 3 else (values[0],) * 3
+
+
+def _timm_train_transform(size: int, channels: int, mean, std, augment: dict, interpolation: str):
+    """timm's ImageNet train pipeline (DeiT): RRC + flip, RandAugment / colour jitter, normalise, random erasing.
+
+    The PIL stages run on RGB (grey inputs are converted first); for a 1-channel model the image goes back to
+    "L" after them (RandAugment and jitter keep R = G = B on a grey image, so nothing is lost) and the final
+    stage (ToTensor, Normalize, RandomErasing) is timm's, built with the 1-channel mean/std.
+    """
+    from timm.data import create_transform
+    from torchvision import transforms as T
+
+    if augment.get("random_resized_crop", True) is False:
+        raise ValueError("random_resized_crop=False is not supported with rand_augment/random_erasing/color_jitter: "
+                         "timm's train pipeline always does RandomResizedCrop")  # fmt: skip
+    re_prob = float(augment.get("random_erasing") or 0.0)
+    if not 0.0 <= re_prob <= 1.0:
+        raise ValueError(f"random_erasing is a probability in [0, 1], got {re_prob}")
+    common = dict(
+        input_size=(3, size, size), is_training=True, auto_augment=augment.get("rand_augment") or None,
+        re_prob=re_prob, re_mode="pixel", re_count=1, color_jitter=augment.get("color_jitter"),
+        hflip=0.5 if augment.get("horizontal_flip", True) else 0.0, interpolation=interpolation, separate=True,
+    )  # fmt: skip
+    primary, secondary, final = create_transform(**common, mean=_three(mean, channels), std=_three(std, channels))
+    steps = [ConvertMode("RGB"), primary, secondary]
+    if channels == 1:
+        *_, final = create_transform(**common, mean=(float(list(mean)[0]),), std=(float(list(std)[0]),))
+        steps.append(ConvertMode("L"))
+    elif channels != 3:
+        raise ValueError(f"timm augmentation needs a 1- or 3-channel model, not {channels} channels")
+    return T.Compose(steps + [final])
+
+
+def train_transform(size: int, channels: int, mean, std, augment: dict | None = None, interpolation: str = "bicubic"):
+    """The per-image training transform (PIL image -> normalised float tensor [channels, size, size]).
+
+    ``augment`` is a preset's ``data`` dict (keys in ``DATA_KEYS``; eval and batch keys are ignored here):
+    without any of ``TRANSFORM_KEYS`` it is ``image_transforms(..., train=True)`` (the embedded demos); with
+    ``rand_augment`` / ``random_erasing`` / ``color_jitter`` timm's ``create_transform`` (DeiT); otherwise
+    torchvision RandomResizedCrop(size) (``random_resized_crop``) and RandomHorizontalFlip (``horizontal_flip``).
+    """
+    from torchvision import transforms as T
+
+    augment = check_data_config(augment)
+    if not any(k in augment for k in TRANSFORM_KEYS):
+        return image_transforms(size, channels, mean, std, train=True)
+    if any(augment.get(k) for k in TIMM_AUGMENT_KEYS):
+        return _timm_train_transform(size, channels, mean, std, augment, interpolation)
+    steps = [ConvertMode("RGB" if channels == 3 else "L")]
+    if augment.get("random_resized_crop"):
+        steps.append(T.RandomResizedCrop(size, interpolation=_interpolation(interpolation)))
+    else:
+        steps.append(T.Resize((size, size), interpolation=_interpolation(interpolation)))
+    if augment.get("horizontal_flip"):
+        steps.append(T.RandomHorizontalFlip())
+    return T.Compose(steps + [T.ToTensor(), _normalize(channels, mean, std)])
+
+
+def scaled_eval_sizes(size: int, resize=None, crop=None):
+    """(resize, crop) for a model of input ``size``: crop becomes ``size`` and resize keeps its ratio to crop
+    (256/224 at 224 -> round(size * 256 / 224) at ``size``). resize is an int (shorter side) or (height, width);
+    a missing crop is ``size``, a missing resize the crop. (None, None) stays (None, None)."""
+    if resize is None and crop is None:
+        return None, None
+    crop = int(crop) if crop is not None else int(size)
+    resize = crop if resize is None else resize
+    scale = size / crop
+    if isinstance(resize, (tuple, list)):
+        resize = tuple(int(round(r * scale)) for r in resize)
+    else:
+        resize = int(round(int(resize) * scale))
+    return resize, int(size)
+
+
+def eval_transform(size: int, channels: int, mean, std, resize=None, crop=None, interpolation: str = "bilinear"):
+    """The deterministic evaluation transform (PIL image -> tensor [channels, size, size]).
+
+    resize = crop = None: ``image_transforms(..., train=False)`` (square resize, the embedded demos). Otherwise
+    Resize(resize) then CenterCrop(crop): an int resize scales the shorter side (aspect ratio kept), a
+    (height, width) resize is exact. Sizes are given for ``crop`` and scaled to the model's ``size``
+    (``scaled_eval_sizes``): resize=256, crop=224 at size 112 is Resize(128) + CenterCrop(112).
+    """
+    from torchvision import transforms as T
+
+    resize, crop = scaled_eval_sizes(size, resize, crop)
+    if resize is None:
+        if str(interpolation).lower() == "bilinear":
+            return image_transforms(size, channels, mean, std, train=False)
+        resize, crop = (size, size), size
+    steps = [
+        ConvertMode("RGB" if channels == 3 else "L"),
+        T.Resize(list(resize) if isinstance(resize, tuple) else resize, interpolation=_interpolation(interpolation)),
+        T.CenterCrop(crop),
+        T.ToTensor(),
+        _normalize(channels, mean, std),
+    ]
+    return T.Compose(steps)
+
+
+def _get(obj, key):
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
+def eval_sizes_from_processor(processor, size: int):
+    """(resize, crop) for ``eval_transform`` from a Hugging Face image processor, scaled to the model's ``size``.
+
+    - ``size={"shortest_edge": s}`` with ``crop_pct`` (ConvNext / ResNet processors): s < 384 -> resize the
+      shorter side to int(s / crop_pct), crop s; s >= 384 -> a square resize (None, None).
+    - ``size={"shortest_edge": s}`` with ``crop_size`` and ``do_center_crop`` -> (s, crop).
+    - ``size={"height": h, "width": w}`` with ``crop_size`` and ``do_center_crop`` (DeiT: 256x256 then 224)
+      -> ((h, w), crop); without a centre crop (ViT) -> (None, None), the square resize.
+    A dict or a transformers ``SizeDict`` is accepted; values are scaled so the crop is ``size``.
+    """
+    proc_size = _get(processor, "size")
+    crop_size = _get(processor, "crop_size")
+    do_crop = _get(processor, "do_center_crop")
+    crop = None
+    if crop_size is not None and do_crop is not False:
+        crop = _get(crop_size, "height") or _get(crop_size, "shortest_edge")
+        if crop is None and isinstance(crop_size, int):
+            crop = crop_size
+    shortest = _get(proc_size, "shortest_edge") if proc_size is not None else None
+    height, width = _get(proc_size, "height"), _get(proc_size, "width")
+    if isinstance(proc_size, int):
+        shortest = proc_size
+    crop_pct = _get(processor, "crop_pct")
+    if shortest is not None and crop is None and crop_pct:
+        if shortest >= 384:
+            return None, None
+        return scaled_eval_sizes(size, int(shortest / crop_pct), shortest)
+    if crop is None:
+        return None, None
+    if shortest is not None:
+        return scaled_eval_sizes(size, int(shortest), crop)
+    if height is not None and width is not None:
+        return scaled_eval_sizes(size, (int(height), int(width)), crop)
+    return scaled_eval_sizes(size, None, crop)
+
+
+def build_transforms(size: int, channels: int, mean, std, data: dict | None = None, processor=None,
+                     interpolation: str = "bicubic"):  # fmt: skip
+    """(train_tf, eval_tf) for a preset's ``data`` dict. Eval sizes: ``eval_resize``/``eval_crop`` if given,
+    else the processor's (``eval_sizes_from_processor``), else the square resize of the demos."""
+    data = check_data_config(data)
+    train_tf = train_transform(size, channels, mean, std, data, interpolation)
+    if "eval_resize" in data or "eval_crop" in data:
+        resize, crop = data.get("eval_resize"), data.get("eval_crop")
+        eval_tf = eval_transform(size, channels, mean, std, resize, crop, interpolation)
+    elif processor is not None and eval_sizes_from_processor(processor, size) != (None, None):
+        resize, crop = eval_sizes_from_processor(processor, size)
+        eval_tf = eval_transform(size, channels, mean, std, resize, crop, interpolation)
+    else:
+        eval_tf = eval_transform(size, channels, mean, std)
+    return train_tf, eval_tf
 
 
 def with_transforms(data: DatasetDict, train_tf, eval_tf, image_column="image", label_column="label") -> DatasetDict:
@@ -137,3 +355,54 @@ def collate(examples) -> dict[str, torch.Tensor]:
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
         "labels": torch.tensor([int(e["labels"]) for e in examples]),
     }
+
+
+class MixupCollator:
+    """Training collator: ``collate`` then timm's Mixup/CutMix; ``labels`` become float soft targets (B, C).
+
+    Targets are label-smoothed one-hots (timm: off = s / C, on = 1 - s + off) mixed with the batch flipped.
+    With mixup = cutmix = 0 no mixing happens and the targets are the smoothed one-hots. timm needs an even
+    batch: for an odd batch the first B - 1 examples are mixed among themselves and the last one is left as it
+    is (image unchanged, smoothed one-hot target); a batch of 1 is never mixed. Use only for training; keep
+    ``collate`` (integer labels) for evaluation.
+    """
+
+    def __init__(self, num_classes: int, mixup: float = 0.8, cutmix: float = 1.0, switch_prob: float = 0.5,
+                 label_smoothing: float = 0.1, mode: str = "batch"):  # fmt: skip
+        if mode not in ("batch", "pair", "elem"):
+            raise ValueError(f"mode must be 'batch', 'pair' or 'elem', not {mode!r}")
+        if mixup < 0 or cutmix < 0 or not 0.0 <= label_smoothing < 1.0:
+            raise ValueError("mixup and cutmix are Beta alphas >= 0 and label_smoothing is in [0, 1)")
+        self.num_classes, self.label_smoothing = int(num_classes), float(label_smoothing)
+        self.mixer = None
+        if mixup > 0 or cutmix > 0:
+            from timm.data import Mixup
+
+            self.mixer = Mixup(
+                mixup_alpha=float(mixup), cutmix_alpha=float(cutmix), switch_prob=float(switch_prob), mode=mode,
+                label_smoothing=self.label_smoothing, num_classes=self.num_classes,
+            )  # fmt: skip
+
+    def __call__(self, examples) -> dict[str, torch.Tensor]:
+        from timm.data.mixup import mixup_target
+
+        batch = collate(examples)
+        x, labels = batch["pixel_values"], batch["labels"]
+        targets = mixup_target(labels, self.num_classes, lam=1.0, smoothing=self.label_smoothing)
+        even = len(labels) - len(labels) % 2
+        if self.mixer is not None and even > 0:
+            # in-place on the view x[:even]; the (odd) last example keeps its image and its smoothed one-hot
+            _, targets[:even] = self.mixer(x[:even], labels[:even])
+        batch["labels"] = targets.float()
+        return batch
+
+
+def train_collator(data: dict | None, num_classes: int):
+    """The training collator for a preset's ``data`` dict: ``MixupCollator`` when ``mixup`` or ``cutmix`` is
+    on, else ``collate`` (integer labels; label smoothing is then the loss's job)."""
+    data = check_data_config(data)
+    mixup, cutmix = float(data.get("mixup") or 0.0), float(data.get("cutmix") or 0.0)
+    if mixup <= 0 and cutmix <= 0:
+        return collate
+    return MixupCollator(num_classes, mixup, cutmix, float(data.get("mixup_switch_prob", 0.5)),
+                         float(data.get("label_smoothing", 0.1)))  # fmt: skip
