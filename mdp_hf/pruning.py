@@ -144,9 +144,15 @@ class PruningSession:
         # monotone (official): a pruned unit or block stays pruned; later steps rank only the active units
         active = self.choice if self.config.monotone else None
 
+        terms = self.latency_terms
+        current = self.choice
+        if getattr(self.latency_model, "relinearises", False) and current is not None:  # HALP: at the current widths
+            around = {name: dim.widths().index(len(current.kept_indices(self.space, name))) for name, dim in self.space.dimensions.items()}
+            terms = self.latency_model.solver_terms(self.space, around=around)
+
         def solve_on_main():
             problem = build_problem(
-                self.space, scores, self.latency_terms, budget, self.config.prune,
+                self.space, scores, terms, budget, self.config.prune,
                 metadata={"step": step_index, "dense_predicted_ms": self.dense_predicted_ms},
                 shares=shares, active=active, keep_full=self.keep_full,
             )  # fmt: skip

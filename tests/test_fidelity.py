@@ -255,3 +255,33 @@ def test_resnet50_preset_is_the_official_file():
     assert PrunableConfig(budget_fraction=0.5, group_sizes="deit_base_paper").group_sizes == {"embed": 16, "heads": 1, "qk": 2, "v": 2, "mlp": 32}
     with pytest.raises(ValueError, match="unknown preset 'resnet51'"):
         PrunableConfig(budget_fraction=0.5, group_sizes="resnet51")
+
+
+# --- 7. HALP-style linear ablation: re-linearised at the current widths at every step ---------------------
+class RecordingLinear(ProductLatency):
+    relinearises = True
+
+    def __init__(self):
+        self.calls = []
+
+    def solver_terms(self, space, around=None):
+        self.calls.append(around)
+        return super().solver_terms(space)
+
+
+def test_linear_model_is_relinearised_at_each_iterative_step():
+    model = build("deit").train()
+    latency = RecordingLinear()
+    cfg = PrunableConfig(budget_fraction=0.5, group_sizes=GROUPS, schedule="iterative", num_pruning_steps=2)
+    session = PruningSession(model, cfg, latency)
+    assert latency.calls == [None]  # dense point at construction
+    for _ in range(2):
+        backward_once(model)
+        session.accumulate()
+        session.prune_step()
+    step1 = session.results[0].choice
+    around = latency.calls[-1]
+    assert around is not None and len(latency.calls) == 2  # step 1 uses the dense terms, step 2 re-linearises
+    for name, dim in session.space.dimensions.items():
+        assert dim.widths()[around[name]] == len(step1.kept_indices(session.space, name))
+    session.gates.remove()

@@ -345,11 +345,28 @@ def test_linear_model_is_first_order(vit_table):
     _, space, table = vit_table
     table_model, linear = TableLatencyModel(table), LinearLatencyModel(table)
     assert linear.dense_ms() == pytest.approx(table_model.dense_ms())
-    # one dimension pruned alone, at its smallest width: the secant slope is exact there
-    for dim in ("layers.0.mlp_dim", "layers.1.heads", "embed"):
+    # one output dimension pruned alone: its marginal curve (input widths frozen) is exact there
+    for dim in ("layers.0.mlp_dim", "layers.1.heads"):
         smallest = space.dimensions[dim].widths()[0]
         choice = PruningChoice({dim: list(range(smallest))})
         assert linear.predict((space, choice)) == pytest.approx(table_model.predict((space, choice)), rel=1e-9)
+    # the embedding is the q/k projections' input: HALP charges them nothing for it (frozen input width)
+    smallest = PruningChoice({"embed": list(range(space.dimensions["embed"].widths()[0]))})
+    assert linear.predict((space, smallest)) > table_model.predict((space, smallest)) * (1 + 1e-6)
+    # re-linearised at a pruned point: exact there, and exact for one output dimension moved from it
+    point = PruningChoice({"embed": list(range(8)), "layers.0.mlp_dim": list(range(16))})
+    around = {n: d.widths().index(len(point.kept_indices(space, n))) for n, d in space.dimensions.items()}
+    terms = linear.solver_terms(space, around=around)
+    from mdp_hf.latency.models import dense_latency_ms
+
+    def summed(choice_indices):
+        return sum(float(t.table[tuple(choice_indices[d] for d in t.dims)]) if t.dims else float(t.table) for t in terms)
+
+    assert summed(around) == pytest.approx(table_model.predict((space, point)), rel=1e-9)
+    moved = {**around, "layers.0.mlp_dim": 0}
+    moved_choice = PruningChoice({"embed": list(range(8)), "layers.0.mlp_dim": list(range(space.dimensions["layers.0.mlp_dim"].widths()[0]))})
+    assert summed(moved) == pytest.approx(table_model.predict((space, moved_choice)), rel=1e-9)
+    assert dense_latency_ms(linear.solver_terms(space)) == pytest.approx(table_model.dense_ms())
     # two interacting dims pruned together: the linear model misses the product
     choice = PruningChoice({"embed": list(range(8)), "layers.0.mlp_dim": list(range(8))})
     assert linear.predict((space, choice)) != pytest.approx(table_model.predict((space, choice)), rel=1e-3)

@@ -10,8 +10,8 @@
 
 Models (all built from a :class:`~mdp_hf.latency.table.LatencyTable`):
 - :class:`TableLatencyModel` (default): the sum of measured multi-dimensional cells of the kept terms.
-- :class:`LinearLatencyModel`: HALP-style ablation: each term linearised around the dense point, one
-  fixed cost per removed unit of each dimension (every other width frozen at dense), no interactions.
+- :class:`LinearLatencyModel`: HALP-style ablation: marginal cost along each layer's output channels with
+  the input width frozen at its current value, re-linearised at every pruning step, no interactions.
 - :class:`FlopsLatencyModel`: FLOPs (or parameter) proxy scaled to the dense latency.
 
 ``solver_terms(space)`` returns the terms in the solver's plain-numpy shape (:class:`LatencyTermSpec`).
@@ -179,8 +179,9 @@ class LatencyModel:
     def dense_ms(self) -> float:
         return self.predict(Structure({n: d["size"] for n, d in self.space_dims.items()}))
 
-    def solver_terms(self, space=None) -> list[LatencyTermSpec]:
+    def solver_terms(self, space=None, around: dict[str, int] | None = None) -> list[LatencyTermSpec]:
         """Terms indexed by choice index of ``space``'s dimensions (default: the table's own space).
+        ``around`` (current choice index per dimension) matters only to models that re-linearise.
 
         A space whose widths differ from the table's (other group sizes; only with allow_mismatch)
         gets every term resampled onto its widths by multilinear interpolation.
@@ -241,32 +242,43 @@ class TableLatencyModel(LatencyModel):
 
 
 class LinearLatencyModel(LatencyModel):
-    """HALP-style linear model (ablation): every term is replaced by its dense value minus a fixed cost
-    per removed unit of each of its dimensions, that cost being the term's slope between the smallest
-    and the dense width *with every other width frozen at dense* (HALP freezes a layer's input width).
-    Interactions (a neighbour shrinking too, products such as heads x qk x embed) are ignored; a removed
-    block still saves its whole (dense) cost. Solver terms: one constant per term plus 1-D tables."""
+    """HALP-style linear model (ablation), as the official code's HALP baseline (NVlabs/MDP
+    resnet50+ablation/prune/latency_targeted_pruning.py): a layer's channel groups each cost their marginal
+    latency along the layer's *output* channels, LUT(input, out) - LUT(input, out - group), with the input
+    width frozen at its current value and no effect charged downstream; re-linearised at every pruning step
+    around the current widths (``solver_terms(space, around=...)``). Each term becomes its value at the
+    current point plus one 1-D curve per output axis (the telescoped sum of those marginals); its input axes
+    (``TermDef.input_axes``) carry no cost. A removed block saves its cost at the current point."""
 
     name = "linear"
+    relinearises = True  # the pruning engine passes the current widths at every step
 
     def __init__(self, table: LatencyTable, space=None, calibration: str = "scale", allow_mismatch: bool = False):
         super().__init__(table, space, allow_mismatch)
         self.source = TableLatencyModel(table, None, calibration, allow_mismatch)
 
     def _build_terms(self) -> list[LatencyTermSpec]:
+        return self.solver_terms(None)
+
+    def solver_terms(self, space=None, around: dict[str, int] | None = None) -> list[LatencyTermSpec]:
+        """``around``: the choice index of each dimension to linearise at (default: dense)."""
+        input_axes = [list(t.input_axes) for t in self.table.terms]
         out = []
-        for t in self.source.terms:
+        for i, t in enumerate(self.source.solver_terms(space)):
             grid = np.asarray(t.table, dtype=np.float64)
-            dense = float(grid[(-1,) * grid.ndim]) if grid.ndim else float(grid)
-            out.append(LatencyTermSpec(f"{t.name} (dense)", [], np.array(dense), t.block))
+            if not t.dims:
+                out.append(LatencyTermSpec(t.name, [], grid, t.block))
+                continue
+            point = tuple((around or {}).get(d, grid.shape[a] - 1) for a, d in enumerate(t.dims))
+            base = float(grid[point])
+            out.append(LatencyTermSpec(f"{t.name} (current)", [], np.array(base), t.block))
+            frozen = input_axes[i] if i < len(input_axes) else []
             for axis, d in enumerate(t.dims):
-                widths = np.asarray(self.space_dims[d]["widths"], dtype=np.float64)
-                index = [-1] * grid.ndim
-                index[axis] = 0
-                smallest = float(grid[tuple(index)])
-                span = widths[-1] - widths[0]
-                slope = (dense - smallest) / span if span > 0 else 0.0
-                out.append(LatencyTermSpec(f"{t.name} / {d}", [d], -slope * (widths[-1] - widths), t.block))
+                if axis in frozen:
+                    continue
+                index = list(point)
+                index[axis] = slice(None)
+                out.append(LatencyTermSpec(f"{t.name} / {d}", [d], grid[tuple(index)] - base, t.block))
         return out
 
 

@@ -148,7 +148,7 @@ class ResNetBlocks:
                     terms.append(TermDef(f"{block}.shortcut", key, [residual], None))
                 else:
                     key = table("resnet.shortcut", [dims[residual], dims[producer]], params)
-                    terms.append(TermDef(f"{block}.shortcut", key, [residual, producer], None))
+                    terms.append(TermDef(f"{block}.shortcut", key, [residual, producer], None, input_axes=[1]))
             if block in self.space.blocks and layer.layer is not None:
                 convs = list(layer.layer)
                 previous = producer
@@ -162,7 +162,7 @@ class ResNetBlocks:
                     else:
                         own, kind = residual, "resnet.conv_add"
                     key = table(kind, [dims[own], dims[previous]], params)
-                    terms.append(TermDef(f"{block}.conv{k}", key, [own, previous], block))
+                    terms.append(TermDef(f"{block}.conv{k}", key, [own, previous], block, input_axes=[1]))
                     previous = own
             key = table("resnet.relu", [dims[residual]], {"at": hw(layer_out), "act": self.act})
             terms.append(TermDef(f"{block}.activation", key, [residual], None))

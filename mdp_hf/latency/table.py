@@ -207,6 +207,8 @@ class TermDef:
     ``transform`` = ``"half_anchor"`` subtracts half of the grid's last slice along its last axis (the
     shared part of an attention block); ``"interaction"`` keeps the mixed difference over the last two
     axes (the q x v interaction of attention). See ``vit_blocks.py`` and docs/latency.md.
+    ``input_axes``: axes that are the timed module's input width (a conv's input channels); HALP's linear
+    model charges a layer's cost to its output channels only, with its input frozen.
     """
 
     name: str
@@ -214,9 +216,11 @@ class TermDef:
     dims: list[str]
     block: str | None = None
     transform: str | None = None
+    input_axes: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "table": self.table, "dims": self.dims, "block": self.block, "transform": self.transform}
+        return {"name": self.name, "table": self.table, "dims": self.dims, "block": self.block, "transform": self.transform,
+                "input_axes": list(self.input_axes)}  # fmt: skip
 
 
 def apply_transform(values: np.ndarray, transform: str | None) -> np.ndarray:

@@ -94,7 +94,8 @@ class ViTBlocks:
                 H, Q, V = dims[f"layers.{i}.heads"], dims[f"layers.{i}.qk_dim"], dims[f"layers.{i}.v_dim"]
                 key = table(f"vit.attn_qk(H={_sig(H)},E={_sig(E)},QK={_sig(Q)},V={V.size},N={n})", "vit.attn_qk",
                             [H, E, Q], {"v_head_dim": V.size, "tail_axes": [2]})  # fmt: skip
-                terms.append(TermDef(f"{block}.qk", key, [H.name, E.name, Q.name], block, "half_anchor"))
+                # q/k projections read the embedding: their input axis (HALP's linear model freezes it)
+                terms.append(TermDef(f"{block}.qk", key, [H.name, E.name, Q.name], block, "half_anchor", input_axes=[1]))
                 key = table(f"vit.attn_vo(H={_sig(H)},E={_sig(E)},V={_sig(V)},QK={Q.size},N={n})", "vit.attn_vo",
                             [H, E, V], {"qk_head_dim": Q.size, "tail_axes": [2]})  # fmt: skip
                 terms.append(TermDef(f"{block}.vo", key, [H.name, E.name, V.name], block, "half_anchor"))

@@ -19,7 +19,9 @@ import time
 
 import numpy as np
 
-from .problem import FEASIBILITY_RTOL, InfeasibleBudgetError, Problem, Solution, make_solution
+from .problem import (FEASIBILITY_RTOL, InfeasibleBudgetError, NoSolutionWithinTimeLimit, Problem, Solution,
+                      make_solution)
+from .prefilter import DEAD
 from .structure import Factor, Structure, decompose
 
 OPTIMALITY_RTOL = 1e-9
@@ -98,6 +100,14 @@ class ChainSolver:
         self.n = [self.S.position_size(j) for j in range(self.m)]
         self.info: dict = {"positions": [list(p) for p in self.S.positions], "merged_hubs": self.S.merged_hubs,
                            "rounding_error_ms": 0.0, "states_generated": 0, "max_states": 0}
+        self.prefiltered = None
+        if any(getattr(f, "implicit", False) for fs in self.S.node_factors + self.S.edge_factors for f in fs):
+            from .prefilter import PrefilterTimeout, prefilter
+
+            try:
+                self.prefiltered = prefilter(problem, self.S, self.deadline, self.info)
+            except PrefilterTimeout as stop:
+                self.prefiltered = ("time_limit", stop.incumbent, stop.bound)
 
     # ----------------------------------------------------------------- assignments
     def _assignment(self, keys: list[int], options: dict[int, int]):
@@ -145,6 +155,16 @@ class ChainSolver:
         start = self.start
         S, B, m, n = self.S, self.budget, self.m, self.n
         self._factors = [f for fs in S.node_factors for f in fs] + [f for fs in S.edge_factors for f in fs]
+        pre_incumbent = None
+        if self.prefiltered is not None and self.prefiltered[0] == "time_limit":
+            _, incumbent, bound = self.prefiltered
+            if incumbent is None:
+                raise NoSolutionWithinTimeLimit("chain_dp found no feasible solution within the time limit "
+                                                "(pre-filtering of the large blocks was not finished)")
+            return make_solution(self.problem, incumbent[1], incumbent[2], bound=bound, status="time_limit",
+                                 backend="chain_dp", solve_time_s=time.perf_counter() - start, info=self.info)
+        if self.prefiltered is not None:
+            pre_incumbent = self.prefiltered[0]
 
         # Smallest reachable latency (exact min-sum along the chain).
         min_suffix = _Suffix(S, lambda f: f.min_latency()[None, :], np.min, np.zeros((1, 1)))
@@ -155,7 +175,8 @@ class ChainSolver:
 
         # Lagrangian dual on a coarse, then a fine grid of multipliers.
         dense_t = max(self.problem.dense_latency(), 1e-12)
-        v_scale = max(float(sum(np.abs(f.v).max(initial=0.0) for f in self._factors)) + abs(S.const_v), 1e-300)
+        v_scale = max(float(sum(np.abs(f.v[np.abs(f.v) < DEAD]).max(initial=0.0) for f in self._factors))
+                      + abs(S.const_v), 1e-300)
         lam0 = v_scale / dense_t
         coarse = np.concatenate([[0.0], lam0 * np.geomspace(1e-4, 1e4, 25)])
         lag = lambda lams: (lambda f: f.lagrangian(lams))
@@ -177,7 +198,7 @@ class ChainSolver:
         candidates = [self._decode_lagrangian(min_suffix, 0, None)]
         for row in np.argsort(dual)[:3]:
             candidates.append(self._decode_lagrangian(suffix, int(row), float(lams[row])))
-        best = None
+        best = pre_incumbent
         for keys, options in candidates:
             choices, blocks = self._assignment(keys, options)
             obj, lat = self.problem.evaluate(choices, blocks)

@@ -44,6 +44,10 @@ class InfeasibleBudgetError(ValueError):
         self.breakdown = list(breakdown or [])
 
 
+class NoSolutionWithinTimeLimit(RuntimeError):
+    """No feasible sub-network was found within the time limit (the budget may still be feasible)."""
+
+
 @dataclass
 class Dimension:
     """A prunable dimension. ``widths[c]`` = units kept at choice c (strictly increasing, never zero)."""

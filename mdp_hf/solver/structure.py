@@ -97,12 +97,14 @@ class Structure:
 
 
 def _pareto_rows_separable(t: np.ndarray, v_hub: np.ndarray, v_local: np.ndarray, removable: bool = True,
+                           allowed: np.ndarray | None = None, remove_allowed: np.ndarray | None = None,
                            chunk_cells: int = 1 << 15):
     """Per-row Pareto filter when importance is v_hub[row] + v_local[option]: options are ordered by v once,
     and an option survives when its latency is below that of every option with more importance (a reverse
     running minimum) -- no per-row sort. With ``removable`` every row also offers "remove" (0, 0): options it
     dominates (t >= 0, v <= 0) are dropped, and it is dropped itself when an option dominates it (t <= 0,
-    v >= 0; a block whose terms sum to a negative latency). Any sign of t and v is handled.
+    v >= 0; a block whose terms sum to a negative latency). Any sign of t and v is handled. ``allowed``
+    (n_rows, n_opts) and ``remove_allowed`` (n_rows,) restrict the candidates (Lagrangian pre-filtering).
     Returns flat t, v, code (option index, -1 = remove), row_start; each row sorted by latency (and importance)."""
     n_rows, n_opts = t.shape
     order = np.argsort(v_local, kind="stable")
@@ -111,16 +113,24 @@ def _pareto_rows_separable(t: np.ndarray, v_hub: np.ndarray, v_local: np.ndarray
     parts_t, parts_v, parts_c, counts, remove_kept, remove_pos = [], [], [], [], [], []
     for lo in range(0, n_rows, rows_per_chunk):
         ts = t[lo:lo + rows_per_chunk][:, order]
+        if allowed is not None:
+            ok = allowed[lo:lo + rows_per_chunk][:, order]
+            ts = np.where(ok, ts, np.inf)
         keep = np.empty(ts.shape, dtype=bool)
         keep[:, -1] = True
         if n_opts > 1:
             later_min = np.minimum.accumulate(ts[:, :0:-1], axis=1)[:, ::-1]  # min t over options with more v
             np.less(ts[:, :-1], later_min, out=keep[:, :-1])
+        if allowed is not None:
+            keep &= ok
         vh = v_hub[lo:lo + rows_per_chunk]
         if removable:
             vs = v_sorted[None, :] + vh[:, None]
             keep &= ~((ts >= 0) & (vs <= 0))  # dominated by "remove"
-            remove_kept.append(~np.any(keep & (ts <= 0) & (vs >= 0), axis=1))
+            r_ok = ~np.any(keep & (ts <= 0) & (vs >= 0), axis=1)
+            if remove_allowed is not None:
+                r_ok &= remove_allowed[lo:lo + rows_per_chunk]
+            remove_kept.append(r_ok)
             remove_pos.append(np.sum(keep & (ts < 0), axis=1))  # kept options cheaper than removing
         rows, cols = np.nonzero(keep)
         parts_t.append(ts[rows, cols])
@@ -179,14 +189,18 @@ def _chain_order(outer: list[str], edges: set[tuple[str, str]]) -> list[str] | N
 
 
 def decompose(problem: Problem, max_merged_hub_choices: int = 20000, max_factor_cells: int = 20_000_000,
-              threads: int | None = None) -> Structure:
+              threads: int | None = None, prefilter_cells: int = 1_000_000) -> Structure:
     """Split the problem into chain positions and factors (raises NotApplicable with the reason).
 
     Fixed dimensions (one allowed choice) are folded into the tables first. A dimension is local to a group
     when only that group's terms use it; groups are the free blocks and the *kept* blocks (never removable or
     fixed kept), so widths-only problems (every block kept) keep their per-block dimensions local. A kept
     block becomes one factor per connected set of its local dimensions, without a "remove" option; its terms
-    over hubs only are always-on terms. Terms outside blocks make their dimensions hubs."""
+    over hubs only are always-on terms. Terms outside blocks make their dimensions hubs.
+
+    A group with more than ``prefilter_cells`` (hub key, local combination) cells becomes an ImplicitFactor
+    (prefilter.py): its options are only enumerated after exact Lagrangian filtering. ``max_factor_cells``
+    now bounds the largest intermediate table of its variable elimination."""
     threads = threads or 1  # a thread pool measured no faster (the Pareto filters hold the GIL)
     domains = {d.name: np.asarray(problem.allowed_choices(d.name), dtype=np.int64) for d in problem.dimensions}
     fixed = {d: int(dom[0]) for d, dom in domains.items() if len(dom) == 1}
@@ -259,7 +273,7 @@ def decompose(problem: Problem, max_merged_hub_choices: int = 20000, max_factor_
             comp_set = set(comp)
             lats = [t for t in lat_terms if t[3] == kg and comp_set & set(t[1])]
             hubs = sorted({d for t in lats for d in t[1]} - comp_set)
-            if len(hubs) > 2 or n_choices(hubs) * n_choices(comp) > max_factor_cells:
+            if len(hubs) > 2:
                 outer_set |= comp_set
                 continue
             components.append((kg[1], comp, hubs, lats))
@@ -357,6 +371,14 @@ def decompose(problem: Problem, max_merged_hub_choices: int = 20000, max_factor_
         scope = scope_of(set(hub_dims))
         axes = scope_axes(scope)
         n_keys = scope_keys(scope)
+        if n_keys * n_choices(local) > prefilter_cells:
+            from .prefilter import ImplicitFactor
+
+            factor = ImplicitFactor(name, block, scope, axes, local, lats, objs, v_const, removable, domains)
+            if factor.max_intermediate > max_factor_cells:
+                raise NotApplicable(f"block {block!r}: eliminating its {len(local)} local dimensions needs a "
+                                    f"{factor.max_intermediate}-cell table (> {max_factor_cells})")
+            return factor
         all_axes = axes + local
         t = np.zeros([len(domains[d]) for d in all_axes])
         for dims, table in lats:
@@ -375,12 +397,7 @@ def decompose(problem: Problem, max_merged_hub_choices: int = 20000, max_factor_
                       [domains[d] for d in local], removable=removable)
 
     # Removable blocks: Pareto options per scope key, "remove" included.
-    sizes = {}
-    for g in groups:
-        sizes[g] = scope_keys(scope_of(group_outer[g])) * n_choices(group_local[g])
-        if sizes[g] > max_factor_cells:
-            raise NotApplicable(f"block {g!r} has {n_choices(group_local[g])} local choice combinations for each "
-                                f"hub choice ({sizes[g]} cells > {max_factor_cells})")
+    sizes = {g: scope_keys(scope_of(group_outer[g])) * n_choices(group_local[g]) for g in groups}
 
     def block_factor(g: str) -> Factor:
         return options_factor(g, g, group_outer[g], group_local[g],
