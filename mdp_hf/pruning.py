@@ -257,21 +257,31 @@ def latency_model_for(model, config: PrunableConfig, table_path: str | None = No
 
 
 def accumulate_importance(session: PruningSession, model, dataloader, num_batches: int, loss_fn=None) -> None:
-    """Forward + backward over ``num_batches`` batches (no optimizer step), adding gate scores each batch."""
+    """Forward + backward over ``num_batches`` batches (no optimizer step), adding scores each batch.
+
+    Batches are dicts (``pixel_values``, ``labels``) or ``(pixel_values, labels)`` tuples. The loss is the
+    model's own; for models without one (timm models, DeiT with its teacher head) cross-entropy on the
+    labels; ``loss_fn(outputs, batch_or_labels)`` overrides both."""
+    from .losses import MDPLoss
+
     model.train()
     device = next(model.parameters()).device
+    cross_entropy = MDPLoss() if loss_fn is None and not _returns_own_loss(model) else None
     seen = 0
     for batch in dataloader:
         if seen >= num_batches:
             break
         if isinstance(batch, dict):
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            outputs = model(**batch)
-            loss = outputs.loss if loss_fn is None else loss_fn(outputs, batch)
+            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            given = inputs
         else:
-            pixel_values, labels = (t.to(device) for t in batch[:2])
-            outputs = model(pixel_values=pixel_values, labels=labels)
-            loss = outputs.loss if loss_fn is None else loss_fn(outputs, labels)
+            inputs = dict(zip(("pixel_values", "labels"), (t.to(device) for t in batch[:2])))
+            given = inputs["labels"]
+        if cross_entropy is not None:
+            loss, _ = cross_entropy(model, inputs)
+        else:
+            outputs = model(**inputs)
+            loss = getattr(outputs, "loss", None) if loss_fn is None else loss_fn(outputs, given)
         if loss is None:
             raise ValueError("the model returned no loss: give batches with labels, or pass loss_fn=")
         model.zero_grad(set_to_none=True)
@@ -281,6 +291,17 @@ def accumulate_importance(session: PruningSession, model, dataloader, num_batche
     model.zero_grad(set_to_none=True)
     if seen == 0:
         raise ValueError("the dataloader yielded no batches: importance needs data")
+
+
+def _returns_own_loss(model) -> bool:
+    """Whether ``model(pixel_values=..., labels=...)`` returns a loss (HF classifiers; not DeiT's teacher-head
+    model, nor plain nn.Modules such as timm models)."""
+    import inspect
+
+    try:
+        return "labels" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def prune(model, config: PrunableConfig, dataloader, latency_model, num_batches: int | None = None, loss_fn=None):

@@ -22,8 +22,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from .config import PrunableConfig
 from .distributed import world_size
+from .losses import DistillationSettings, MDPLoss
 from .hub import push_folder_to_hub, render_model_card, save_pruned_model
-from .pruning import PruningSession, latency_model_for
+from .pruning import PruningSession, _returns_own_loss, latency_model_for
 from .reporting import kept_dims, kept_dims_markdown, latency_breakdown, plot_report
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class _MDPCallback(TrainerCallback):
             )  # fmt: skip
             if session.finished:
                 session.gates.freeze()
+            trainer._set_loss_phase()
 
     def on_save(self, args, state, control, **kwargs):
         if not self.trainer.is_world_process_zero():
@@ -80,11 +82,24 @@ class MDPTrainer(Trainer):
         Everything else is passed to ``transformers.Trainer``.
     """
 
-    def __init__(self, *args, prunable_config: PrunableConfig, latency_model=None, **kwargs):
+    def __init__(self, *args, prunable_config: PrunableConfig, latency_model=None,
+                 distillation: DistillationSettings | None = None, **kwargs):  # fmt: skip
         if not isinstance(prunable_config, PrunableConfig):
             raise TypeError(f"prunable_config must be a PrunableConfig, got {type(prunable_config).__name__}")
+        if distillation is not None and not isinstance(distillation, DistillationSettings):
+            raise TypeError(f"distillation must be a mdp_hf.losses.DistillationSettings, got {type(distillation).__name__}")
         super().__init__(*args, **kwargs)
         self.prunable_config = prunable_config
+        if self.args.label_names is None and not _returns_own_loss(self.accelerator.unwrap_model(self.model)):
+            self.label_names = ["labels"]  # keep the labels in the batches of a model whose forward takes none
+        # the loss: MDPLoss (teacher, soft targets, models without a loss of their own) or the model's own.
+        # The teacher is copied/loaded before any gate is installed, lives outside the optimizer and the saves.
+        self.mdp_loss: MDPLoss | None = None
+        if distillation is not None:
+            self.mdp_loss = MDPLoss.from_settings(distillation, self.accelerator.unwrap_model(self.model))
+            for teacher in (self.mdp_loss.teacher, self.mdp_loss.hard_teacher):
+                if teacher is not None:
+                    teacher.to(self.args.device)
         if latency_model is None:
             table_path = os.path.join(self.args.output_dir, LATENCY_TABLE_NAME)
             latency_model = latency_model_for(self.model, prunable_config, table_path)
@@ -94,6 +109,24 @@ class MDPTrainer(Trainer):
         self.add_callback(_MDPCallback(self))
 
     # training -------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels") if isinstance(inputs, dict) else None
+        soft_targets = torch.is_tensor(labels) and labels.is_floating_point()
+        if self.mdp_loss is None and not soft_targets and _returns_own_loss(self.accelerator.unwrap_model(model)):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.mdp_loss is None:  # mixup/cutmix targets, or a model without a loss (DeiT with its teacher head)
+            self.mdp_loss = MDPLoss()
+            self._set_loss_phase()
+        self.loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides by the accumulation steps
+        loss, outputs = self.mdp_loss(model, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _set_loss_phase(self) -> None:
+        """Official schedule: no KL before the first pruning step (the student is the teacher), the pruning
+        temperature until the last step, the fine-tuning temperature (per head) after it."""
+        if self.mdp_loss is not None:
+            self.mdp_loss.phase = "finetuning" if self.mdp.finished else ("pruning" if self.mdp.results else "warmup")
+
     def _gradient_scale(self) -> float:
         """What this step's gradients were multiplied by before the optimizer sees them: parameter gradients
         are unscaled by Accelerate when the norm is taken, but clipped (coefficient <= 1); gate gradients
@@ -121,6 +154,7 @@ class MDPTrainer(Trainer):
             self._load_pruning_state(resume_from_checkpoint)
         elif self.eval_dataset is not None and self.dense_metrics is None:
             self.dense_metrics = self.evaluate(metric_key_prefix="dense")
+        self._set_loss_phase()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -221,6 +255,9 @@ class MDPTrainer(Trainer):
             "world_size": world_size(),
             "base_model": model.config.name_or_path or model.config.model_type,
             "latency_model": config.latency_model,
+            "distillation": None if self.mdp_loss is None else {
+                **self.mdp_loss.settings.to_dict(), "teacher_forward_s": self.mdp_loss.teacher_seconds,
+            },  # fmt: skip
             "solver": {k: getattr(result, k) for k in ("backend", "status", "gap", "objective", "bound", "solve_time_s")},
             "pruning_steps": [r.log_dict() for r in session.results],
             "kept_dims": kept_dims(session.space, result.choice),

@@ -246,8 +246,12 @@ TWO_RANK_SCRIPT = textwrap.dedent("""
     # one batch per step = the whole dataset, whatever the sampler order: ranks and one process see the same data
     args = TrainingArguments(output_dir=out, max_steps=3, per_device_train_batch_size=per_device, learning_rate=0.0,
                              report_to="none", save_strategy="no", seed=0)
-    trainer = MDPTrainer(model=build("vit"), args=args, prunable_config=cfg, train_dataset=RandomImages(16))
+    # distillation from the dense model too: each rank holds its own frozen teacher (KL is on after pruning)
+    from mdp_hf.losses import DistillationSettings
+    trainer = MDPTrainer(model=build("vit"), args=args, prunable_config=cfg, train_dataset=RandomImages(16),
+                         distillation=DistillationSettings(teacher="dense", kl_weight=1.0))
     trainer.train()
+    assert trainer.mdp_loss.phase == "finetuning" and trainer.mdp_loss.last_parts["kl"] >= 0
     rank = args.process_index
     result = trainer.mdp.results[0]
     with open(os.path.join(out, f"rank{{rank}}.json"), "w") as f:
@@ -276,3 +280,82 @@ def test_two_ranks_get_the_masks_of_one_process(tmp_path, vit_latency):
     for name, values in single["scores"].items():
         assert ranks[0]["scores"][name] == ranks[1]["scores"][name]
         assert torch.allclose(torch.tensor(ranks[0]["scores"][name]), torch.tensor(values), rtol=1e-4, atol=1e-12), name
+
+
+# --- distillation (the official DeiT loss) --------------------------------------------------------------
+class RecordLoss(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer, self.rows = trainer, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        loss = self.trainer.mdp_loss
+        self.rows.append((state.global_step, loss.phase, loss.last_parts["kl"]))
+
+
+def test_distillation_from_the_frozen_dense_model(tmp_path, vit_latency):
+    from mdp_hf.losses import DistillationSettings
+
+    model = build("vit")
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = MDPTrainer(model=model, args=args(tmp_path, max_steps=6), prunable_config=config(accumulation_steps=3),
+                         latency_model=vit_latency, train_dataset=RandomImages(48),
+                         distillation=DistillationSettings(teacher="dense", kl_weight=10.0))  # fmt: skip
+    teacher = trainer.mdp_loss.teacher
+    record = RecordLoss(trainer)
+    trainer.add_callback(record)
+    trainer.train()
+    # no KL before the first pruning step (the student is the teacher), KL after it (official engine.py)
+    assert [phase for _, phase, _ in record.rows] == ["warmup"] * 2 + ["finetuning"] * 4
+    assert all(kl == 0 for step, _, kl in record.rows[:2]) and all(kl > 0 for _, _, kl in record.rows[3:])
+    # frozen, outside the optimizer, unchanged, not saved with the student
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in teacher.parameters()}
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, dense[name]), name
+    trainer.save_model(str(tmp_path / "pruned"))
+    report = json.load(open(tmp_path / "pruned" / "pruning_report.json"))
+    assert report["distillation"]["teacher"] == "dense" and report["distillation"]["teacher_forward_s"] > 0
+    reloaded = load_pruned_model(tmp_path / "pruned")
+    assert sum(p.numel() for p in reloaded.parameters()) == report["pruned_params"]
+
+
+def test_deit_with_teacher_head_trains_with_hard_distillation(tmp_path):
+    from mdp_hf.losses import DistillationSettings
+
+    model = build("deit_distilled")  # returns no loss of its own
+    latency = latency_model_for(model, config(), str(tmp_path / "table.json"))
+    trainer = MDPTrainer(model=model, args=args(tmp_path, max_steps=4), prunable_config=config(accumulation_steps=2),
+                         latency_model=latency, train_dataset=RandomImages(32),
+                         distillation=DistillationSettings(teacher="dense", kl_weight=1.0, hard_distillation=True))  # fmt: skip
+    trainer.train()
+    parts = trainer.mdp_loss.last_parts
+    assert parts["hard"] > 0 and parts["kl"] > 0 and torch.isfinite(torch.tensor(parts["loss"]))
+    # without distillation it still trains: plain CE on the labels
+    plain = MDPTrainer(model=build("deit_distilled"), args=args(tmp_path, max_steps=3, output_dir=str(tmp_path / "plain")),
+                       prunable_config=config(accumulation_steps=2), latency_model=latency, train_dataset=RandomImages(32))  # fmt: skip
+    plain.train()
+    assert plain.mdp_loss is not None and plain.mdp_loss.last_parts["ce"] > 0
+
+
+def test_teacher_with_another_label_space_is_refused_before_training(tmp_path, vit_latency):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from mdp_hf.losses import DistillationSettings
+    from tiny_models import VIT_KW
+
+    ViTForImageClassification(ViTConfig(**{**VIT_KW, "num_labels": 3})).save_pretrained(tmp_path / "teacher")
+    with pytest.raises(ValueError, match="3.*5|5.*3"):
+        MDPTrainer(model=build("vit"), args=args(tmp_path), prunable_config=config(), latency_model=vit_latency,
+                   train_dataset=RandomImages(8), distillation=DistillationSettings(teacher=str(tmp_path / "teacher")))  # fmt: skip
+
+
+def test_distillation_under_bf16_autocast(tmp_path, vit_latency):
+    from mdp_hf.losses import DistillationSettings
+
+    trainer = MDPTrainer(model=build("vit"), args=args(tmp_path, max_steps=4, bf16=True), prunable_config=config(accumulation_steps=2),
+                         latency_model=vit_latency, train_dataset=RandomImages(32),
+                         distillation=DistillationSettings(teacher="dense", kl_weight=1.0))  # fmt: skip
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(v)) for v in trainer.mdp_loss.last_parts.values())
+    assert trainer.mdp_loss.last_parts["kl"] > 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from .problem import Problem, Solution, make_solution
+from .problem import NoSolutionWithinTimeLimit, Problem, Solution, make_solution
 from .structure import NotApplicable
 
 BACKENDS = ("auto", "chain_dp", "milp", "mindtpy", "greedy", "brute_force")
@@ -50,9 +50,7 @@ def solve(problem: Problem, backend: str = "auto", time_limit_s: float | None = 
 
             solver = ChainSolver(problem, time_limit_s)
         except NotApplicable as reason:
-            solution = _backend("milp")(problem, time_limit_s=time_limit_s, **options)
-            solution.info["auto_fallback"] = str(reason)
-            return solution
+            return _milp_fallback(problem, time_limit_s, str(reason), start, **options)
         return solver.solve()
     try:
         return _backend(backend)(problem, time_limit_s=time_limit_s, **options)
@@ -60,6 +58,27 @@ def solve(problem: Problem, backend: str = "auto", time_limit_s: float | None = 
         if backend == "greedy":
             _raise_if_infeasible(problem)  # say why the heuristic failed when the budget is unreachable
         raise
+
+
+def _milp_fallback(problem: Problem, time_limit_s, reason: str, start: float, **options) -> Solution:
+    """The MILP when chain_dp cannot decompose the problem. When the MILP has no solution within the time
+    limit, the greedy answer is returned with status 'time_limit' and an honest bound (the dense objective
+    when importances are monotone, else infinity); NoSolutionWithinTimeLimit only if greedy fails too."""
+    try:
+        solution = _backend("milp")(problem, time_limit_s=time_limit_s, **options)
+    except NoSolutionWithinTimeLimit as milp_error:
+        try:
+            greedy = _backend("greedy")(problem)
+        except RuntimeError:
+            raise NoSolutionWithinTimeLimit(f"no solution within the time limit: {milp_error}; greedy found none "
+                                            f"either") from None
+        bound = problem.evaluate(*problem.dense_choices())[0] if problem.is_dense_optimal_when_feasible() else float("inf")
+        solution = make_solution(problem, greedy.choices, greedy.blocks, bound=bound, status="time_limit",
+                                 backend="greedy", solve_time_s=time.perf_counter() - start,
+                                 info={"milp": str(milp_error), "bound": "dense objective" if bound != float("inf")
+                                       else "none"})
+    solution.info["auto_fallback"] = reason
+    return solution
 
 
 def _raise_if_infeasible(problem: Problem) -> None:

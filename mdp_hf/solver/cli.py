@@ -7,8 +7,9 @@ import json
 import sys
 
 from .api import BACKENDS, solve
-from .problem import InfeasibleBudgetError, Problem, ProblemError
+from .problem import InfeasibleBudgetError, NoSolutionWithinTimeLimit, Problem, ProblemError
 from .pyomo_model import BackendUnavailable
+from .structure import NotApplicable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +38,13 @@ def run(args: argparse.Namespace) -> int:
     except BackendUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 4
+    except NoSolutionWithinTimeLimit as e:
+        print(f"error: no solution within the time limit: {e}", file=sys.stderr)
+        return 5
+    except NotApplicable as e:
+        print(f"error: backend {args.backend!r} cannot solve this problem ({e}); --backend auto falls back to "
+              f"the MILP", file=sys.stderr)
+        return 6
     kept = sum(solution.blocks.values())
     print(f"problem:     {args.problem} ({len(problem.dimensions)} dims, {len(problem.blocks)} blocks, "
           f"{len(problem.latency_terms)} latency terms)")

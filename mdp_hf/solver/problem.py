@@ -333,6 +333,8 @@ class Solution:
 
 
 def relative_gap(objective: float, bound: float) -> float:
+    if not math.isfinite(bound):
+        return math.inf  # no finite bound is known
     return max(0.0, (bound - objective) / max(abs(bound), 1e-12))
 
 

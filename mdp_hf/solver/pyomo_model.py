@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from .problem import Problem, Solution, make_solution
+from .problem import NoSolutionWithinTimeLimit, Problem, Solution, make_solution
 
 
 class BackendUnavailable(RuntimeError):
@@ -42,8 +42,9 @@ def _choice_variables(pyo, model, problem: Problem):
     return state, allowed
 
 
-def build_milp(problem: Problem, objective: str = "importance"):
-    """Pyomo model of ``problem``. objective='importance' (max, budget constrained) or 'latency' (min, no budget)."""
+def build_milp(problem: Problem, objective: str = "importance", deadline: float | None = None):
+    """Pyomo model of ``problem``. objective='importance' (max, budget constrained) or 'latency' (min, no budget).
+    ``deadline`` (a time.perf_counter() value): raise NoSolutionWithinTimeLimit when building takes longer."""
     pyo = _pyo()
     model = pyo.ConcreteModel(name="mdp_pruning")
     state, allowed = _choice_variables(pyo, model, problem)
@@ -76,7 +77,10 @@ def build_milp(problem: Problem, objective: str = "importance"):
     latency_parts = []
     model.z = pyo.VarList(bounds=(0, 1))
     model.cells = pyo.ConstraintList()
-    for term in problem.latency_terms:
+    for i, term in enumerate(problem.latency_terms):
+        if deadline is not None and time.perf_counter() > deadline:
+            raise NoSolutionWithinTimeLimit(f"the time limit passed while building the MILP model ({i} of "
+                                            f"{len(problem.latency_terms)} latency tables done); no solution yet")
         if not active(term.block):
             continue
         table = np.asarray(term.table, dtype=np.float64)
@@ -157,16 +161,17 @@ def solve_milp(problem: Problem, time_limit_s: float | None = None, threads: int
     from .chain_dp import infeasible_budget_error
 
     start = time.perf_counter()
-    model = build_milp(problem)
+    model = build_milp(problem, deadline=None if time_limit_s is None else start + float(time_limit_s))
     build_s = time.perf_counter() - start
-    remaining = None if time_limit_s is None else max(time_limit_s - build_s, 1.0)
+    remaining = None if time_limit_s is None else max(time_limit_s - build_s, 0.1)
     results = solve_highs(model, remaining, threads)
     tc = results.termination_condition
     if tc in (TerminationCondition.provenInfeasible, TerminationCondition.infeasibleOrUnbounded):
         raise infeasible_budget_error(problem, *min_latency_assignment(problem))
     if results.incumbent_objective is None:
-        raise RuntimeError(f"HiGHS found no feasible solution ({tc.name}) within {time_limit_s} s; raise the time "
-                           f"limit or use backend='chain_dp'")
+        raise NoSolutionWithinTimeLimit(f"HiGHS found no feasible solution ({tc.name}) within {time_limit_s} s "
+                                        f"(model built in {build_s:.1f} s); raise the time limit, or use "
+                                        f"backend='greedy' for a heuristic answer without a useful bound")
     choices, blocks = _read_assignment(problem, model)
     bound = results.objective_bound if results.objective_bound is not None else float("inf")
     status = "optimal" if tc == TerminationCondition.convergenceCriteriaSatisfied else (
