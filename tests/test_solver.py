@@ -185,6 +185,58 @@ def test_feasibility_tolerance_is_the_same_for_every_backend():
             assert budget_text != min_text  # the message never reads "budget 1 ms is below ... 1 ms"
 
 
+@pytest.mark.parametrize("chunk", range(2))
+def test_lagrangian_prefilter_equals_brute_force(chunk):
+    """Every block made implicit (options enumerated only after exact Lagrangian filtering): still exact."""
+    from mdp_hf.solver.chain_dp import ChainSolver
+    from mdp_hf.solver.structure import NotApplicable, decompose
+
+    checked = 0
+    for seed in range(chunk * 30, chunk * 30 + 30):
+        base = synthetic.random_problem(seed)
+        for problem in [base] + list(_variants(base, seed).values()):
+            for budget in budgets(problem, seed, 3):
+                problem.budget_ms = budget
+                reference = solve_brute_force(problem)
+                try:
+                    structure = decompose(problem, prefilter_cells=0)
+                except NotApplicable:
+                    continue
+                assert_same_optimum(ChainSolver(problem, structure=structure).solve(), reference, problem)
+                checked += 1
+    assert checked >= 250
+
+
+def test_huge_resnet101_is_exact_and_honours_the_time_limit():
+    """ResNet-101 with 64 residual and 128 bottleneck choices (a 28 MB problem; 246M block cells)."""
+    problem = synthetic.resnet(101, seed=0, fraction=0.5, hub_choices=64, mid_choices=128)
+    limited = solve(problem, time_limit_s=1.0)
+    assert limited.solve_time_s < 3.0 and problem.within_budget(limited.latency_ms)
+    assert limited.status in ("time_limit", "optimal") and limited.bound >= limited.objective
+    exact = solve(problem)
+    assert exact.status == "optimal" and exact.gap == 0.0 and exact.backend == "chain_dp"
+    assert exact.info["prefilter_options_kept"] < 0.001 * exact.info["prefilter_cells"]
+    assert limited.objective <= exact.objective + 1e-9 and limited.bound >= exact.objective - 1e-6
+
+
+def test_auto_fallback_answers_honestly_within_the_time_limit():
+    """Hubs that form a triangle with 27000 joint choices: chain_dp does not apply, the MILP cannot even be built
+    within 1e-4 s, so auto returns the greedy answer with status time_limit and a real bound (never advice to use
+    another backend that refuses in turn)."""
+    rng = np.random.default_rng(0)
+    dims = [Dimension(n, list(range(1, 31))) for n in "ABC"]
+    lat = [LatencyTerm(a + b, [a, b], np.add.outer(np.arange(30.0), np.arange(30.0)) + rng.random((30, 30)))
+           for a, b in ("AB", "BC", "AC")]
+    obj = [ObjectiveTerm(n, list(np.cumsum(rng.random(30)))) for n in "ABC"]
+    problem = Problem(dims, [], obj, lat, budget_ms=60.0)
+    quick = solve(problem, time_limit_s=1e-4)
+    assert quick.status == "time_limit" and quick.backend == "greedy" and problem.within_budget(quick.latency_ms)
+    assert np.isfinite(quick.bound) and quick.bound >= quick.objective and quick.gap > 0
+    assert "do not form a chain" in quick.info["auto_fallback"] and "time limit" in quick.info["milp"]
+    full = solve(problem)
+    assert full.backend == "milp" and full.status == "optimal" and full.objective >= quick.objective - 1e-9
+
+
 def test_chain_dp_without_beam_equals_brute_force():
     from mdp_hf.solver.chain_dp import solve_chain_dp
 
