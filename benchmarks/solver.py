@@ -1,11 +1,17 @@
 """Solver benchmark on synthetic problems with the paper's shapes; prints markdown tables for docs/solver.md.
 
-    python benchmarks/solver.py                 # full run (~10-15 min on 2 cores: the MILP dominates)
-    python benchmarks/solver.py --no-milp       # chain_dp and greedy only (~1 min)
+    python benchmarks/solver.py                 # full run (~20 min on 2 cores: the MILP dominates)
+    python benchmarks/solver.py --no-milp       # the default backend and greedy only (a few minutes)
 
-Table 1: one problem per family and budget: exact chain_dp (median of 3 runs) vs the Pyomo/HiGHS MILP (time
-limit), greedy, and MindtPy when installed. Table 2: chain_dp over 3 seeds x 7 budgets per family, the
-figures compared with the targets (proven optimal; CNN median <= 0.1 s, max <= 0.5 s; DeiT-B <= 1 s).
+Table 1: one problem per family and budget: the default backend (`auto`, median of 3 runs) vs the Pyomo/HiGHS
+MILP (time limit), greedy, and MindtPy when installed. Table 2: `auto` over seeds x budgets per family, the
+figures compared with the targets (proven optimal; CNN median <= 0.1 s, max <= 0.5 s; DeiT-B <= 1 s; the
+huge shapes: seconds).
+
+Families: today's four (ResNet-50/101, MobileNet-V1, DeiT-B); widths-only (every block fixed kept, the paper's
+ablations); per-layer group sizes (each dimension its own group, so its own number of choices); monotone
+iterative steps (widths truncated to the active units, some blocks already removed, some choices fixed); and
+huge shapes (ResNet-101 with 64 residual / 128 bottleneck choices; DeiT-B with groups of 1).
 """
 
 from __future__ import annotations
@@ -21,23 +27,41 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mdp_hf.solver import BackendUnavailable, solve  # noqa: E402
 from mdp_hf.solver import synthetic  # noqa: E402
 
+
+def _rebudget(problem, fraction):
+    problem.budget_ms = fraction * problem.dense_latency()
+    return problem
+
+
 FAMILIES = {
     "resnet50": lambda seed, f: synthetic.resnet(50, seed, f),
     "resnet101": lambda seed, f: synthetic.resnet(101, seed, f),
     "mobilenet_v1": lambda seed, f: synthetic.mobilenet_v1(seed, f),
     "deit_b": lambda seed, f: synthetic.deit(seed, f),
+    "resnet50_widths_only": lambda seed, f: synthetic.widths_only(synthetic.resnet(50, seed, f)),
+    "deit_b_widths_only": lambda seed, f: synthetic.widths_only(synthetic.deit(seed, f)),
+    "resnet50_per_layer_groups": lambda seed, f: synthetic.resnet(50, seed, f, per_layer_groups=True),
+    "deit_b_per_layer_groups": lambda seed, f: synthetic.deit(seed, f, per_layer_groups=True),
+    "resnet50_monotone_step": lambda seed, f: _rebudget(synthetic.monotone_step(
+        synthetic.resnet(50, seed, f), seed, shrink=0.5, removed=0.2, fixed=0.05), f),
+    "deit_b_monotone_step": lambda seed, f: _rebudget(synthetic.monotone_step(
+        synthetic.deit(seed, f), seed, shrink=0.5, removed=0.2, fixed=0.05), f),
+    "resnet101_huge": lambda seed, f: synthetic.resnet(101, seed, f, hub_choices=64, mid_choices=128),
+    "deit_b_groups_of_1": lambda seed, f: synthetic.deit(seed, f, groups=(1, 1, 1, 1, 1)),
 }
-TARGETS = {"resnet50": (0.1, 0.5), "resnet101": (0.1, 0.5), "mobilenet_v1": (0.1, 0.5), "deit_b": (1.0, 1.0)}
+CNN, DEIT, HUGE = (0.1, 0.5), (1.0, 1.0), (10.0, 10.0)
+TARGETS = {name: HUGE if ("huge" in name or "groups_of_1" in name) else DEIT if name.startswith("deit") else CNN
+           for name in FAMILIES}
+MILP_TOO_LARGE = {"resnet101_huge", "deit_b_groups_of_1"}  # building the Pyomo model alone exceeds minutes
 
 
 def rel(a: float, b: float) -> str:
     return f"{(a - b) / abs(b):+.2e}" if b else "n/a"
 
 
-def timed_chain(problem, repeats=3):
-    runs = [solve(problem, backend="chain_dp") for _ in range(repeats)]
-    best = runs[0]
-    return best, statistics.median(r.solve_time_s for r in runs)
+def timed_default(problem, repeats=3):
+    runs = [solve(problem, backend="auto") for _ in range(repeats)]
+    return runs[0], statistics.median(r.solve_time_s for r in runs)
 
 
 def table_per_problem(args):
@@ -49,24 +73,31 @@ def table_per_problem(args):
     except BackendUnavailable as e:
         have_mindtpy = False
         print(f"MindtPy: not run ({e})\n")
-    print("| family | budget | chain_dp s | status | gap | objective | MILP s | MILP status | MILP gap | "
-          "MILP obj - exact (rel) | greedy s | greedy obj - exact (rel) | MindtPy |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| family | budget | auto s | backend | status | gap | objective | MILP s | MILP status | MILP gap | "
+          "MILP obj - auto (rel) | greedy s | greedy obj - auto (rel) | MindtPy |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for family in args.families:
         for fraction in args.budgets:
             problem = FAMILIES[family](0, fraction)
-            exact, t_exact = timed_chain(problem)
-            row = [family, f"{fraction:.2f}", f"{t_exact:.3f}", exact.status, f"{exact.gap:.1e}", f"{exact.objective:.3f}"]
-            milp_budgets = args.deit_milp_budgets if family == "deit_b" else args.budgets
-            if args.milp and fraction in milp_budgets:
-                limit = args.deit_milp_time_limit if family == "deit_b" else args.milp_time_limit
+            huge = family in MILP_TOO_LARGE
+            exact, t_exact = timed_default(problem, 1 if huge else 3)
+            row = [family, f"{fraction:.2f}", f"{t_exact:.3f}", exact.backend, exact.status, f"{exact.gap:.1e}",
+                   f"{exact.objective:.3f}"]
+            milp_budgets = args.deit_milp_budgets if family.startswith("deit") else args.cnn_milp_budgets
+            if huge:
+                row += ["-", "not run (too large)", "-", "-"]
+            elif args.milp and fraction in milp_budgets:
+                limit = args.deit_milp_time_limit if family.startswith("deit") else args.milp_time_limit
                 milp = solve(problem, backend="milp", time_limit_s=limit)
                 row += [f"{milp.solve_time_s:.1f}", milp.status, f"{milp.gap:.1e}", rel(milp.objective, exact.objective)]
             else:
                 row += ["-", "not run", "-", "-"]
-            greedy = solve(problem, backend="greedy")
-            row += [f"{greedy.solve_time_s:.2f}", rel(greedy.objective, exact.objective)]
-            if have_mindtpy:
+            if huge:
+                row += ["-", "not run"]
+            else:
+                greedy = solve(problem, backend="greedy")
+                row += [f"{greedy.solve_time_s:.2f}", rel(greedy.objective, exact.objective)]
+            if have_mindtpy and not huge:
                 mt = solve(problem, backend="mindtpy", time_limit_s=args.milp_time_limit)
                 row.append(f"{mt.solve_time_s:.1f} s, {rel(mt.objective, exact.objective)}")
             else:
@@ -79,9 +110,10 @@ def table_per_family(args):
     print("|---|---|---|---|---|---|---|")
     for family in args.families:
         times, optimal = [], 0
-        for seed in range(args.seeds):
-            for fraction in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
-                solution = solve(FAMILIES[family](seed, fraction), backend="chain_dp")
+        huge = family in MILP_TOO_LARGE
+        for seed in range(1 if huge else args.seeds):
+            for fraction in (0.3, 0.5, 0.7, 0.9) if huge else (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+                solution = solve(FAMILIES[family](seed, fraction), backend="auto")
                 times.append(solution.solve_time_s)
                 optimal += solution.status == "optimal" and solution.gap == 0.0
         med, mx = statistics.median(times), max(times)
@@ -94,11 +126,12 @@ def table_per_family(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.3, 0.45, 0.6, 0.75, 0.9])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.3, 0.6, 0.9])
+    parser.add_argument("--cnn-milp-budgets", nargs="+", type=float, default=[0.3, 0.6, 0.9])
     parser.add_argument("--no-milp", dest="milp", action="store_false")
     parser.add_argument("--milp-time-limit", type=float, default=30.0)
     parser.add_argument("--deit-milp-time-limit", type=float, default=60.0)
-    parser.add_argument("--deit-milp-budgets", nargs="+", type=float, default=[0.3, 0.6, 0.9])
+    parser.add_argument("--deit-milp-budgets", nargs="+", type=float, default=[0.3, 0.9])
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args(argv)
     start = time.time()

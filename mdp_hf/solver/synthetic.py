@@ -40,13 +40,22 @@ def budget_between(problem: Problem, fraction: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- paper shapes
-def resnet(depth: int = 50, seed: int = 0, fraction: float = 0.5, hub_choices: int = 16, mid_choices: int = 32) -> Problem:
+def resnet(depth: int = 50, seed: int = 0, fraction: float = 0.5, hub_choices: int = 16, mid_choices: int = 32,
+           per_layer_groups: bool = False) -> Problem:
     """ResNet-50/101 bottlenecks at 224x224: hubs R_0..R_4, per layer C1/C2, one removable block per layer.
 
     Default groups: residual widths 64..2048 in groups of 4..128 (16 choices), bottleneck widths 64..512 in
-    groups of 2..16 (32 choices) -- the paper's 2-128 channels per group.
+    groups of 2..16 (32 choices) -- the paper's 2-128 channels per group. ``per_layer_groups``: every
+    dimension draws its own group size (x0.5, x1 or x2 of the default), so the numbers of choices differ.
     """
     rng = np.random.default_rng(seed)
+    jitter = np.random.default_rng(seed + 999)
+
+    def _dim(name, channels, group, min_groups=1):
+        if per_layer_groups:
+            group = max(1, int(group * jitter.choice([0.5, 1.0, 2.0])))
+        return Dimension(name, [group * k for k in range(min_groups, channels // group + 1)])
+
     layers = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
     mid = (64, 128, 256, 512)
     out = (256, 512, 1024, 2048)
@@ -123,9 +132,18 @@ def mobilenet_v1(seed: int = 0, fraction: float = 0.5) -> Problem:
 
 
 def deit(seed: int = 0, fraction: float = 0.5, layers: int = 12, embed: int = 768, heads: int = 12,
-         head_dim: int = 64, mlp: int = 3072, groups=(16, 1, 2, 2, 32), tokens: int = 197) -> Problem:
-    """DeiT-B: global E; per layer H, QK, V, M; blocks attn_i and mlp_i; T_qk[H,E,QK], T_vo[H,E,V], T_mlp[E,M]."""
+         head_dim: int = 64, mlp: int = 3072, groups=(16, 1, 2, 2, 32), tokens: int = 197,
+         per_layer_groups: bool = False) -> Problem:
+    """DeiT-B: global E; per layer H, QK, V, M; blocks attn_i and mlp_i; T_qk[H,E,QK], T_vo[H,E,V], T_mlp[E,M].
+    ``per_layer_groups``: each layer's QK, V and MLP dimensions draw their own group size (x0.5, x1 or x2)."""
     rng = np.random.default_rng(seed)
+    jitter = np.random.default_rng(seed + 999)
+
+    def _dim(name, channels, group, min_groups=1):
+        if per_layer_groups and not name.endswith(".H") and name != "E":
+            group = max(1, int(group * jitter.choice([0.5, 1.0, 2.0])))
+        return Dimension(name, [group * k for k in range(min_groups, channels // group + 1)])
+
     gE, gH, gQK, gV, gM = groups
     ms_per_gflop = 0.08
     dims = [_dim("E", embed, gE)]
