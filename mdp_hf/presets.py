@@ -78,10 +78,10 @@ PRESETS: dict[str, Preset] = {
             "accumulation_steps": 1200, "prune_stem": False,
         },  # fmt: skip
         # SGD momentum 0.875, lr 1.024 at batch 1024, wd 3.0517578125e-05 (none on BN), 90 epochs, linear
-        # schedule with 16 warm-up epochs, label smoothing 0.1 for scores and fine-tuning
+        # schedule with 16 warm-up epochs (warmup_steps < 1 is a ratio of all steps), label smoothing 0.1 for scores and fine-tuning
         training={
             "learning_rate": 1.024, "optim": "sgd", "optim_args": "momentum=0.875", "weight_decay": 3.0517578125e-05,
-            "num_train_epochs": 90, "lr_scheduler_type": "linear", "warmup_ratio": 16 / 90, "label_smoothing_factor": 0.1,
+            "num_train_epochs": 90, "lr_scheduler_type": "linear", "warmup_steps": 16 / 90, "label_smoothing_factor": 0.1,
         },  # fmt: skip
         data={"random_resized_crop": True, "horizontal_flip": True, "eval_resize": 256, "eval_crop": 224},
         loss={},

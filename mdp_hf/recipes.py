@@ -19,8 +19,10 @@ import numpy as np
 from transformers import AutoConfig, AutoModelForImageClassification, HfArgumentParser, Trainer, TrainingArguments
 
 from .config import PrunableConfig
+from .losses import DistillationSettings
+from .presets import get_preset
 from .distributed import use_cpu_ranks_without_gpu
-from .data import collate, image_transforms, label_names, load_image_classification, with_transforms
+from .data import build_transforms, collate, label_names, load_image_classification, train_collator, with_transforms
 from .metrics import ACCURACY_PATH
 from .adapters import get_adapter
 from .pruning import check_budget, latency_model_for
@@ -60,13 +62,22 @@ class ScriptArguments:
     image_size: int | None = field(default=None, metadata={"help": "Input resolution (default: the model config's image_size, else 224)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (quick runs)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
-    dense_epochs: float = field(default=0.0, metadata={"help": "Epochs of dense training before pruning (models trained from scratch need some)."})
+    preset: str | None = field(default=None, metadata={"help": "The paper's settings (mdp_hf.presets): deit_paper or resnet50_paper. Default: the recipe's preset for a pretrained --model_name_or_path; the embedded demo's scaled-down values otherwise.", "choices": ["deit_paper", "resnet50_paper"]})
+    teacher: str | None = field(default=None, metadata={"help": "Distillation teacher: 'dense' (a frozen copy of the model before pruning), a Hub id or folder, or 'none'. Default: the preset's."})
+    kl_weight: float | None = field(default=None, metadata={"help": "Weight of the KL term to the teacher (official 1e5, KL averaged over batch x classes). Default: the preset's."})
+    hard_distillation: bool | None = field(default=None, metadata={"help": "Train a DeiT distillation head on the teacher's argmax (default: when the model has one)."})
+    dense_epochs: float = field(default=0.0, metadata={"help": "Epochs of dense training before pruning. Only models without pretrained weights need some (the embedded demo sets it); 0 for a pretrained model unless you ask."})
     dense_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the dense training."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing run in --output_dir."})
 
 
-def parse_args(defaults: dict, argv: list[str] | None = None) -> tuple[ScriptArguments, PrunableConfig, TrainingArguments]:
-    """Command line (or a single YAML/JSON file) -> the three argument dataclasses, over the recipe's ``defaults``."""
+def parse_args(embedded: dict, default_preset: str, argv: list[str] | None = None) -> tuple[ScriptArguments, PrunableConfig, TrainingArguments]:
+    """Command line (or a single YAML/JSON file) -> the three argument dataclasses.
+
+    Defaults, lowest first: the dataclasses' own; then either the recipe's ``embedded`` demo values (no
+    pretrained model and no preset named) or the paper preset (``--preset``, else ``default_preset`` for a
+    pretrained ``--model_name_or_path``); then what the user gives. The demo's tiny values never reach a
+    pretrained model's run."""
     use_cpu_ranks_without_gpu()
     argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser((ScriptArguments, PrunableConfig, TrainingArguments))
@@ -75,10 +86,31 @@ def parse_args(defaults: dict, argv: list[str] | None = None) -> tuple[ScriptArg
 
         with open(argv[0], encoding="utf-8") as handle:
             given = yaml.safe_load(handle) or {}
+        defaults = recipe_defaults(embedded, default_preset, given.get("preset"), given.get("model_name_or_path"))
         return parser.parse_dict(_with_defaults(defaults, given))
     given = {arg[2:].split("=", 1)[0]: True for arg in argv if arg.startswith("--")}
+    defaults = recipe_defaults(embedded, default_preset, _argv_value(argv, "preset"), _argv_value(argv, "model_name_or_path"))
     parser.set_defaults(**_with_defaults(defaults, given, only_defaults=True))
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def recipe_defaults(embedded: dict, default_preset: str, preset: str | None, model_name_or_path: str | None) -> dict:
+    """The defaults a run starts from: the embedded demo's, or a paper preset's (see :func:`parse_args`)."""
+    if not preset and not model_name_or_path:
+        return dict(embedded)
+    chosen = get_preset(preset or default_preset)
+    keep = {k: embedded[k] for k in ("output_dir",) if k in embedded}
+    loss = {k: chosen.loss[k] for k in ("teacher", "kl_weight", "hard_distillation") if k in chosen.loss}
+    return {**keep, **chosen.prunable, **chosen.training, **loss, "preset": chosen.name}
+
+
+def _argv_value(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def _with_defaults(defaults: dict, given: dict, only_defaults: bool = False) -> dict:
@@ -141,29 +173,44 @@ def input_size(model, args: ScriptArguments) -> int:
     return args.image_size or (configured if isinstance(configured, int) else 224)
 
 
-def attach_transforms(data, model, args: ScriptArguments):
+def attach_transforms(data, model, args: ScriptArguments, augment: dict | None = None):
+    """Train/eval transforms: the preset's augmentation (timm RandAugment, random erasing; or random-resized
+    crop + flip) and the model's own image processor for mean/std and the eval resize/crop."""
     config = model.config
     size = input_size(model, args)
-    mean, std = [0.5] * 3, [0.5] * 3
+    mean, std, processor = [0.5] * 3, [0.5] * 3, None
     if args.model_name_or_path:
         try:
             from transformers import AutoImageProcessor
 
             processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
             mean, std = processor.image_mean, processor.image_std
-            size = processor.size.get("height", size) if isinstance(processor.size, dict) else size
+            crop = getattr(processor, "crop_size", None) or processor.size
+            size = args.image_size or (crop.get("height", size) if isinstance(crop, dict) else size)
         except (OSError, ValueError):
             logger.warning("no image processor for %s: using mean/std 0.5", args.model_name_or_path)
     channels = getattr(config, "num_channels", 3)
-    return with_transforms(
-        data, image_transforms(size, channels, mean, std, True), image_transforms(size, channels, mean, std, False),
-        args.image_column, args.label_column,
-    )  # fmt: skip
+    train_tf, eval_tf = build_transforms(size, channels, mean, std, augment, processor)
+    return with_transforms(data, train_tf, eval_tf, args.image_column, args.label_column)
 
 
-def run(defaults: dict, default_model_config) -> dict:
-    """The whole job: data -> (dense training) -> latency table -> MDP training -> pruned model + report."""
-    args, prunable_config, training_args = parse_args(defaults)
+def distillation_settings(args: ScriptArguments, training_args: TrainingArguments) -> DistillationSettings | None:
+    """The loss MDPTrainer uses: distillation from ``--teacher`` (with the preset's weights), else the model's."""
+    if not args.teacher or args.teacher == "none":
+        return None
+    kwargs = {"teacher": args.teacher, "hard_distillation": args.hard_distillation,
+              "label_smoothing": training_args.label_smoothing_factor}  # fmt: skip
+    if args.kl_weight is not None:
+        kwargs["kl_weight"] = args.kl_weight
+    return DistillationSettings(**kwargs)
+
+
+def run(defaults: dict, default_model_config, default_preset: str) -> dict:
+    """The whole job: data -> (dense training) -> latency table -> MDP training -> pruned model + report.
+
+    ``defaults``: the embedded demo's values; ``default_preset``: the paper preset a pretrained model gets."""
+    args, prunable_config, training_args = parse_args(defaults, default_preset)
+    augment = get_preset(args.preset).data if args.preset else {}
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")  # fmt: skip
     start = time.time()
@@ -174,7 +221,7 @@ def run(defaults: dict, default_model_config) -> dict:
     labels = label_names(data, args.label_column)
     model, from_scratch = build_model(args, default_model_config, labels)
     get_adapter(model)  # an unsupported family fails here, before any training
-    data = attach_transforms(data, model, args)
+    data = attach_transforms(data, model, args, augment)
     if prunable_config.latency_image_size is None:  # time the blocks at the resolution the model is fed
         prunable_config.latency_image_size = input_size(model, args)
     # measure (or load) the latency table and check the budget before the dense training is spent
@@ -182,7 +229,7 @@ def run(defaults: dict, default_model_config) -> dict:
     check_budget(model, prunable_config, latency_model)
     compute_metrics = accuracy_metric()
 
-    if args.dense_epochs > 0:
+    if args.dense_epochs > 0:  # the embedded demo (random init) or when asked; never by default for a pretrained model
         dense_args = TrainingArguments(
             **{**training_args.to_dict(), "output_dir": os.path.join(training_args.output_dir, "dense"),
                "num_train_epochs": args.dense_epochs, "max_steps": -1, "learning_rate": args.dense_learning_rate,
@@ -199,8 +246,10 @@ def run(defaults: dict, default_model_config) -> dict:
         latency_model=latency_model,
         train_dataset=data["train"],
         eval_dataset=data["validation"],
-        data_collator=collate,
+        data_collator=train_collator(augment, len(labels)),  # mixup/cutmix soft targets when the preset asks
+        eval_data_collator=collate,
         compute_metrics=compute_metrics,
+        distillation=distillation_settings(args, training_args),
     )
     trainer.train()
     trainer.save_model()

@@ -79,17 +79,22 @@ class MDPTrainer(Trainer):
         prunable_config: what to prune and to which budget (:class:`PrunableConfig`).
         latency_model: a latency model with ``solver_terms(space)``; by default loaded from
             ``prunable_config.latency_table`` or built for the model on the configured device.
+        distillation: the official DeiT loss (:class:`mdp_hf.losses.DistillationSettings`): KL to a frozen
+            teacher ("dense": the model before pruning; or a Hub id / folder) and hard distillation of a DeiT
+            distillation head; None: the model's own loss (cross-entropy for models without one).
+        eval_data_collator: collator for evaluation when it differs from ``data_collator`` (mixup).
         Everything else is passed to ``transformers.Trainer``.
     """
 
     def __init__(self, *args, prunable_config: PrunableConfig, latency_model=None,
-                 distillation: DistillationSettings | None = None, **kwargs):  # fmt: skip
+                 distillation: DistillationSettings | None = None, eval_data_collator=None, **kwargs):  # fmt: skip
         if not isinstance(prunable_config, PrunableConfig):
             raise TypeError(f"prunable_config must be a PrunableConfig, got {type(prunable_config).__name__}")
         if distillation is not None and not isinstance(distillation, DistillationSettings):
             raise TypeError(f"distillation must be a mdp_hf.losses.DistillationSettings, got {type(distillation).__name__}")
         super().__init__(*args, **kwargs)
         self.prunable_config = prunable_config
+        self.eval_data_collator = eval_data_collator  # e.g. without mixup: evaluation sees integer labels
         if self.args.label_names is None and not _returns_own_loss(self.accelerator.unwrap_model(self.model)):
             self.label_names = ["labels"]  # keep the labels in the batches of a model whose forward takes none
         # the loss: MDPLoss (teacher, soft targets, models without a loss of their own) or the model's own.
@@ -120,6 +125,15 @@ class MDPTrainer(Trainer):
         self.loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides by the accumulation steps
         loss, outputs = self.mdp_loss(model, inputs)
         return (loss, outputs) if return_outputs else loss
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if self.eval_data_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
 
     def _set_loss_phase(self) -> None:
         """Official schedule: no KL before the first pruning step (the student is the teacher), the pruning

@@ -11,9 +11,9 @@ from transformers import BertConfig, DeiTConfig, ResNetConfig
 from mdp_hf.data import load_image_classification
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK = ["--max_train_samples", "128", "--max_eval_samples", "64", "--dense_epochs", "0", "--max_steps", "4",
+QUICK = ["--max_train_samples", "128", "--max_eval_samples", "64", "--dense_epochs", "0", "--max_steps", "6",
          "--accumulation_steps", "2", "--latency_repeats", "3", "--latency_subgrid", "2", "--latency_batch_size", "2",
-         "--logging_steps", "1", "--per_device_train_batch_size", "16", "--budget_fraction", "0.8"]  # fmt: skip
+         "--logging_steps", "1", "--per_device_train_batch_size", "16", "--pruning_interval", "1", "--budget_fraction", "0.8"]  # fmt: skip
 
 
 QUICK_MS = QUICK[:-2]  # without the fraction, for runs that give --budget_ms
@@ -82,9 +82,45 @@ def test_recipe_arguments_from_yaml(tmp_path):
 
     path = tmp_path / "run.yaml"
     path.write_text("budget_ms: 3.5\nnum_train_epochs: 2\noutput_dir: somewhere\nprune: [heads, mlp, blocks]\n")
-    script, pruning, training = parse_args({"budget_fraction": 0.5, "dense_epochs": 7, "output_dir": "x"}, [str(path)])
+    script, pruning, training = parse_args({"budget_fraction": 0.5, "dense_epochs": 7, "output_dir": "x"}, "deit_paper", [str(path)])
     assert pruning.budget_ms == 3.5 and pruning.budget_fraction is None and pruning.prune == ["heads", "mlp", "blocks"]
     assert training.num_train_epochs == 2 and training.output_dir == "somewhere" and script.dense_epochs == 7
+
+
+def test_demo_defaults_never_reach_a_pretrained_model_and_presets_apply():
+    from mdp_hf.presets import GROUP_SIZE_PRESETS
+    from mdp_hf.recipes import parse_args
+
+    sys.path.insert(0, os.path.join(REPO, "recipes"))
+    import prune_deit
+    import prune_resnet
+
+    # the embedded demo: its own scaled-down values
+    script, pruning, training = parse_args(prune_deit.DEFAULTS, "deit_paper", [])
+    assert script.dense_epochs == 15 and pruning.accumulation_steps == 30 and script.preset is None
+    assert pruning.schedule == "iterative" and script.teacher == "dense"
+    # a pretrained model (as in the README's DeiT-B command): the paper's values, no dense training
+    real = ["--model_name_or_path", "facebook/deit-base-distilled-patch16-224", "--budget_fraction", "0.5"]
+    script, pruning, training = parse_args(prune_deit.DEFAULTS, "deit_paper", real)
+    assert script.dense_epochs == 0 and script.preset == "deit_paper" and script.teacher == "dense" and script.kl_weight == 1e5
+    assert pruning.group_sizes == GROUP_SIZE_PRESETS["deit_base_paper"]
+    assert (pruning.schedule, pruning.accumulation_steps, pruning.pruning_interval, pruning.num_pruning_steps) == ("iterative", 200, 200, 50)
+    assert training.learning_rate == 2e-4 and training.num_train_epochs == 100 and training.weight_decay == 0.05
+    # what the user gives wins over the preset
+    script, pruning, training = parse_args(prune_deit.DEFAULTS, "deit_paper", real + ["--num_pruning_steps", "10", "--learning_rate", "1e-4"])
+    assert pruning.num_pruning_steps == 10 and training.learning_rate == 1e-4
+    # ResNet-50: the official one-shot after 1200 iterations, group sizes, SGD and label smoothing
+    real = ["--model_name_or_path", "microsoft/resnet-50", "--budget_fraction", "0.5"]
+    script, pruning, training = parse_args(prune_resnet.DEFAULTS, "resnet50_paper", real)
+    assert (pruning.schedule, pruning.accumulation_steps, pruning.prune_stem) == ("one_shot", 1200, False)
+    assert pruning.group_sizes == GROUP_SIZE_PRESETS["resnet50_official"] and script.dense_epochs == 0
+    assert training.optim == "sgd" and training.optim_args == "momentum=0.875" and training.label_smoothing_factor == 0.1
+    assert training.learning_rate == 1.024 and training.num_train_epochs == 90
+    # a preset named for the embedded model: the preset, not the demo
+    script, pruning, _ = parse_args(prune_deit.DEFAULTS, "deit_paper", ["--preset", "deit_paper", "--budget_fraction", "0.5"])
+    assert pruning.accumulation_steps == 200 and script.dense_epochs == 0
+    with pytest.raises(ValueError, match="unknown preset 'deit_huge'; presets: \\['deit_paper', 'resnet50_paper'\\]"):
+        parse_args(prune_deit.DEFAULTS, "deit_paper", ["--preset", "deit_huge", "--budget_fraction", "0.5"])
 
 
 def test_dataset_without_the_label_column_is_a_clear_error():
