@@ -48,6 +48,9 @@ class PrunableConfig:
     importance: str = "taylor"  # see IMPORTANCE_KINDS
     ema_decay: float = 0.9
     monotone: bool = True  # iterative: a pruned unit/block stays pruned; later steps rank only the active units
+    # ViT blocks: "sublayer" (attention and MLP removable separately: every whole-layer choice and more) or
+    # "layer" (one keep bit per layer, as the official block notebook)
+    block_granularity: str = "sublayer"
     prune_stem: bool = False  # CNN stems keep their full width unless set (the official code never prunes them)
     schedule: str = "one_shot"
     accumulation_steps: int = 100  # optimizer steps of score accumulation before the (first) pruning step
@@ -101,6 +104,8 @@ class PrunableConfig:
             bad("importance", f"must be one of {IMPORTANCE_KINDS}, got {self.importance!r}")
         if not 0 <= self.ema_decay < 1:
             bad("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if self.block_granularity not in ("sublayer", "layer"):
+            bad("block_granularity", f"must be 'sublayer' or 'layer', got {self.block_granularity!r}")
         if self.schedule not in SCHEDULES:
             bad("schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
         for name in ("accumulation_steps", "pruning_interval", "num_pruning_steps", "latency_batch_size", "latency_repeats"):

@@ -34,6 +34,7 @@ def build_problem(
     shares: dict[str, list[tuple[str | None, np.ndarray]]] | None = None,
     active: PruningChoice | None = None,
     keep_full: Iterable[str] = (),
+    merge_blocks: dict[str, str] | None = None,
 ) -> Problem:
     """The MDP problem for ``space``.
 
@@ -50,8 +51,11 @@ def build_problem(
     ``active`` (monotone iterative pruning, as the official engine): the choice of the previous pruning
     step. Only its kept units are ranked, widths stop at its kept count (the latency tables are sliced
     to those widths), and its removed blocks stay removed. ``keep_full``: dimensions fixed at their
-    largest allowed width (a CNN stem, as the official code does).
+    largest allowed width (a CNN stem, as the official code does). ``merge_blocks`` maps blocks of the space
+    to one keep bit they share (ViT attention + MLP -> the whole layer, as the official block notebook).
     """
+    merge = merge_blocks or {}
+    owner = lambda block: merge.get(block, block) if block is not None else None  # noqa: E731
     prune = set(prune)
     keep_full = set(keep_full)
     shares = shares or {}
@@ -79,22 +83,25 @@ def build_problem(
             return [float(cumulative[w]) for w in widths]
 
         if dim.block is not None:
-            objective_terms.append(ObjectiveTerm(name, top_k_sums(unit_scores), dim.block))
+            objective_terms.append(ObjectiveTerm(name, top_k_sums(unit_scores), owner(dim.block)))
         elif name in shares:
-            objective_terms += [ObjectiveTerm(name, top_k_sums(share), block) for block, share in shares[name]]
+            objective_terms += [ObjectiveTerm(name, top_k_sums(share), owner(block)) for block, share in shares[name]]
         else:
             objective_terms.append(ObjectiveTerm(name, top_k_sums(unit_scores), None))
 
-    removed_before = set(active.removed_blocks) if active is not None else set()
-    blocks = [Block(name, removable=block.removable and ("blocks" in prune or name in removed_before))
-              for name, block in space.blocks.items()]  # fmt: skip
+    removed_before = {owner(b) for b in active.removed_blocks} if active is not None else set()
+    members: dict[str, list] = {}
+    for name, block in space.blocks.items():
+        members.setdefault(owner(name), []).append(block)
+    blocks = [Block(name, removable=all(b.removable for b in group) and ("blocks" in prune or name in removed_before))
+              for name, group in members.items()]  # fmt: skip
     fixed_blocks = {name: False for name in removed_before}
     choices = {d.name: len(d.widths) for d in dimensions}
     terms = []
     for t in latency_terms:
         table = np.asarray(t.table, dtype=np.float64)
         table = table[tuple(slice(0, choices[d]) for d in t.dims)] if t.dims else table
-        terms.append(LatencyTerm(t.name, list(t.dims), table, t.block))
+        terms.append(LatencyTerm(t.name, list(t.dims), table, owner(t.block)))
     meta = {"model_type": space.model_type, "importance_scale": scale, **(metadata or {})}
     problem = Problem(dimensions, blocks, objective_terms, terms, float(budget_ms), fixed_choices=fixed,
                       fixed_blocks=fixed_blocks, metadata=meta)  # fmt: skip
@@ -110,7 +117,8 @@ def _candidates(space: PruningSpace, name: str, active: PruningChoice | None) ->
 
 
 def choice_from_solution(
-    space: PruningSpace, scores: dict[str, np.ndarray], solution: Solution, active: PruningChoice | None = None
+    space: PruningSpace, scores: dict[str, np.ndarray], solution: Solution, active: PruningChoice | None = None,
+    merge_blocks: dict[str, str] | None = None,
 ) -> PruningChoice:
     """Kept unit indices (the top-scoring ``widths[c]`` candidate units) per dimension, and the removed blocks."""
     kept = {}
@@ -119,7 +127,8 @@ def choice_from_solution(
         candidates = _candidates(space, name, active)
         order = candidates[ranked_units(np.asarray(scores[name], dtype=np.float64)[candidates])]
         kept[name] = sorted(int(i) for i in order[:width])
-    removed = sorted(name for name, keep in solution.blocks.items() if not keep)
+    dropped = {name for name, keep in solution.blocks.items() if not keep}
+    removed = sorted(name for name in space.blocks if (merge_blocks or {}).get(name, name) in dropped)
     return PruningChoice(kept, removed)
 
 

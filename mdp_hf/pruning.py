@@ -66,6 +66,7 @@ class PruningSession:
         self.latency_terms = latency_model.solver_terms(self.space)
         self.dense_predicted_ms = dense_latency_ms(self.latency_terms)
         self.keep_full = _kept_full(self.adapter, self.space, config)
+        self.merge_blocks = _merged_blocks(self.adapter, self.space, config)
         self.results: list[PruningStepResult] = []
         self.check_budget()  # before touching the model: a bad budget fails fast and leaves it as it was
         self.gates = gate_model(model, self.space)
@@ -154,7 +155,7 @@ class PruningSession:
             problem = build_problem(
                 self.space, scores, terms, budget, self.config.prune,
                 metadata={"step": step_index, "dense_predicted_ms": self.dense_predicted_ms},
-                shares=shares, active=active, keep_full=self.keep_full,
+                shares=shares, active=active, keep_full=self.keep_full, merge_blocks=self.merge_blocks,
             )  # fmt: skip
             if self.config.dump_problems_dir:
                 os.makedirs(self.config.dump_problems_dir, exist_ok=True)
@@ -162,7 +163,7 @@ class PruningSession:
             solution = solve(problem, self.config.solver_backend, self.config.solver_time_limit_s)
             if solution.status != "optimal":
                 logger.warning("MDP step %d: solver stopped with status %s, gap %.3g", step_index, solution.status, solution.gap)
-            choice = choice_from_solution(self.space, scores, solution, active)
+            choice = choice_from_solution(self.space, scores, solution, active, self.merge_blocks)
             return PruningStepResult(
                 step_index, budget, choice, solution.latency_ms, solution.objective, solution.bound, solution.gap,
                 solution.status, solution.backend, solution.solve_time_s, kept_fraction_by_kind(self.space, choice),
@@ -211,10 +212,15 @@ def _kept_full(adapter, space, config: PrunableConfig) -> list[str]:
     return [] if config.prune_stem else [name for name in adapter.stem_dimensions if name in space.dimensions]
 
 
+def _merged_blocks(adapter, space, config: PrunableConfig) -> dict[str, str]:
+    return adapter.layer_blocks(space) if config.block_granularity == "layer" else {}
+
+
 def _check_feasible(space, latency_terms, budget_ms: float, config: PrunableConfig) -> None:
     uniform = {name: np.ones(dim.size) for name, dim in space.dimensions.items()}
-    keep_full = _kept_full(get_adapter(space.model_type), space, config)
-    problem = build_problem(space, uniform, latency_terms, budget_ms, config.prune, keep_full=keep_full)
+    adapter = get_adapter(space.model_type)
+    problem = build_problem(space, uniform, latency_terms, budget_ms, config.prune, keep_full=_kept_full(adapter, space, config),
+                            merge_blocks=_merged_blocks(adapter, space, config))  # fmt: skip
     solve(problem, config.solver_backend, config.solver_time_limit_s)
 
 

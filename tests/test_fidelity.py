@@ -285,3 +285,26 @@ def test_linear_model_is_relinearised_at_each_iterative_step():
     for name, dim in session.space.dimensions.items():
         assert dim.widths()[around[name]] == len(step1.kept_indices(session.space, name))
     session.gates.remove()
+
+
+# --- block granularity: whole ViT layers (official notebook) or attention / MLP separately (default) ------
+def test_layer_granularity_removes_whole_layers():
+    model = build("deit").train()
+    cfg = PrunableConfig(budget_fraction=0.3, group_sizes=GROUPS, block_granularity="layer")
+    session = PruningSession(model, cfg, ProductLatency())
+    backward_once(model)
+    session.accumulate()
+    scores = {n: v.numpy() for n, v in session.scores.commit().items()}
+    problem = build_problem(session.space, scores, ProductLatency().solver_terms(session.space), 1.0,
+                            merge_blocks=session.merge_blocks)  # fmt: skip
+    assert sorted(b.name for b in problem.blocks) == ["layers.0", "layers.1", "layers.2"]
+    assert {t.block for t in problem.latency_terms} - {None} == {"layers.0", "layers.1", "layers.2"}
+    # make layer 1 worthless: it is removed as a whole, both sub-blocks
+    session.scores.count = 1
+    for name, total in session.scores.sums.items():
+        total[:] = 1e-12 if name.startswith("layers.1.") else 1.0
+    session.scores.ema = None
+    choice = session.prune_step().choice
+    assert {"layers.1.attention", "layers.1.mlp"} <= set(choice.removed_blocks)
+    assert all((f"layers.{i}.attention" in choice.removed_blocks) == (f"layers.{i}.mlp" in choice.removed_blocks) for i in range(3))
+    session.gates.remove()

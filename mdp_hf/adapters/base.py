@@ -269,6 +269,10 @@ class ModelAdapter:
         raise NotImplementedError
 
     # shared helpers --------------------------------------------------------------------------------
+    def layer_blocks(self, space: PruningSpace) -> dict[str, str]:
+        """Blocks that share one keep bit at ``block_granularity="layer"`` (block -> layer name). Default: none."""
+        return {}
+
     #: dimensions that keep their full width unless the user asks to prune them (CNN stems, as officially)
     stem_dimensions: tuple[str, ...] = ()
 

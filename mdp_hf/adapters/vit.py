@@ -278,6 +278,10 @@ class ViTAdapter(ModelAdapter):
             **fields,
         )
 
+    def layer_blocks(self, space: PruningSpace) -> dict[str, str]:
+        # the official block notebook removes whole layers: attention and MLP share one keep bit
+        return {name: name.rsplit(".", 1)[0] for name in space.blocks}
+
     # importance ----------------------------------------------------------------------------------------
     # The official DeiT engine (NVlabs/MDP 975f7c7, pruning_core/pruning_engine_general_minlp.py, method 23 of
     # add_criteria; links in deit/model_pruning.py) scores a unit by the signed sum of w * dL/dw over every
