@@ -202,6 +202,7 @@ def _timm_train_transform(size: int, channels: int, mean, std, augment: dict, in
         hflip=0.5 if augment.get("horizontal_flip", True) else 0.0, interpolation=interpolation, separate=True,
     )  # fmt: skip
     primary, secondary, final = create_transform(**common, mean=_three(mean, channels), std=_three(std, channels))
+    _zero_bit_posterize_as_black(secondary)
     steps = [ConvertMode("RGB"), primary, secondary]
     if channels == 1:
         *_, final = create_transform(**common, mean=(float(list(mean)[0]),), std=(float(list(std)[0]),))
@@ -209,6 +210,27 @@ def _timm_train_transform(size: int, channels: int, mean, std, augment: dict, in
     elif channels != 3:
         raise ValueError(f"timm augmentation needs a 1- or 3-channel model, not {channels} channels")
     return T.Compose(steps + [final])
+
+
+def _posterize(img, bits_to_keep, **kwargs):
+    # timm's increasing posterize keeps 4 - int(4 * magnitude / 10) bits: 0 at magnitude 10 (reached with
+    # magnitude noise, e.g. "mstd0.5"). Pillow < 13 turned 0 bits into a black image, Pillow 13 raises;
+    # keep the old (official-run) behaviour.
+    from PIL import Image
+    from timm.data.auto_augment import posterize
+
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def _zero_bit_posterize_as_black(transform) -> None:
+    from timm.data.auto_augment import AugmentOp, posterize
+
+    for op in getattr(transform, "transforms", []):
+        for aug in getattr(op, "ops", []):
+            if isinstance(aug, AugmentOp) and aug.aug_fn is posterize:
+                aug.aug_fn = _posterize
 
 
 def train_transform(size: int, channels: int, mean, std, augment: dict | None = None, interpolation: str = "bicubic"):

@@ -68,7 +68,8 @@ PRESETS: dict[str, Preset] = {
             "cutmix": 1.0, "mixup_switch_prob": 0.5, "label_smoothing": 0.1,
         },  # fmt: skip
         # 1e5 x KL(T=3) to the dense model + soft-target CE + hard distillation (official teacher: RegNetY-160)
-        loss={"teacher": "dense", "kl_weight": 1e5, "temperature": 3.0, "hard_distillation": True},
+        # hard distillation whenever the model has a distillation head (DeiT's WithTeacher models)
+        loss={"teacher": "dense", "kl_weight": 1e5, "temperature": 3.0},
     ),
     "resnet50_paper": Preset(
         name="resnet50_paper",

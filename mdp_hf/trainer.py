@@ -120,7 +120,7 @@ class MDPTrainer(Trainer):
         if self.mdp_loss is None and not soft_targets and _returns_own_loss(self.accelerator.unwrap_model(model)):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.mdp_loss is None:  # mixup/cutmix targets, or a model without a loss (DeiT with its teacher head)
-            self.mdp_loss = MDPLoss()
+            self.mdp_loss = MDPLoss(DistillationSettings(label_smoothing=self.args.label_smoothing_factor))
             self._set_loss_phase()
         self.loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides by the accumulation steps
         loss, outputs = self.mdp_loss(model, inputs)

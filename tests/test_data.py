@@ -227,3 +227,17 @@ def test_with_transforms_and_pickling():
     assert train["pixel_values"].shape == (6, 3, 16, 16) and train["labels"].shape == (6, 3)
     val = D.collate([data["validation"][i] for i in range(4)])
     assert val["labels"].dtype == torch.int64 and val["pixel_values"].shape == (4, 3, 16, 16)
+
+
+def test_rand_augment_at_full_magnitude_posterizes_to_black_instead_of_failing():
+    """timm keeps 0 bits at magnitude 10 ('inc1'); Pillow 13 rejects 0 bits, Pillow < 13 (the official runs)
+    returned a black image: mdp_hf keeps the latter."""
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+
+    tf = D.train_transform(32, 3, [0.5] * 3, [0.5] * 3, {"rand_augment": "rand-m10-inc1"})
+    ops = [a for t in tf.transforms for op in getattr(t, "transforms", []) for a in getattr(op, "ops", [])]
+    posterize = next(a for a in ops if isinstance(a, AugmentOp) and a.name == "PosterizeIncreasing")
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8"))
+    posterize.prob, posterize.magnitude_std = 1.0, 0.0
+    assert np.asarray(posterize(image)).max() == 0

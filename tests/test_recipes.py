@@ -123,6 +123,22 @@ def test_demo_defaults_never_reach_a_pretrained_model_and_presets_apply():
         parse_args(prune_deit.DEFAULTS, "deit_paper", ["--preset", "deit_huge", "--budget_fraction", "0.5"])
 
 
+def test_paper_preset_runs_end_to_end_with_augmentation_mixup_and_distillation(tmp_path):
+    """--preset deit_paper on a tiny config: timm RandAugment + random erasing, mixup/cutmix soft targets,
+    KL to the dense model and the monotone iterative schedule, shortened by command-line overrides."""
+    config = DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, architectures=["DeiTForImageClassification"])  # fmt: skip
+    out = tmp_path / "out"
+    result = run_recipe("prune_deit.py", "--preset", "deit_paper", "--model_config", tiny_config(tmp_path, config, "cfg"),
+                        "--output_dir", str(out), *QUICK, "--num_pruning_steps", "3", "--num_train_epochs", "1")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["distillation"]["teacher"] == "dense" and report["distillation"]["kl_weight"] == 1e5
+    assert len(report["pruning_steps"]) == 3 and report["pruned_accuracy"] is not None
+    saved = json.loads((out / "pruning_config.json").read_text())
+    assert saved["schedule"] == "iterative" and saved["monotone"] and saved["group_sizes"]["qk"] == 2
+
+
 def test_dataset_without_the_label_column_is_a_clear_error():
     with pytest.raises(ValueError, match=r"no column\(s\) \['target'\].*columns are \['image', 'label'\].*--label_column"):
         load_image_classification("digits", label_column="target")
