@@ -8,7 +8,7 @@ Arms (same dense checkpoint, same latency table, same training steps and learnin
   faithful_kd   faithful + the official DeiT loss: KL to the frozen dense model (weight 1e3 at 10 classes, the
                 per-example weight of the official 1e5 over 1000 classes), T = 3 while pruning, T = 20 after
 
-Every arm trains SCORE_STEPS steps with masks (scores accumulate, pruning steps happen), then fine-tunes the
+Every arm trains SCORE_STEPS steps (batch ARM_BATCH) with masks (scores accumulate, pruning steps happen), then fine-tunes the
 sliced model FINETUNE_STEPS steps; the same AdamW and cosine schedule. Then one quiet interleaved timing pass
 of the dense model and every pruned model (1 thread, min of 30+ repeats, two passes), and test accuracy.
 
@@ -38,7 +38,7 @@ SUBGRID = {"embed": 2, "qk": 4, "v": 4, "mlp": 2}
 LATENCY_BATCH = 8
 BUDGET = 0.5
 DENSE_EPOCHS, DENSE_LR = 3, 1e-3
-SCORE_STEPS, PRUNING_STEPS, FINETUNE_STEPS, LR, BATCH = 200, 5, 400, 3e-4, 128
+SCORE_STEPS, PRUNING_STEPS, FINETUNE_STEPS, LR, BATCH, ARM_BATCH = 200, 5, 300, 3e-4, 128, 64
 MEAN, STD = 0.2860, 0.3530
 
 
@@ -56,15 +56,15 @@ def load_data():
     return out
 
 
-def batches(data, seed):
+def batches(data, seed, batch=BATCH):
     import torch
 
     x, y = data
     gen = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(x), generator=gen)
-        for begin in range(0, len(x) - BATCH + 1, BATCH):
-            idx = order[begin : begin + BATCH]
+        for begin in range(0, len(x) - batch + 1, batch):
+            idx = order[begin : begin + batch]
             flip = torch.rand(len(idx), generator=gen) < 0.5
             yield torch.where(flip[:, None, None, None], x[idx].flip(-1), x[idx]), y[idx]
 
@@ -171,7 +171,7 @@ def stage_arm(out, arm, seed):
         loss_fn = MDPLoss.from_settings(DistillationSettings(teacher="dense", kl_weight=1e3), model, phase="warmup")
     session = PruningSession(model, cfg, TableLatencyModel(table, None))
     opt, sched = optimizer_for(model, SCORE_STEPS, LR)
-    it, start = batches(data["train"], 100 + seed), time.time()
+    it, start = batches(data["train"], 100 + seed, ARM_BATCH), time.time()
     steps = []
     for step in range(1, SCORE_STEPS + 1):
         xb, yb = next(it)

@@ -1,4 +1,4 @@
-"""Importance scores per unit of every dimension, accumulated from gate gradients during training."""
+"""Importance scores per unit of every dimension, accumulated from parameter (or gate) gradients during training."""
 
 from .taylor import ImportanceAccumulator, ScoreKind
 
