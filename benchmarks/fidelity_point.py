@@ -78,6 +78,25 @@ def optimizer_for(model, steps, lr):
     return opt, sched
 
 
+def train_steps(model, it, steps, loss_fn=None, after_backward=None, after_step=None) -> float:
+    """``steps`` AdamW steps (cosine, warm-up) on ``it``'s batches; the hooks see the 1-based step. Returns seconds."""
+    opt, sched = optimizer_for(model, steps, LR)
+    start = time.time()
+    for step in range(1, steps + 1):
+        xb, yb = next(it)
+        inputs = {"pixel_values": xb, "labels": yb}
+        loss = loss_fn(model, inputs)[0] if loss_fn else model(**inputs).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if after_backward:
+            after_backward(step)
+        opt.step()
+        sched.step()
+        if after_step:
+            after_step(step)
+    return time.time() - start
+
+
 def evaluate(model, data):
     import torch
 
@@ -170,43 +189,27 @@ def stage_arm(out, arm, seed):
 
         loss_fn = MDPLoss.from_settings(DistillationSettings(teacher="dense", kl_weight=1e3), model, phase="warmup")
     session = PruningSession(model, cfg, TableLatencyModel(table, None))
-    opt, sched = optimizer_for(model, SCORE_STEPS, LR)
-    it, start = batches(data["train"], 100 + seed, ARM_BATCH), time.time()
+    it = batches(data["train"], 100 + seed, ARM_BATCH)
     steps = []
-    for step in range(1, SCORE_STEPS + 1):
-        xb, yb = next(it)
-        inputs = {"pixel_values": xb, "labels": yb}
-        loss = loss_fn(model, inputs)[0] if loss_fn else model(**inputs).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+
+    def after_backward(step):  # this step's scores, read before the optimizer moves the weights
         session.accumulate()
-        opt.step()
-        sched.step()
+
+    def after_step(step):
         if step in prune_at:
             result = session.prune_step()
             steps.append({"step": step, "budget_ms": result.budget_ms, "predicted_ms": result.predicted_latency_ms,
                           "removed_blocks": result.choice.removed_blocks, "kept_fraction": result.kept_fraction})  # fmt: skip
             if loss_fn:
                 loss_fn.phase = "pruning"
-    score_s = time.time() - start
+
+    score_s = train_steps(model, it, SCORE_STEPS, loss_fn, after_backward, after_step)
     pruned = session.export()
     session.gates.remove()
     accuracy_before_ft = evaluate(pruned, data["test"])
-    # fine-tune the sliced model (teacher: the dense model, fine-tuning temperature)
-    if loss_fn:
+    if loss_fn:  # fine-tune the sliced model (teacher: the dense model, fine-tuning temperature)
         loss_fn.phase = "finetuning"
-    pruned.train()
-    opt, sched = optimizer_for(pruned, FINETUNE_STEPS, LR)
-    start = time.time()
-    for _ in range(FINETUNE_STEPS):
-        xb, yb = next(it)
-        inputs = {"pixel_values": xb, "labels": yb}
-        loss = loss_fn(pruned, inputs)[0] if loss_fn else pruned(**inputs).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    finetune_s = time.time() - start
+    finetune_s = train_steps(pruned.train(), it, FINETUNE_STEPS, loss_fn)
     save_pruned_model(pruned, folder)
     result = {"arm": arm, "seed": seed, "pruning_steps": steps, "accuracy_before_ft": accuracy_before_ft,
               "accuracy": evaluate(pruned, data["test"]), "params": sum(p.numel() for p in pruned.parameters()),
