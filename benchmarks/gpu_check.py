@@ -463,7 +463,8 @@ def write_report(out: Path, report: dict) -> None:
 def importance_scores(model, space, image_size: int, batches: int, batch_size: int) -> dict[str, np.ndarray]:
     """Taylor scores of every unit from ``batches`` random batches (host, fp32; latency is what is checked)."""
     gates = gate_model(model, space)
-    scores = ImportanceAccumulator(gates, get_adapter(model).default_score_kind)
+    adapter = get_adapter(model)
+    scores = ImportanceAccumulator({name: dim.size for name, dim in space.dimensions.items()}, adapter.default_score_kind)
     num_labels = model.config.num_labels
     generator = torch.Generator().manual_seed(0)
     try:
@@ -473,7 +474,7 @@ def importance_scores(model, space, image_size: int, batches: int, batch_size: i
             labels = torch.randint(0, num_labels, (batch_size,), generator=generator)
             model.zero_grad(set_to_none=True)
             model(pixel_values=pixels, labels=labels).loss.backward()
-            scores.accumulate()
+            scores.add(adapter.taylor_scores(model, space, gates))
         model.zero_grad(set_to_none=True)
         return {name: value.numpy() for name, value in scores.commit().items()}
     finally:
