@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import evaluate
 import numpy as np
-from transformers import AutoConfig, AutoModelForImageClassification, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoConfig, AutoModelForImageClassification, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from .config import PrunableConfig
 from .losses import DistillationSettings
@@ -219,6 +219,7 @@ def run(defaults: dict, default_model_config, default_preset: str) -> dict:
     check_output_dir(args, training_args)
     data = prepare_data(args, training_args.seed)
     labels = label_names(data, args.label_column)
+    set_seed(training_args.seed)  # a model built from a config is initialised now: make it reproducible
     model, from_scratch = build_model(args, default_model_config, labels)
     get_adapter(model)  # an unsupported family fails here, before any training
     data = attach_transforms(data, model, args, augment)
