@@ -95,7 +95,8 @@ class MDPTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.prunable_config = prunable_config
         self.eval_data_collator = eval_data_collator  # e.g. without mixup: evaluation sees integer labels
-        if self.args.label_names is None and not _returns_own_loss(self.accelerator.unwrap_model(self.model)):
+        self._model_has_loss = _returns_own_loss(self.accelerator.unwrap_model(self.model))
+        if self.args.label_names is None and not self._model_has_loss:
             self.label_names = ["labels"]  # keep the labels in the batches of a model whose forward takes none
         # the loss: MDPLoss (teacher, soft targets, models without a loss of their own) or the model's own.
         # The teacher is copied/loaded before any gate is installed, lives outside the optimizer and the saves.
@@ -117,7 +118,7 @@ class MDPTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels") if isinstance(inputs, dict) else None
         soft_targets = torch.is_tensor(labels) and labels.is_floating_point()
-        if self.mdp_loss is None and not soft_targets and _returns_own_loss(self.accelerator.unwrap_model(model)):
+        if self.mdp_loss is None and not soft_targets and self._model_has_loss:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.mdp_loss is None:  # mixup/cutmix targets, or a model without a loss (DeiT with its teacher head)
             self.mdp_loss = MDPLoss(DistillationSettings(label_smoothing=self.args.label_smoothing_factor))

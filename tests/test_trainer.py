@@ -223,11 +223,15 @@ def test_resume_with_another_config_is_refused(tmp_path, vit_latency):
         other.train(resume_from_checkpoint=True)
 
 
-def test_infeasible_budget_fails_before_training_and_leaves_the_model_alone(tmp_path, vit_latency):
+def test_infeasible_budget_fails_before_training_and_leaves_the_model_alone(tmp_path):
+    # an analytic, all-positive latency model: a measured table on a busy machine can hold negative decomposed
+    # cells that make tiny predicted latencies reachable, and the test is about the check, not the table
+    from test_fidelity import ProductLatency
+
     model = build("vit")
     with pytest.raises(ValueError, match="smallest reachable latency"):
         MDPTrainer(model=model, args=args(tmp_path), prunable_config=config(budget_ms=1e-6, budget_fraction=None),
-                   latency_model=vit_latency, train_dataset=RandomImages(48))  # fmt: skip
+                   latency_model=ProductLatency(), train_dataset=RandomImages(48))  # fmt: skip
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # no gates left behind
 
 
