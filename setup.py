@@ -31,6 +31,6 @@ setup(
         "tqdm>=4.66",
         "pyyaml>=6.0",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "ruff==0.17.6"]},
     entry_points={"console_scripts": ["mdp-hf=mdp_hf.cli:main"]},
 )

@@ -31,8 +31,16 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 BEFORE_COMMIT = "fc9201b"
 ARMS = ("before", "faithful", "faithful_kd")
 SEEDS = (0, 1)
-MODEL = dict(image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-             intermediate_size=256, num_channels=1, num_labels=10)  # fmt: skip
+MODEL = dict(
+    image_size=32,
+    patch_size=4,
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=256,
+    num_channels=1,
+    num_labels=10,
+)
 GROUPS = {"embed": 16, "heads": 1, "qk": 2, "v": 2, "mlp": 32}  # the paper's DeiT-B groups
 SUBGRID = {"embed": 2, "qk": 4, "v": 4, "mlp": 2}
 LATENCY_BATCH = 8
@@ -52,7 +60,10 @@ def load_data():
     for split in ("train", "test"):
         images, labels = load_fashion_mnist_arrays(split)
         x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
-        out[split] = (torch.nn.functional.pad(x, (2, 2, 2, 2)).sub_(MEAN).div_(STD).unsqueeze(1), torch.from_numpy(labels))
+        out[split] = (
+            torch.nn.functional.pad(x, (2, 2, 2, 2)).sub_(MEAN).div_(STD).unsqueeze(1),
+            torch.from_numpy(labels),
+        )
     return out
 
 
@@ -74,7 +85,9 @@ def optimizer_for(model, steps, lr):
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
     warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
     return opt, sched
 
 
@@ -105,7 +118,9 @@ def evaluate(model, data):
     correct = 0
     with torch.inference_mode():
         for begin in range(0, len(x), 500):
-            correct += (model(pixel_values=x[begin : begin + 500]).logits.argmax(-1) == y[begin : begin + 500]).sum().item()
+            correct += (
+                (model(pixel_values=x[begin : begin + 500]).logits.argmax(-1) == y[begin : begin + 500]).sum().item()
+            )
     return correct / len(x)
 
 
@@ -138,16 +153,18 @@ def stage_dense(out):
         if (step + 1) % 200 == 0:
             print(f"dense step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - start:.0f}s)", flush=True)
     model.save_pretrained(os.path.join(out, "dense"))
-    json.dump({"accuracy": evaluate(model, data["test"]), "steps": steps, "train_s": time.time() - start},
-              open(os.path.join(out, "dense.json"), "w"))  # fmt: skip
+    json.dump(
+        {"accuracy": evaluate(model, data["test"]), "steps": steps, "train_s": time.time() - start},
+        open(os.path.join(out, "dense.json"), "w"),
+    )
 
 
 def stage_table(out):
     """Built once by the *old* code (its table format is a subset of today's, so both arms read it)."""
-    from mdp_hf.latency import TimingSettings, build_table
     from transformers import DeiTForImageClassification
 
     from mdp_hf import build_space
+    from mdp_hf.latency import TimingSettings, build_table
 
     path = os.path.join(out, "latency_table.json")
     if os.path.isfile(path):
@@ -180,8 +197,14 @@ def stage_arm(out, arm, seed):
         prune_at = [SCORE_STEPS]
     else:
         interval = SCORE_STEPS // PRUNING_STEPS
-        cfg = PrunableConfig(budget_fraction=BUDGET, group_sizes=GROUPS, schedule="iterative", num_pruning_steps=PRUNING_STEPS,
-                             accumulation_steps=interval, pruning_interval=interval)  # fmt: skip
+        cfg = PrunableConfig(
+            budget_fraction=BUDGET,
+            group_sizes=GROUPS,
+            schedule="iterative",
+            num_pruning_steps=PRUNING_STEPS,
+            accumulation_steps=interval,
+            pruning_interval=interval,
+        )
         prune_at = cfg.pruning_steps()
     loss_fn = None
     if arm == "faithful_kd":
@@ -198,8 +221,15 @@ def stage_arm(out, arm, seed):
     def after_step(step):
         if step in prune_at:
             result = session.prune_step()
-            steps.append({"step": step, "budget_ms": result.budget_ms, "predicted_ms": result.predicted_latency_ms,
-                          "removed_blocks": result.choice.removed_blocks, "kept_fraction": result.kept_fraction})  # fmt: skip
+            steps.append(
+                {
+                    "step": step,
+                    "budget_ms": result.budget_ms,
+                    "predicted_ms": result.predicted_latency_ms,
+                    "removed_blocks": result.choice.removed_blocks,
+                    "kept_fraction": result.kept_fraction,
+                }
+            )
             if loss_fn:
                 loss_fn.phase = "pruning"
 
@@ -211,13 +241,24 @@ def stage_arm(out, arm, seed):
         loss_fn.phase = "finetuning"
     finetune_s = train_steps(pruned.train(), it, FINETUNE_STEPS, loss_fn)
     save_pruned_model(pruned, folder)
-    result = {"arm": arm, "seed": seed, "pruning_steps": steps, "accuracy_before_ft": accuracy_before_ft,
-              "accuracy": evaluate(pruned, data["test"]), "params": sum(p.numel() for p in pruned.parameters()),
-              "score_s": score_s, "finetune_s": finetune_s, "budget_ms": steps[-1]["budget_ms"],
-              "predicted_ms": steps[-1]["predicted_ms"]}  # fmt: skip
+    result = {
+        "arm": arm,
+        "seed": seed,
+        "pruning_steps": steps,
+        "accuracy_before_ft": accuracy_before_ft,
+        "accuracy": evaluate(pruned, data["test"]),
+        "params": sum(p.numel() for p in pruned.parameters()),
+        "score_s": score_s,
+        "finetune_s": finetune_s,
+        "budget_ms": steps[-1]["budget_ms"],
+        "predicted_ms": steps[-1]["predicted_ms"],
+    }
     json.dump(result, open(os.path.join(folder, "result.json"), "w"), indent=1)
-    print(f"{arm} seed {seed}: top-1 {accuracy_before_ft:.4f} -> {result['accuracy']:.4f}, predicted {result['predicted_ms']:.3f} ms "
-          f"(budget {result['budget_ms']:.3f}), removed {steps[-1]['removed_blocks']}", flush=True)  # fmt: skip
+    print(
+        f"{arm} seed {seed}: top-1 {accuracy_before_ft:.4f} -> {result['accuracy']:.4f}, predicted {result['predicted_ms']:.3f} ms "
+        f"(budget {result['budget_ms']:.3f}), removed {steps[-1]['removed_blocks']}",
+        flush=True,
+    )
 
 
 def stage_measure(out, repeats):
@@ -234,10 +275,21 @@ def stage_measure(out, repeats):
     settings = TimingSettings(device="cpu", batch_size=LATENCY_BATCH, image_size=32, threads=1, repeats=repeats)
     before = uptime()
     passes = [measure_latencies(models, settings) for _ in range(2)]
-    timing = {"uptime_before": before, "uptime_after": uptime(), "repeats": repeats,
-              "dense_min_ms": [p[0].min_ms for p in passes], "dense_spread": [p[0].spread for p in passes],
-              "models": {name: {"min_ms": [p[i].min_ms for p in passes], "fraction": [p[i].min_ms / p[0].min_ms for p in passes],
-                                "spread": [p[i].spread for p in passes]} for i, name in enumerate(names, start=1)}}  # fmt: skip
+    timing = {
+        "uptime_before": before,
+        "uptime_after": uptime(),
+        "repeats": repeats,
+        "dense_min_ms": [p[0].min_ms for p in passes],
+        "dense_spread": [p[0].spread for p in passes],
+        "models": {
+            name: {
+                "min_ms": [p[i].min_ms for p in passes],
+                "fraction": [p[i].min_ms / p[0].min_ms for p in passes],
+                "spread": [p[i].spread for p in passes],
+            }
+            for i, name in enumerate(names, start=1)
+        },
+    }
     json.dump(timing, open(os.path.join(out, "timing.json"), "w"), indent=1)
 
 
@@ -246,10 +298,14 @@ def stage_report(out):
 
     dense = json.load(open(os.path.join(out, "dense.json")))
     timing = json.load(open(os.path.join(out, "timing.json")))
-    lines = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; timing {timing['uptime_before']} / "
-             f"{timing['uptime_after']}; dense top-1 {dense['accuracy']:.4f}; dense {', '.join(f'{v:.3f}' for v in timing['dense_min_ms'])} ms "
-             f"(batch {LATENCY_BATCH}, 1 thread, min of {timing['repeats']}, two interleaved passes).", "",
-             "| arm | seed | measured / dense | predicted / budget | removed blocks | top-1 before FT | top-1 |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; timing {timing['uptime_before']} / "
+        f"{timing['uptime_after']}; dense top-1 {dense['accuracy']:.4f}; dense {', '.join(f'{v:.3f}' for v in timing['dense_min_ms'])} ms "
+        f"(batch {LATENCY_BATCH}, 1 thread, min of {timing['repeats']}, two interleaved passes).",
+        "",
+        "| arm | seed | measured / dense | predicted / budget | removed blocks | top-1 before FT | top-1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     summary = {}
     for arm in ARMS:
         for seed in SEEDS:
@@ -257,12 +313,16 @@ def stage_report(out):
             r = json.load(open(os.path.join(out, name, "result.json")))
             frac = sum(timing["models"][name]["fraction"]) / 2
             summary.setdefault(arm, []).append((r["accuracy"], frac))
-            lines.append(f"| {arm} | {seed} | {frac:.3f} | {r['predicted_ms'] / r['budget_ms']:.3f} | {len(r['pruning_steps'][-1]['removed_blocks'])} "
-                         f"({', '.join(r['pruning_steps'][-1]['removed_blocks']) or '-'}) | {r['accuracy_before_ft']:.4f} | {r['accuracy']:.4f} |")  # fmt: skip
+            lines.append(
+                f"| {arm} | {seed} | {frac:.3f} | {r['predicted_ms'] / r['budget_ms']:.3f} | {len(r['pruning_steps'][-1]['removed_blocks'])} "
+                f"({', '.join(r['pruning_steps'][-1]['removed_blocks']) or '-'}) | {r['accuracy_before_ft']:.4f} | {r['accuracy']:.4f} |"
+            )
     lines += ["", "| arm | mean top-1 (± half range) | mean measured / dense |", "|---|---|---|"]
     for arm, rows in summary.items():
         accs = [a for a, _ in rows]
-        lines.append(f"| {arm} | {sum(accs) / len(accs):.4f} ± {(max(accs) - min(accs)) / 2:.4f} | {sum(f for _, f in rows) / len(rows):.3f} |")
+        lines.append(
+            f"| {arm} | {sum(accs) / len(accs):.4f} ± {(max(accs) - min(accs)) / 2:.4f} | {sum(f for _, f in rows) / len(rows):.3f} |"
+        )
     text = "\n".join(lines)
     print(text)
     open(os.path.join(out, "report.md"), "w").write(text + "\n")
@@ -305,9 +365,13 @@ def main():
     import mdp_hf
 
     print(f"[{args.stage}] mdp_hf from {os.path.dirname(mdp_hf.__file__)}", flush=True)
-    {"dense": lambda: stage_dense(args.out), "table": lambda: stage_table(args.out),
-     "arm": lambda: stage_arm(args.out, args.arm, args.seed), "measure": lambda: stage_measure(args.out, args.repeats),
-     "report": lambda: stage_report(args.out)}[args.stage]()  # fmt: skip
+    {
+        "dense": lambda: stage_dense(args.out),
+        "table": lambda: stage_table(args.out),
+        "arm": lambda: stage_arm(args.out, args.arm, args.seed),
+        "measure": lambda: stage_measure(args.out, args.repeats),
+        "report": lambda: stage_report(args.out),
+    }[args.stage]()
 
 
 if __name__ == "__main__":

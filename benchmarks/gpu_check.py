@@ -118,42 +118,86 @@ def model_specs(tiny: bool) -> dict[str, ModelSpec]:
     if tiny:
         return {
             "deit": ModelSpec(
-                "deit-tiny", "tiny DeiT-shaped ViT (E 64, 8 layers, 4 heads, MLP 128, 32x32, patch 8)", "vit",
-                dict(hidden_size=64, num_hidden_layers=8, num_attention_heads=4, intermediate_size=128, image_size=32,
-                     patch_size=8, num_labels=10),
-                32, {"embed": 16, "heads": 1, "qk": 4, "v": 4, "mlp": 32},
-                [({"embed": 2, "heads": 2, "qk": 2, "v": 2, "mlp": 2}, True),
-                 ({"embed": 3, "heads": 3, "qk": 3, "v": 3, "mlp": 3}, False)],
+                "deit-tiny",
+                "tiny DeiT-shaped ViT (E 64, 8 layers, 4 heads, MLP 128, 32x32, patch 8)",
+                "vit",
+                dict(
+                    hidden_size=64,
+                    num_hidden_layers=8,
+                    num_attention_heads=4,
+                    intermediate_size=128,
+                    image_size=32,
+                    patch_size=8,
+                    num_labels=10,
+                ),
+                32,
+                {"embed": 16, "heads": 1, "qk": 4, "v": 4, "mlp": 32},
+                [
+                    ({"embed": 2, "heads": 2, "qk": 2, "v": 2, "mlp": 2}, True),
+                    ({"embed": 3, "heads": 3, "qk": 3, "v": 3, "mlp": 3}, False),
+                ],
             ),
             "resnet": ModelSpec(
-                "resnet-tiny", "tiny bottleneck ResNet (stem 16, widths 64-512, depths 3-3-3-3, 32x32)", "resnet",
-                dict(embedding_size=16, hidden_sizes=[64, 128, 256, 512], depths=[3, 3, 3, 3], layer_type="bottleneck",
-                     num_labels=10),
-                32, {"channels": 16, "residual": 64},
+                "resnet-tiny",
+                "tiny bottleneck ResNet (stem 16, widths 64-512, depths 3-3-3-3, 32x32)",
+                "resnet",
+                dict(
+                    embedding_size=16,
+                    hidden_sizes=[64, 128, 256, 512],
+                    depths=[3, 3, 3, 3],
+                    layer_type="bottleneck",
+                    num_labels=10,
+                ),
+                32,
+                {"channels": 16, "residual": 64},
                 [({"channels": 2, "residual": 2}, True), ({"channels": 3, "residual": 3}, True)],
             ),
-        }  # fmt: skip
+        }
     return {
         "deit": ModelSpec(
-            "deit-base", "DeiT-Base-shaped ViT (E 768, 12 layers, 12 heads, MLP 3072, 224x224, patch 16)", "vit",
-            dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, image_size=224,
-                 patch_size=16, num_labels=1000),
-            224, dict(VIT_GROUPS),
-            [({"embed": 4, "heads": 2, "qk": 4, "v": 4, "mlp": 4}, True),
-             ({"embed": 8, "heads": 4, "qk": 8, "v": 8, "mlp": 8}, True),
-             ({"embed": 12, "heads": 6, "qk": 16, "v": 16, "mlp": 16}, True),
-             ({"embed": 24, "heads": 11, "qk": 16, "v": 16, "mlp": 24}, True),
-             ({"embed": 24, "heads": 11, "qk": 8, "v": 8, "mlp": 24}, False)],
+            "deit-base",
+            "DeiT-Base-shaped ViT (E 768, 12 layers, 12 heads, MLP 3072, 224x224, patch 16)",
+            "vit",
+            dict(
+                hidden_size=768,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                intermediate_size=3072,
+                image_size=224,
+                patch_size=16,
+                num_labels=1000,
+            ),
+            224,
+            dict(VIT_GROUPS),
+            [
+                ({"embed": 4, "heads": 2, "qk": 4, "v": 4, "mlp": 4}, True),
+                ({"embed": 8, "heads": 4, "qk": 8, "v": 8, "mlp": 8}, True),
+                ({"embed": 12, "heads": 6, "qk": 16, "v": 16, "mlp": 16}, True),
+                ({"embed": 24, "heads": 11, "qk": 16, "v": 16, "mlp": 24}, True),
+                ({"embed": 24, "heads": 11, "qk": 8, "v": 8, "mlp": 24}, False),
+            ],
         ),
         "resnet": ModelSpec(
-            "resnet-50", "ResNet-50-shaped ResNet (bottleneck, depths 3-4-6-3, widths 256-2048, 224x224)", "resnet",
-            dict(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3], layer_type="bottleneck",
-                 num_labels=1000),
-            224, dict(RESNET_GROUPS),
-            [(None, True), ({"channels": 2, "residual": 2}, True), ({"channels": 4, "residual": 4}, True),
-             ({"channels": 8, "residual": 8}, True)],
+            "resnet-50",
+            "ResNet-50-shaped ResNet (bottleneck, depths 3-4-6-3, widths 256-2048, 224x224)",
+            "resnet",
+            dict(
+                embedding_size=64,
+                hidden_sizes=[256, 512, 1024, 2048],
+                depths=[3, 4, 6, 3],
+                layer_type="bottleneck",
+                num_labels=1000,
+            ),
+            224,
+            dict(RESNET_GROUPS),
+            [
+                (None, True),
+                ({"channels": 2, "residual": 2}, True),
+                ({"channels": 4, "residual": 4}, True),
+                ({"channels": 8, "residual": 8}, True),
+            ],
         ),
-    }  # fmt: skip
+    }
 
 
 def stride_of(subgrid, kind: str) -> int:
@@ -287,7 +331,9 @@ def wallclock_time_interleaved(calls, device="cpu", warmup=3, repeats=15, statis
     out = []
     for s in samples:
         med, low = statistics.median(s), min(s)
-        out.append(_timing.Measurement(ms=med if statistic == "median" else low, median_ms=med, min_ms=low, samples_ms=s))
+        out.append(
+            _timing.Measurement(ms=med if statistic == "median" else low, median_ms=med, min_ms=low, samples_ms=s)
+        )
     return out
 
 
@@ -303,27 +349,38 @@ def cuda_preflight(ctx: Context) -> dict:
     dev = torch.device(ctx.args.device)
     props = torch.cuda.get_device_properties(dev)
     info = {
-        "gpu_name": torch.cuda.get_device_name(dev), "capability": list(torch.cuda.get_device_capability(dev)),
-        "gpu_memory_gib": round(props.total_memory / 2**30, 1), "multiprocessors": props.multi_processor_count,
-        "cuda_runtime": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+        "gpu_name": torch.cuda.get_device_name(dev),
+        "capability": list(torch.cuda.get_device_capability(dev)),
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "multiprocessors": props.multi_processor_count,
+        "cuda_runtime": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
-    }  # fmt: skip
+    }
     try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,power.limit",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)  # fmt: skip
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,power.limit", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
     except Exception as error:  # noqa: BLE001
         info["nvidia_smi"] = f"unavailable ({error.__class__.__name__})"
     a = torch.randn(8192, 8192, device=dev, dtype=torch.float16)
-    call = lambda: a @ a  # noqa: E731
+    call = lambda: a @ a  # noqa: E731, F821 (ruff reads the later `del a` as before the call)
     method = ctx.args.timing
     if method in ("auto", "events"):
         try:
             events_ms = _LIBRARY_TIME_INTERLEAVED([call], ctx.args.device, 3, 10, "median")[0].ms
             wall_ms = wallclock_time_interleaved([call], ctx.args.device, 3, 10, "median")[0].ms
             ratio = events_ms / wall_ms
-            info["timing_check"] = {"matmul_8192_fp16_events_ms": round(events_ms, 4), "wallclock_ms": round(wall_ms, 4),
-                                    "ratio": round(ratio, 3), "tflops_events": round(2 * 8192**3 / events_ms / 1e9, 1)}  # fmt: skip
+            info["timing_check"] = {
+                "matmul_8192_fp16_events_ms": round(events_ms, 4),
+                "wallclock_ms": round(wall_ms, 4),
+                "ratio": round(ratio, 3),
+                "tflops_events": round(2 * 8192**3 / events_ms / 1e9, 1),
+            }
             if not 0.5 < ratio < 1.5:
                 ctx.note(f"CUDA-event and wall-clock timings of an 8192^3 fp16 matmul disagree (ratio {ratio:.2f})")
             method = "events"
@@ -365,15 +422,25 @@ def environment(args) -> dict:
     import transformers
 
     env = {
-        "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda, "transformers": transformers.__version__, "numpy": np.__version__,
-        "mdp_hf": mdp_hf.__version__, "cpu": _timing.device_name("cpu"), "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "mdp_hf": mdp_hf.__version__,
+        "cpu": _timing.device_name("cpu"),
+        "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "optional_packages_present": {p: _present(p) for p in ("pyomo", "highspy")},
-    }  # fmt: skip
+    }
     try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                           text=True, timeout=10).stdout.strip() or None  # fmt: skip
+        env["git_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except Exception:  # noqa: BLE001
         env["git_commit"] = None
     return env
@@ -385,9 +452,14 @@ def _fmt(value, spec=".2f", missing="–"):
 
 def markdown(report: dict) -> str:
     env, cuda = report["environment"], report.get("cuda") or {}
-    mode = "CPU tiny mode (tiny models: a smoke test of the pipeline, not GPU figures)" if report["tiny"] else "full models"
+    mode = (
+        "CPU tiny mode (tiny models: a smoke test of the pipeline, not GPU figures)"
+        if report["tiny"]
+        else "full models"
+    )
     lines = [
-        f"# MDP GPU check — {mode}", "",
+        f"# MDP GPU check — {mode}",
+        "",
         f"- date (UTC): {report['date']}; device: **{cuda.get('gpu_name') or env['cpu']}** ({report['device']}); "
         f"dtype {report['dtype']}; batch sizes {', '.join(map(str, report['batch_sizes']))}",
         f"- torch {env['torch']} (CUDA {env['torch_cuda']}, cuDNN {cuda.get('cudnn', '–')}), transformers "
@@ -398,19 +470,27 @@ def markdown(report: dict) -> str:
         "dense and sliced models interleaved",
         f"- total {report['elapsed_s']:.1f} s of a {report['time_budget_s']:.0f} s budget "
         f"({'finished' if report['finished'] else 'running / cut short'})",
-    ]  # fmt: skip
+    ]
     if cuda.get("timing_check"):
         lines.append(f"- timing check (8192^3 fp16 matmul): {cuda['timing_check']}")
     if cuda.get("nvidia_smi"):
         lines.append(f"- nvidia-smi: {cuda['nvidia_smi']}")
     for name, imp in report["importance"].items():
-        lines.append(f"- importance {name}: {imp.get('batches')} random batches of {imp.get('batch_size')} in "
-                     f"{_fmt(imp.get('seconds'), '.1f')} s ({imp.get('status')})")  # fmt: skip
-    lines += ["", "Budgets are fractions of the dense latency predicted by the calibrated table (its end-to-end "
-              "reference). error = (predicted − measured) / measured; speedup = measured dense / measured pruned "
-              "(same deployed code path, same interleaved run).", ""]  # fmt: skip
-    header = ("| model | batch | budget | latency model | budget ms | predicted ms | measured ms | error % | "
-              "measured/dense | speedup | solver s | status |")  # fmt: skip
+        lines.append(
+            f"- importance {name}: {imp.get('batches')} random batches of {imp.get('batch_size')} in "
+            f"{_fmt(imp.get('seconds'), '.1f')} s ({imp.get('status')})"
+        )
+    lines += [
+        "",
+        "Budgets are fractions of the dense latency predicted by the calibrated table (its end-to-end "
+        "reference). error = (predicted − measured) / measured; speedup = measured dense / measured pruned "
+        "(same deployed code path, same interleaved run).",
+        "",
+    ]
+    header = (
+        "| model | batch | budget | latency model | budget ms | predicted ms | measured ms | error % | "
+        "measured/dense | speedup | solver s | status |"
+    )
     rows = [header, "|" + "---|" * 12]
     for phase in report["phases"]:
         for r in phase.get("results", []):
@@ -419,7 +499,7 @@ def markdown(report: dict) -> str:
                 f"{_fmt(r.get('budget_ms'), '.3f')} | {_fmt(r.get('predicted_ms'), '.3f')} | {_fmt(r.get('measured_ms'), '.3f')} | "
                 f"{_fmt(r.get('error_pct'), '+.1f')} | {_fmt(r.get('measured_fraction'), '.3f')} | {_fmt(r.get('speedup'), '.2f')}x | "
                 f"{_fmt(r.get('solver_time_s'), '.3f')} | {r['status']} |"
-            )  # fmt: skip
+            )
     lines += rows + ["", "## Phases", ""]
     for phase in report["phases"]:
         head = f"### {phase['model']}, batch {phase['batch_size']}: {phase['status']}"
@@ -428,18 +508,24 @@ def markdown(report: dict) -> str:
             lines.append(f"- {phase['reason']}")
         t = phase.get("table")
         if t:
-            lines.append(f"- groups {t['groups']}; sub-grid level {t['level']} strides {t['subgrid']}"
-                         f"{'' if t['core_full'] else ' (attention core sub-sampled too)'}")  # fmt: skip
+            lines.append(
+                f"- groups {t['groups']}; sub-grid level {t['level']} strides {t['subgrid']}"
+                f"{'' if t['core_full'] else ' (attention core sub-sampled too)'}"
+            )
             if t.get("cells_measured") is not None:
-                lines.append(f"- table: {t['cells_measured']} cells measured of {t['cells_full_grid']} "
-                             f"({100 * t['cells_measured'] / max(t['cells_full_grid'], 1):.1f}%), build {t['build_s']:.1f} s "
-                             f"(estimated {t['estimated_s']:.1f} s); interpolation error at {t['interpolation'].get('cells', 0)} "
-                             f"off-grid cells: mean {_fmt(t['interpolation'].get('mean_abs_pct'), '.1f')}%, max "
-                             f"{_fmt(t['interpolation'].get('max_abs_pct'), '.1f')}%")  # fmt: skip
-                lines.append(f"- dense: table reference {_fmt(t.get('dense_reference_ms'), '.3f')} ms, calibration factor "
-                             f"{_fmt(t.get('calibration_factor'), '.3f')}; measured with the sliced models "
-                             f"{_fmt(phase.get('dense_measured_ms'), '.3f')} ms (HF model "
-                             f"{_fmt(phase.get('hf_dense_measured_ms'), '.3f')} ms)")  # fmt: skip
+                lines.append(
+                    f"- table: {t['cells_measured']} cells measured of {t['cells_full_grid']} "
+                    f"({100 * t['cells_measured'] / max(t['cells_full_grid'], 1):.1f}%), build {t['build_s']:.1f} s "
+                    f"(estimated {t['estimated_s']:.1f} s); interpolation error at {t['interpolation'].get('cells', 0)} "
+                    f"off-grid cells: mean {_fmt(t['interpolation'].get('mean_abs_pct'), '.1f')}%, max "
+                    f"{_fmt(t['interpolation'].get('max_abs_pct'), '.1f')}%"
+                )
+                lines.append(
+                    f"- dense: table reference {_fmt(t.get('dense_reference_ms'), '.3f')} ms, calibration factor "
+                    f"{_fmt(t.get('calibration_factor'), '.3f')}; measured with the sliced models "
+                    f"{_fmt(phase.get('dense_measured_ms'), '.3f')} ms (HF model "
+                    f"{_fmt(phase.get('hf_dense_measured_ms'), '.3f')} ms)"
+                )
         if phase.get("elapsed_s") is not None:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in phase.get("timings_s", {}).items())
             lines.append(f"- elapsed {phase['elapsed_s']:.1f} s ({parts})")
@@ -464,7 +550,9 @@ def importance_scores(model, space, image_size: int, batches: int, batch_size: i
     """Taylor scores of every unit from ``batches`` random batches (host, fp32; latency is what is checked)."""
     gates = gate_model(model, space)
     adapter = get_adapter(model)
-    scores = ImportanceAccumulator({name: dim.size for name, dim in space.dimensions.items()}, adapter.default_score_kind)
+    scores = ImportanceAccumulator(
+        {name: dim.size for name, dim in space.dimensions.items()}, adapter.default_score_kind
+    )
     num_labels = model.config.num_labels
     generator = torch.Generator().manual_seed(0)
     try:
@@ -508,8 +596,12 @@ def check_fast_slicing(ctx: Context, spec: ModelSpec, model, space) -> dict:
         same = bool(torch.equal(reference.eval()(x).logits, fast_model.eval()(x).logits))
     if not same:
         ctx.note(f"{spec.name}: slicing without weight initialisation changes the logits; using the normal (slow) path")
-    return {"slice_s": fast if same else slow, "slice_normal_s": round(slow, 2), "slice_no_init_s": round(fast, 2),
-            "slice_fast": same}  # fmt: skip
+    return {
+        "slice_s": fast if same else slow,
+        "slice_normal_s": round(slow, 2),
+        "slice_no_init_s": round(fast, 2),
+        "slice_fast": same,
+    }
 
 
 def sliced(prepared: dict, choice):
@@ -539,7 +631,9 @@ def probe(ctx: Context, model, space, settings: TimingSettings) -> dict:
         if count is not None:
             with torch.inference_mode():
                 count(module, args)
-        _timing.time_interleaved([lambda: module(*args)], settings.device, settings.warmup, settings.repeats, settings.statistic)
+        _timing.time_interleaved(
+            [lambda: module(*args)], settings.device, settings.warmup, settings.repeats, settings.statistic
+        )
         sync()
         return time.perf_counter() - start
 
@@ -555,7 +649,7 @@ def probe(ctx: Context, model, space, settings: TimingSettings) -> dict:
         dense = blocks.dense_model().to(device=settings.device, dtype=settings.torch_dtype).eval()
         build_s = time.perf_counter() - start
         pixels = blocks.example_input().to(device=settings.device, dtype=settings.torch_dtype)
-        dense_ms = _timing.time_interleaved([lambda: dense(pixels)], settings.device, 1, 3, "median")[0].ms
+        dense_ms = _timing.time_interleaved([lambda: dense(pixels)], settings.device, 1, 3, "median")[0].ms  # noqa: F821 (both are bound in the branch above whenever this runs)
     del dense, pixels
     return {"tables": tables, "per_cell_s": per_table, "dense_ms": dense_ms, "dense_build_s": build_s}
 
@@ -568,19 +662,31 @@ def table_estimate(p: dict, subgrid, core_full: bool, settings: TimingSettings, 
     return 1.1 * (cells + validation) + calibration
 
 
-def run_phase(ctx: Context, spec: ModelSpec, prepared: dict, batch: int, allot_s: float, phase: dict, out: Path) -> None:
+def run_phase(
+    ctx: Context, spec: ModelSpec, prepared: dict, batch: int, allot_s: float, phase: dict, out: Path
+) -> None:
     args = ctx.args
     model, space, scores = prepared["model"], prepared["space"], prepared["scores"]
-    cell = TimingSettings(device=args.device, batch_size=batch, image_size=spec.image_size, dtype=args.dtype,
-                          threads=args.threads, attn_implementation="sdpa", warmup=args.cell_warmup,
-                          repeats=args.cell_repeats, statistic=args.statistic)  # fmt: skip
+    cell = TimingSettings(
+        device=args.device,
+        batch_size=batch,
+        image_size=spec.image_size,
+        dtype=args.dtype,
+        threads=args.threads,
+        attn_implementation="sdpa",
+        warmup=args.cell_warmup,
+        repeats=args.cell_repeats,
+        statistic=args.statistic,
+    )
     e2e = TimingSettings(**{**cell.to_dict(), "warmup": args.e2e_warmup, "repeats": args.e2e_repeats})
     timings = phase["timings_s"]
     phase_start = time.perf_counter()
 
     if ctx.left() - args.reserve_s < args.min_phase_s:
         phase["status"] = "skipped"
-        phase["reason"] = f"skipped for time: {max(ctx.left(), 0):.0f} s left, at least {args.min_phase_s + args.reserve_s:.0f} s needed"
+        phase["reason"] = (
+            f"skipped for time: {max(ctx.left(), 0):.0f} s left, at least {args.min_phase_s + args.reserve_s:.0f} s needed"
+        )
         return
 
     # 1. probe and choose the sub-grid level ------------------------------------------------------------
@@ -602,38 +708,64 @@ def run_phase(ctx: Context, spec: ModelSpec, prepared: dict, batch: int, allot_s
     hard_left = ctx.left() - rest_est - args.reserve_s
     if args.level is None and estimates[level] > hard_left:
         phase["status"] = "skipped"
-        phase["reason"] = (f"skipped for time: the coarsest table is estimated at {estimates[level]:.0f} s plus "
-                           f"{rest_est:.0f} s for solving and measuring, but only {ctx.left():.0f} s are left")  # fmt: skip
+        phase["reason"] = (
+            f"skipped for time: the coarsest table is estimated at {estimates[level]:.0f} s plus "
+            f"{rest_est:.0f} s for solving and measuring, but only {ctx.left():.0f} s are left"
+        )
         phase["estimates_s"] = [round(e, 1) for e in estimates]
         return
     if args.level is None and estimates[level] > table_budget:
-        ctx.note(f"{spec.name} b{batch}: even the coarsest sub-grid ({estimates[level]:.0f} s estimated) exceeds "
-                 f"this phase's share ({table_budget:.0f} s); running it anyway: {ctx.left():.0f} s are left")  # fmt: skip
+        ctx.note(
+            f"{spec.name} b{batch}: even the coarsest sub-grid ({estimates[level]:.0f} s estimated) exceeds "
+            f"this phase's share ({table_budget:.0f} s); running it anyway: {ctx.left():.0f} s are left"
+        )
     subgrid, core_full = spec.levels[level]
     sizes = subgrid_sizes(p["tables"], subgrid, core_full)
     full_cells = sum(int(np.prod(t.shape)) for t in p["tables"])
     phase["table"] = {
-        "groups": spec.groups, "level": level, "subgrid": subgrid or "full grid", "core_full": core_full,
-        "estimated_s": estimates[level], "estimates_s": [round(e, 1) for e in estimates],
-        "table_budget_s": round(table_budget, 1), "cells_planned": int(sum(sizes.values())), "cells_full_grid": full_cells,
+        "groups": spec.groups,
+        "level": level,
+        "subgrid": subgrid or "full grid",
+        "core_full": core_full,
+        "estimated_s": estimates[level],
+        "estimates_s": [round(e, 1) for e in estimates],
+        "table_budget_s": round(table_budget, 1),
+        "cells_planned": int(sum(sizes.values())),
+        "cells_full_grid": full_cells,
         "probe_per_cell_ms": {k: round(1e3 * v, 2) for k, v in p["per_cell_s"].items()},
-    }  # fmt: skip
-    log(f"{spec.name} b{batch}: level {level} ({sum(sizes.values())} cells of {full_cells}), estimated "
-        f"{estimates[level]:.0f} s for a {table_budget:.0f} s share; dense ~{p['dense_ms']:.2f} ms")  # fmt: skip
+    }
+    log(
+        f"{spec.name} b{batch}: level {level} ({sum(sizes.values())} cells of {full_cells}), estimated "
+        f"{estimates[level]:.0f} s for a {table_budget:.0f} s share; dense ~{p['dense_ms']:.2f} ms"
+    )
 
     # 2. build the table ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
     ctx.core_full = core_full
-    ctx.build_deadline = t0 + min(max(1.5 * estimates[level], table_budget), max(ctx.left() - rest_est - args.reserve_s, 1.0))
+    ctx.build_deadline = t0 + min(
+        max(1.5 * estimates[level], table_budget), max(ctx.left() - rest_est - args.reserve_s, 1.0)
+    )
     path = out / f"table_{spec.name}_b{batch}.json"
     try:
-        table = build_table(model, path, space=space, settings=cell, subgrid=subgrid, validate=args.validate,
-                            recheck=args.recheck, chunk_size=args.chunk_size, progress=False, overwrite=True)  # fmt: skip
+        table = build_table(
+            model,
+            path,
+            space=space,
+            settings=cell,
+            subgrid=subgrid,
+            validate=args.validate,
+            recheck=args.recheck,
+            chunk_size=args.chunk_size,
+            progress=False,
+            overwrite=True,
+        )
     except OutOfTime:
         timings["table"] = time.perf_counter() - t0
         phase["status"] = "aborted"
-        phase["reason"] = (f"the table build passed its deadline after {timings['table']:.0f} s (estimated "
-                           f"{estimates[level]:.0f} s); the partial table is in {path.name}")  # fmt: skip
+        phase["reason"] = (
+            f"the table build passed its deadline after {timings['table']:.0f} s (estimated "
+            f"{estimates[level]:.0f} s); the partial table is in {path.name}"
+        )
         return
     finally:
         ctx.build_deadline, ctx.core_full = None, True
@@ -641,16 +773,24 @@ def run_phase(ctx: Context, spec: ModelSpec, prepared: dict, batch: int, allot_s
     table_model = TableLatencyModel(table, space)
     models = {"table": table_model, "linear": LinearLatencyModel(table, space)}
     dense_pred = table_model.dense_ms()
-    phase["table"].update({
-        "path": path.name, "cells_measured": int(table.num_measured), "build_s": round(timings["table"], 2),
-        "build_seconds_metadata": table.metadata.get("build_seconds"), "interpolation": interpolation_report(table),
-        "dense_reference_ms": table.reference.get("dense_measured_ms"),
-        "dense_reference_spread": table.reference.get("dense_spread"),
-        "calibration_factor": table_model.calibration_factor, "dense_predicted_ms": dense_pred,
-        "rechecked_cells": table.metadata.get("rechecked_cells", 0),
-    })  # fmt: skip
-    log(f"{spec.name} b{batch}: table built in {timings['table']:.1f} s ({table.num_measured} cells); dense "
-        f"{dense_pred:.3f} ms (calibration {table_model.calibration_factor:.3f})")  # fmt: skip
+    phase["table"].update(
+        {
+            "path": path.name,
+            "cells_measured": int(table.num_measured),
+            "build_s": round(timings["table"], 2),
+            "build_seconds_metadata": table.metadata.get("build_seconds"),
+            "interpolation": interpolation_report(table),
+            "dense_reference_ms": table.reference.get("dense_measured_ms"),
+            "dense_reference_spread": table.reference.get("dense_spread"),
+            "calibration_factor": table_model.calibration_factor,
+            "dense_predicted_ms": dense_pred,
+            "rechecked_cells": table.metadata.get("rechecked_cells", 0),
+        }
+    )
+    log(
+        f"{spec.name} b{batch}: table built in {timings['table']:.1f} s ({table.num_measured} cells); dense "
+        f"{dense_pred:.3f} ms (calibration {table_model.calibration_factor:.3f})"
+    )
 
     # 3. solve and slice ---------------------------------------------------------------------------------
     timings["solve"], timings["slice"] = 0.0, 0.0
@@ -668,15 +808,20 @@ def run_phase(ctx: Context, spec: ModelSpec, prepared: dict, batch: int, allot_s
                 solution = solve(problem, args.solver_backend, args.solver_time_limit_s)
                 timings["solve"] += time.perf_counter() - t0
                 choice = choice_from_solution(space, scores, solution)
-                row.update({
-                    "predicted_ms": float(solution.latency_ms), "model_predict_ms": lm.predict((space, choice)),
-                    "table_model_predicted_ms": table_model.predict((space, choice)),
-                    "solver_time_s": float(solution.solve_time_s), "solver_status": solution.status,
-                    "solver_backend": solution.backend, "solver_gap": float(solution.gap),
-                    "within_budget_predicted": bool(solution.latency_ms <= budget * (1 + 1e-9)),
-                    "removed_blocks": len(choice.removed_blocks),
-                    "kept_fraction": {k: round(v, 4) for k, v in kept_fraction_by_kind(space, choice).items()},
-                })  # fmt: skip
+                row.update(
+                    {
+                        "predicted_ms": float(solution.latency_ms),
+                        "model_predict_ms": lm.predict((space, choice)),
+                        "table_model_predicted_ms": table_model.predict((space, choice)),
+                        "solver_time_s": float(solution.solve_time_s),
+                        "solver_status": solution.status,
+                        "solver_backend": solution.backend,
+                        "solver_gap": float(solution.gap),
+                        "within_budget_predicted": bool(solution.latency_ms <= budget * (1 + 1e-9)),
+                        "removed_blocks": len(choice.removed_blocks),
+                        "kept_fraction": {k: round(v, 4) for k, v in kept_fraction_by_kind(space, choice).items()},
+                    }
+                )
                 t0 = time.perf_counter()
                 pruned = sliced(prepared, choice)
                 timings["slice"] += time.perf_counter() - t0
@@ -714,19 +859,28 @@ def run_phase(ctx: Context, spec: ModelSpec, prepared: dict, batch: int, allot_s
     except Exception as error:  # noqa: BLE001
         if device.type != "cuda" or _timing.time_interleaved is wallclock_time_interleaved:
             raise
-        ctx.note(f"{spec.name} b{batch}: timing with CUDA events failed ({error!r}); retrying with the wall-clock fallback")
+        ctx.note(
+            f"{spec.name} b{batch}: timing with CUDA events failed ({error!r}); retrying with the wall-clock fallback"
+        )
         use_timing("wallclock")
         ctx.report["timing_method"] = "synchronize + perf_counter (fallback after a CUDA-event failure)"
         measured = measure_latencies(timed, e2e, inputs=pixels)
     timings["measure"] = time.perf_counter() - t0
     hf_ms, dense_ms = measured[0].ms, measured[1].ms
-    phase.update({"hf_dense_measured_ms": hf_ms, "dense_measured_ms": dense_ms,
-                  "dense_measured_spread": measured[1].spread})  # fmt: skip
+    phase.update(
+        {"hf_dense_measured_ms": hf_ms, "dense_measured_ms": dense_ms, "dense_measured_spread": measured[1].spread}
+    )
     for (row, _), m in zip(pruned_models, measured[2:]):
-        row.update({
-            "measured_ms": m.ms, "measured_spread": m.spread, "error_pct": 100 * (row["predicted_ms"] - m.ms) / m.ms,
-            "measured_fraction": m.ms / dense_ms, "speedup": dense_ms / m.ms, "within_budget_measured": m.ms <= row["budget_ms"],
-        })  # fmt: skip
+        row.update(
+            {
+                "measured_ms": m.ms,
+                "measured_spread": m.spread,
+                "error_pct": 100 * (row["predicted_ms"] - m.ms) / m.ms,
+                "measured_fraction": m.ms / dense_ms,
+                "speedup": dense_ms / m.ms,
+                "within_budget_measured": m.ms <= row["budget_ms"],
+            }
+        )
     del candidates, timed, pruned_models, dense, hf_dense, pixels
     phase["status"] = "ok" if all(r["status"] == "ok" for r in results) else "partial"
     if any(r["status"] == "error" for r in results):
@@ -735,8 +889,9 @@ def run_phase(ctx: Context, spec: ModelSpec, prepared: dict, batch: int, allot_s
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("output_dir")
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny models (seconds on a CPU): the CI smoke test")
@@ -744,14 +899,27 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="deit,resnet", help="comma-separated subset of deit,resnet")
     parser.add_argument("--batch-sizes", default=None, help="comma-separated (default 64,256; tiny: 2,8)")
     parser.add_argument("--dtype", default=None, help="float16 (default on CUDA) / float32 (default on CPU) / bfloat16")
-    parser.add_argument("--level", type=int, default=None, help="force this sub-grid level (0 = finest) for every phase")
-    parser.add_argument("--timing", choices=["auto", "events", "wallclock"], default="auto",
-                        help="CUDA timing: the library's CUDA events (auto falls back to wall clock if they fail)")
-    parser.add_argument("--cells-on-host", action="store_true",
-                        help="build table cells on the host and copy them (the library's own path; slow at batch 256)")
+    parser.add_argument(
+        "--level", type=int, default=None, help="force this sub-grid level (0 = finest) for every phase"
+    )
+    parser.add_argument(
+        "--timing",
+        choices=["auto", "events", "wallclock"],
+        default="auto",
+        help="CUDA timing: the library's CUDA events (auto falls back to wall clock if they fail)",
+    )
+    parser.add_argument(
+        "--cells-on-host",
+        action="store_true",
+        help="build table cells on the host and copy them (the library's own path; slow at batch 256)",
+    )
     parser.add_argument("--validate", type=int, default=None, help="off-grid cells per table (interpolation error)")
-    parser.add_argument("--recheck", type=float, default=None,
-                        help="outlier re-timing tolerance (default: off on CUDA, the library's 0.15 on CPU)")
+    parser.add_argument(
+        "--recheck",
+        type=float,
+        default=None,
+        help="outlier re-timing tolerance (default: off on CUDA, the library's 0.15 on CPU)",
+    )
     parser.add_argument("--statistic", choices=["median", "min"], default="median")
     parser.add_argument("--solver-backend", default="auto")
     parser.add_argument("--solver-time-limit-s", type=float, default=60.0)
@@ -760,7 +928,9 @@ def main(argv=None) -> int:
 
     cuda = torch.device(args.device).type == "cuda"
     args.dtype = args.dtype or ("float16" if cuda else "float32")
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else ([2, 8] if args.tiny else [64, 256])
+    batch_sizes = (
+        [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else ([2, 8] if args.tiny else [64, 256])
+    )
     args.threads = None if cuda else 1
     args.validate = args.validate if args.validate is not None else (4 if args.tiny else 12)
     args.recheck = args.recheck if args.recheck is not None else (None if cuda else 0.15)
@@ -793,33 +963,65 @@ def _run(args, cuda: bool, batch_sizes: list[int], out: Path, parser) -> int:
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {sorted(specs)}")
     report = {
-        "schema": SCHEMA, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "tiny": args.tiny, "device": args.device, "dtype": args.dtype, "batch_sizes": batch_sizes,
-        "budget_fractions": list(FRACTIONS), "latency_models": list(LATENCY_MODELS),
-        "time_budget_s": args.time_budget_s, "finished": False, "argv": args.argv,
-        "environment": environment(args), "cuda": None, "timing_method": "perf_counter (CPU)",
-        "cell_timing": {"warmup": args.cell_warmup, "repeats": args.cell_repeats, "statistic": args.statistic,
-                        "recheck": args.recheck, "chunk_size": args.chunk_size, "validate_per_table": args.validate,
-                        "threads": args.threads, "cells_built_on_device": cuda and not args.cells_on_host},
+        "schema": SCHEMA,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tiny": args.tiny,
+        "device": args.device,
+        "dtype": args.dtype,
+        "batch_sizes": batch_sizes,
+        "budget_fractions": list(FRACTIONS),
+        "latency_models": list(LATENCY_MODELS),
+        "time_budget_s": args.time_budget_s,
+        "finished": False,
+        "argv": args.argv,
+        "environment": environment(args),
+        "cuda": None,
+        "timing_method": "perf_counter (CPU)",
+        "cell_timing": {
+            "warmup": args.cell_warmup,
+            "repeats": args.cell_repeats,
+            "statistic": args.statistic,
+            "recheck": args.recheck,
+            "chunk_size": args.chunk_size,
+            "validate_per_table": args.validate,
+            "threads": args.threads,
+            "cells_built_on_device": cuda and not args.cells_on_host,
+        },
         "e2e_timing": {"warmup": args.e2e_warmup, "repeats": args.e2e_repeats, "statistic": args.statistic},
-        "models": {k: {"name": s.name, "title": s.title, "groups": s.groups, "config": s.config,
-                       "levels": [{"subgrid": sg or "full grid", "core_full": c} for sg, c in s.levels]}
-                   for k, s in specs.items() if k in wanted},
-        "importance": {}, "phases": [], "notes": [],
-    }  # fmt: skip
+        "models": {
+            k: {
+                "name": s.name,
+                "title": s.title,
+                "groups": s.groups,
+                "config": s.config,
+                "levels": [{"subgrid": sg or "full grid", "core_full": c} for sg, c in s.levels],
+            }
+            for k, s in specs.items()
+            if k in wanted
+        },
+        "importance": {},
+        "phases": [],
+        "notes": [],
+    }
     ctx = Context(args, report)
-    log(f"gpu_check: device {args.device}, {args.dtype}, batches {batch_sizes}, models {wanted}, budget {args.time_budget_s:.0f} s")
+    log(
+        f"gpu_check: device {args.device}, {args.dtype}, batches {batch_sizes}, models {wanted}, budget {args.time_budget_s:.0f} s"
+    )
     write_report(out, report)
     if cuda:
         if not torch.cuda.is_available():
-            ctx.note(f"CUDA is not available (torch {torch.__version__}, built for CUDA {torch.version.cuda}): nothing was measured")
+            ctx.note(
+                f"CUDA is not available (torch {torch.__version__}, built for CUDA {torch.version.cuda}): nothing was measured"
+            )
             write_report(out, report)
             print(markdown(report))
             return 2
         try:
             report["cuda"] = cuda_preflight(ctx)
             report["timing_method"] = report["cuda"]["timing_method"]
-            log(f"GPU {report['cuda']['gpu_name']}, CUDA {report['cuda']['cuda_runtime']}; timing: {report['timing_method']}")
+            log(
+                f"GPU {report['cuda']['gpu_name']}, CUDA {report['cuda']['cuda_runtime']}; timing: {report['timing_method']}"
+            )
         except Exception:  # noqa: BLE001
             report["cuda"] = {"error": traceback.format_exc(limit=6)}
             ctx.note("the CUDA pre-flight failed; see cuda.error")
@@ -833,17 +1035,27 @@ def _run(args, cuda: bool, batch_sizes: list[int], out: Path, parser) -> int:
         for key in wanted:
             spec = specs[key]
             t0 = time.perf_counter()
-            imp = report["importance"][spec.name] = {"batches": args.importance_batches,
-                                                     "batch_size": args.importance_batch_size}  # fmt: skip
+            imp = report["importance"][spec.name] = {
+                "batches": args.importance_batches,
+                "batch_size": args.importance_batch_size,
+            }
             try:
                 model = spec.build()
                 space = build_space(model, group_sizes=spec.groups)
-                scores = importance_scores(model, space, spec.image_size, args.importance_batches, args.importance_batch_size)
+                scores = importance_scores(
+                    model, space, spec.image_size, args.importance_batches, args.importance_batch_size
+                )
                 prepared[key] = {"model": model, "space": space, "scores": scores}
                 prepared[key].update(check_fast_slicing(ctx, spec, model, space))
-                imp.update({"status": "ok", "seconds": round(time.perf_counter() - t0, 2),
-                            "dimensions": len(space.dimensions), "blocks": len(space.blocks),
-                            "slicing": {k: v for k, v in prepared[key].items() if k.startswith("slice")}})  # fmt: skip
+                imp.update(
+                    {
+                        "status": "ok",
+                        "seconds": round(time.perf_counter() - t0, 2),
+                        "dimensions": len(space.dimensions),
+                        "blocks": len(space.blocks),
+                        "slicing": {k: v for k, v in prepared[key].items() if k.startswith("slice")},
+                    }
+                )
             except Exception:  # noqa: BLE001
                 imp.update({"status": "error", "error": traceback.format_exc(limit=6)})
                 log(f"{spec.name}: model / importance failed\n{imp['error']}")
@@ -862,7 +1074,9 @@ def _run(args, cuda: bool, batch_sizes: list[int], out: Path, parser) -> int:
             log(f"phase {i + 1}/{len(plan)}: {spec.name} batch {batch}; share {allot:.0f} s of {ctx.left():.0f} s left")
             try:
                 if key not in prepared:
-                    phase.update({"status": "error", "reason": "the model could not be built / scored (see importance)"})
+                    phase.update(
+                        {"status": "error", "reason": "the model could not be built / scored (see importance)"}
+                    )
                 else:
                     run_phase(ctx, spec, prepared[key], batch, allot, phase, out)
             except Exception:  # noqa: BLE001
@@ -874,9 +1088,11 @@ def _run(args, cuda: bool, batch_sizes: list[int], out: Path, parser) -> int:
                 gc.collect()
                 if cuda:
                     torch.cuda.empty_cache()
-            log(f"phase {i + 1}/{len(plan)}: {spec.name} b{batch} {phase['status']} in {phase['elapsed_s']:.1f} s "
+            log(
+                f"phase {i + 1}/{len(plan)}: {spec.name} b{batch} {phase['status']} in {phase['elapsed_s']:.1f} s "
                 f"({', '.join(f'{k} {v:.1f}' for k, v in phase['timings_s'].items())})"
-                + (f": {phase['reason']}" if phase.get("reason") else ""))  # fmt: skip
+                + (f": {phase['reason']}" if phase.get("reason") else "")
+            )
             write_report(out, report)
     finally:
         remove_hooks()

@@ -46,8 +46,15 @@ def deit_small():
     from transformers import DeiTConfig, DeiTForImageClassification
 
     torch.manual_seed(0)
-    config = DeiTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-                        image_size=224, patch_size=16, num_labels=1000)  # fmt: skip
+    config = DeiTConfig(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        image_size=224,
+        patch_size=16,
+        num_labels=1000,
+    )
     return DeiTForImageClassification(config).eval()
 
 
@@ -55,18 +62,25 @@ def resnet50():
     from transformers import ResNetConfig, ResNetForImageClassification
 
     torch.manual_seed(0)
-    config = ResNetConfig(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
-                          layer_type="bottleneck", num_labels=1000)  # fmt: skip
+    config = ResNetConfig(
+        embedding_size=64,
+        hidden_sizes=[256, 512, 1024, 2048],
+        depths=[3, 4, 6, 3],
+        layer_type="bottleneck",
+        num_labels=1000,
+    )
     return ResNetForImageClassification(config).eval()
 
 
 SETUPS = {
     # paper's DeiT-B groups (E 16, H 1, QK 2, V 2, MLP 32); sub-grid strides in choice indices per kind
-    "vit": dict(build=deit_small, groups={"embed": 16, "heads": 1, "qk": 2, "v": 2, "mlp": 32},
-                subgrid={"embed": 2, "heads": 1, "qk": 4, "v": 4, "mlp": 2}),
-    "resnet": dict(build=resnet50, groups={"channels": 16, "residual": 32},
-                   subgrid={"channels": 2, "residual": 4}),
-}  # fmt: skip
+    "vit": dict(
+        build=deit_small,
+        groups={"embed": 16, "heads": 1, "qk": 2, "v": 2, "mlp": 32},
+        subgrid={"embed": 2, "heads": 1, "qk": 4, "v": 4, "mlp": 2},
+    ),
+    "resnet": dict(build=resnet50, groups={"channels": 16, "residual": 32}, subgrid={"channels": 2, "residual": 4}),
+}
 
 
 def random_structures(space, model: TableLatencyModel, count: int, rng: random.Random, candidates: int = 3000):
@@ -108,8 +122,16 @@ def attention_decomposition_error(model, space, settings, rng, samples=16):
     for _ in range(samples):
         h, e, q, v = rng.choice(H), rng.choice(E[1:]), rng.choice(Q[:-1]), rng.choice(V[:-1])
         cases.append((h, e, q, v))
-        for key in [(h, e, q, v), (h, e, q, v_dense), (h, e, q_dense, v), (h, e, q_dense, v_dense), (h, e0, q, v),
-                    (h, e0, q, v_dense), (h, e0, q_dense, v), (h, e0, q_dense, v_dense)]:  # fmt: skip
+        for key in [
+            (h, e, q, v),
+            (h, e, q, v_dense),
+            (h, e, q_dense, v),
+            (h, e, q_dense, v_dense),
+            (h, e0, q, v),
+            (h, e0, q, v_dense),
+            (h, e0, q_dense, v),
+            (h, e0, q_dense, v_dense),
+        ]:
             configs.setdefault(key, None)
     keys = list(configs)
     calls = []
@@ -127,20 +149,39 @@ def attention_decomposition_error(model, space, settings, rng, samples=16):
         full = additive + A[h, e0, q, v] - A[h, e0, q, v_dense] - A[h, e0, q_dense, v] + A[h, e0, q_dense, v_dense]
         errors.append(abs(full - A[h, e, q, v]) / A[h, e, q, v])
         plain.append(abs(additive - A[h, e, q, v]) / A[h, e, q, v])
-    return (100 * float(np.mean(errors)), 100 * float(np.max(errors)), 100 * float(np.mean(plain)), 100 * float(np.max(plain)))
+    return (
+        100 * float(np.mean(errors)),
+        100 * float(np.max(errors)),
+        100 * float(np.mean(plain)),
+        100 * float(np.max(plain)),
+    )
 
 
 def run(family: str, args) -> dict:
     setup = SETUPS[family]
     model = setup["build"]()
     space = mdp_hf.build_space(model, group_sizes=setup["groups"])
-    settings = TimingSettings(device="cpu", batch_size=args.batch_size, threads=args.threads, warmup=args.warmup,
-                              repeats=args.repeats, statistic=args.statistic)  # fmt: skip
+    settings = TimingSettings(
+        device="cpu",
+        batch_size=args.batch_size,
+        threads=args.threads,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        statistic=args.statistic,
+    )
     subgrid = setup["subgrid"] if not args.quick else {k: v * 2 for k, v in setup["subgrid"].items()}
     out = Path(args.output_dir) / f"{family}_table.json"
     t0 = time.perf_counter()
-    table = build_table(model, out, space=space, settings=settings, subgrid=subgrid, validate=args.validate,
-                        progress=not args.no_progress, overwrite=True)  # fmt: skip
+    table = build_table(
+        model,
+        out,
+        space=space,
+        settings=settings,
+        subgrid=subgrid,
+        validate=args.validate,
+        progress=not args.no_progress,
+        overwrite=True,
+    )
     build_s = time.perf_counter() - t0
     interp = interpolation_report(table)
     rng = random.Random(args.seed)
@@ -166,13 +207,29 @@ def run(family: str, args) -> dict:
         errors = [abs(p - m) / m for p, m in zip(predicted, measured)]
         rows[name] = (100 * float(np.mean(errors)), 100 * float(np.max(errors)))
     attn = attention_decomposition_error(model, space, settings, rng) if family == "vit" else None
-    per = [(len(c.removed_blocks), m / dense_measured, models["table (default)"].predict((space, c)) / dense_measured)
-           for c, m in zip(choices, measured)]  # fmt: skip
-    return dict(family=family, cells=table.num_measured, total_cells=int(sum(np.prod(t.shape) for t in table.tables.values())),
-                tables=len(table.tables), build_s=build_s, measure_s=measure_s, interp=interp, rows=rows, noise=noise,
-                dense_ms=dense_measured, calibration=models["table (default)"].calibration_factor, attn=attn,
-                spread=(min(p[1] for p in per), max(p[1] for p in per)), removed=sum(1 for p in per if p[0]),
-                subgrid=subgrid, groups=setup["groups"], terms=len(table.terms))  # fmt: skip
+    per = [
+        (len(c.removed_blocks), m / dense_measured, models["table (default)"].predict((space, c)) / dense_measured)
+        for c, m in zip(choices, measured)
+    ]
+    return dict(
+        family=family,
+        cells=table.num_measured,
+        total_cells=int(sum(np.prod(t.shape) for t in table.tables.values())),
+        tables=len(table.tables),
+        build_s=build_s,
+        measure_s=measure_s,
+        interp=interp,
+        rows=rows,
+        noise=noise,
+        dense_ms=dense_measured,
+        calibration=models["table (default)"].calibration_factor,
+        attn=attn,
+        spread=(min(p[1] for p in per), max(p[1] for p in per)),
+        removed=sum(1 for p in per if p[0]),
+        subgrid=subgrid,
+        groups=setup["groups"],
+        terms=len(table.terms),
+    )
 
 
 def main(argv=None):
@@ -183,36 +240,54 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--statistic", choices=["median", "min"], default="min",
-                        help="statistic of the repeats, for table cells and end-to-end timings alike")
+    parser.add_argument(
+        "--statistic",
+        choices=["median", "min"],
+        default="min",
+        help="statistic of the repeats, for table cells and end-to-end timings alike",
+    )
     parser.add_argument("--validate", type=int, default=8, help="off-sub-grid cells per table (interpolation check)")
     parser.add_argument("--quick", action="store_true", help="coarser sub-grid (twice the strides)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="/tmp/mdp_latency_benchmark")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; load average "
-          f"{os.getloadavg()[0]:.2f}; torch {torch.__version__}; threads {args.threads}; batch {args.batch_size}; "
-          f"repeats {args.repeats} ({args.statistic}), warm-up {args.warmup}")  # fmt: skip
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; load average "
+        f"{os.getloadavg()[0]:.2f}; torch {torch.__version__}; threads {args.threads}; batch {args.batch_size}; "
+        f"repeats {args.repeats} ({args.statistic}), warm-up {args.warmup}"
+    )
     results = [run(f, args) for f in (["vit", "resnet"] if args.family == "both" else [args.family])]
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
     for r in results:
         name = "DeiT-Small-shaped ViT" if r["family"] == "vit" else "ResNet-50-shaped ResNet"
         print(f"\n## {name}: batch {args.batch_size}, {args.threads} thread(s), 224x224, fp32, random weights")
         print(f"groups {r['groups']}; sub-grid strides {r['subgrid']}")
-        print(f"table: {r['tables']} grids, {r['terms']} terms, {r['cells']} cells measured of {r['total_cells']} "
-              f"({100 * r['cells'] / r['total_cells']:.1f}%); build {r['build_s']:.0f} s (incl. validation cells and the dense reference)")  # fmt: skip
+        print(
+            f"table: {r['tables']} grids, {r['terms']} terms, {r['cells']} cells measured of {r['total_cells']} "
+            f"({100 * r['cells'] / r['total_cells']:.1f}%); build {r['build_s']:.0f} s (incl. validation cells and the dense reference)"
+        )
         if r["interp"].get("cells"):
-            print(f"interpolation error at {r['interp']['cells']} off-grid cells: mean {r['interp']['mean_abs_pct']:.1f}%, "
-                  f"max {r['interp']['max_abs_pct']:.1f}%")  # fmt: skip
+            print(
+                f"interpolation error at {r['interp']['cells']} off-grid cells: mean {r['interp']['mean_abs_pct']:.1f}%, "
+                f"max {r['interp']['max_abs_pct']:.1f}%"
+            )
         if r["attn"]:
-            print(f"attention decomposition alone (QK and V both pruned, cells timed in the same run): T_qk+T_vo+T_core "
-                  f"mean {r['attn'][0]:.1f}% / max {r['attn'][1]:.1f}%; without T_core: mean {r['attn'][2]:.1f}% / max {r['attn'][3]:.1f}%")  # fmt: skip
-        print(f"dense measured {r['dense_ms']:.2f} ms; calibration factor (measured/sum of cells at dense) {r['calibration']:.3f}")
-        print(f"{len(r['noise'])} structures, measured latency {100 * r['spread'][0]:.0f}%–{100 * r['spread'][1]:.0f}% of dense, "
-              f"{r['removed']} with removed blocks; timing both passes took {r['measure_s']:.0f} s")  # fmt: skip
-        print(f"run-to-run noise (same structure, two passes): mean {100 * statistics.mean(r['noise']):.1f}%, "
-              f"max {100 * max(r['noise']):.1f}%")  # fmt: skip
+            print(
+                f"attention decomposition alone (QK and V both pruned, cells timed in the same run): T_qk+T_vo+T_core "
+                f"mean {r['attn'][0]:.1f}% / max {r['attn'][1]:.1f}%; without T_core: mean {r['attn'][2]:.1f}% / max {r['attn'][3]:.1f}%"
+            )
+        print(
+            f"dense measured {r['dense_ms']:.2f} ms; calibration factor (measured/sum of cells at dense) {r['calibration']:.3f}"
+        )
+        print(
+            f"{len(r['noise'])} structures, measured latency {100 * r['spread'][0]:.0f}%–{100 * r['spread'][1]:.0f}% of dense, "
+            f"{r['removed']} with removed blocks; timing both passes took {r['measure_s']:.0f} s"
+        )
+        print(
+            f"run-to-run noise (same structure, two passes): mean {100 * statistics.mean(r['noise']):.1f}%, "
+            f"max {100 * max(r['noise']):.1f}%"
+        )
         print(f"| {'latency model':<20} | mean abs % err | max abs % err |")
         print(f"|{'-' * 22}|{'-' * 16}|{'-' * 15}|")
         for model_name, (mean, worst) in r["rows"].items():

@@ -28,7 +28,6 @@ import copy
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -38,12 +37,17 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import mdp_hf  # noqa: E402
 from mdp_hf import PruningChoice, build_space, slice_model  # noqa: E402
 from mdp_hf.config import PrunableConfig  # noqa: E402
 from mdp_hf.hub import load_pruned_model, save_pruned_model  # noqa: E402
-from mdp_hf.latency import (LatencyTable, LinearLatencyModel, TableLatencyModel, TimingSettings, build_table,  # noqa: E402
-                            measure_latencies)  # fmt: skip
+from mdp_hf.latency import (
+    LatencyTable,
+    LinearLatencyModel,
+    TableLatencyModel,
+    TimingSettings,
+    build_table,  # noqa: E402
+    measure_latencies,
+)
 from mdp_hf.masks import kept_fraction_by_kind, ranked_units  # noqa: E402
 from mdp_hf.pruning import PruningSession, accumulate_importance  # noqa: E402
 
@@ -54,29 +58,69 @@ MEAN, STD = 0.2860, 0.3530
 
 FAMILIES = {
     "deit": dict(
-        model=dict(image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                   intermediate_size=256, num_channels=1, num_labels=10),
+        model=dict(
+            image_size=32,
+            patch_size=4,
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=256,
+            num_channels=1,
+            num_labels=10,
+        ),
         widths=["embed", "heads", "qk", "v", "mlp"],
         group_sizes={"embed": 16, "heads": 1, "qk": 2, "v": 2, "mlp": 32},
         subgrid={"embed": 2, "qk": 4, "v": 4, "mlp": 2},
-        latency_batch=8, dense_epochs=3, dense_lr=1e-3,
+        latency_batch=8,
+        dense_epochs=3,
+        dense_lr=1e-3,
     ),
     "resnet": dict(
-        model=dict(num_channels=1, embedding_size=32, hidden_sizes=[64, 128, 256], depths=[2, 2, 2],
-                   layer_type="bottleneck", num_labels=10),
+        model=dict(
+            num_channels=1,
+            embedding_size=32,
+            hidden_sizes=[64, 128, 256],
+            depths=[2, 2, 2],
+            layer_type="bottleneck",
+            num_labels=10,
+        ),
         widths=["channels", "residual"],
         group_sizes={"channels": 8, "residual": 16},
         subgrid=2,
-        latency_batch=32, dense_epochs=4, dense_lr=2e-3,
+        latency_batch=32,
+        dense_epochs=4,
+        dense_lr=2e-3,
     ),
 }
 SMOKE = {
-    "deit": dict(model=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, num_channels=1, num_labels=10),
-                 group_sizes={"embed": 8, "heads": 1, "qk": 4, "v": 4, "mlp": 16}, subgrid=None, latency_batch=2),
-    "resnet": dict(model=dict(num_channels=1, embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1],
-                              layer_type="bottleneck", num_labels=10),
-                   group_sizes={"channels": 4, "residual": 8}, subgrid=None, latency_batch=2),
+    "deit": dict(
+        model=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_channels=1,
+            num_labels=10,
+        ),
+        group_sizes={"embed": 8, "heads": 1, "qk": 4, "v": 4, "mlp": 16},
+        subgrid=None,
+        latency_batch=2,
+    ),
+    "resnet": dict(
+        model=dict(
+            num_channels=1,
+            embedding_size=8,
+            hidden_sizes=[16, 32],
+            depths=[1, 1],
+            layer_type="bottleneck",
+            num_labels=10,
+        ),
+        group_sizes={"channels": 4, "residual": 8},
+        subgrid=None,
+        latency_batch=2,
+    ),
 }
 
 
@@ -121,7 +165,8 @@ def train(model, data, steps: int, lr: float, seed: int, batch_size: int = 128, 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
     loss_fn = torch.nn.CrossEntropyLoss()
     it = batches(data, batch_size, seed)
     start, running = time.time(), 0.0
@@ -135,7 +180,10 @@ def train(model, data, steps: int, lr: float, seed: int, batch_size: int = 128, 
         sched.step()
         running += loss.item()
         if (step + 1) % log_every == 0:
-            print(f"  [{tag}] step {step + 1}/{steps} loss {running / log_every:.4f} ({time.time() - start:.0f}s)", flush=True)
+            print(
+                f"  [{tag}] step {step + 1}/{steps} loss {running / log_every:.4f} ({time.time() - start:.0f}s)",
+                flush=True,
+            )
             running = 0.0
     model.eval()
     return time.time() - start
@@ -147,7 +195,11 @@ def evaluate(model, data, batch_size: int = 500) -> float:
     x, y = data
     correct = 0
     for begin in range(0, len(x), batch_size):
-        correct += (logits_of(model(pixel_values=x[begin : begin + batch_size])).argmax(-1) == y[begin : begin + batch_size]).sum().item()
+        correct += (
+            (logits_of(model(pixel_values=x[begin : begin + batch_size])).argmax(-1) == y[begin : begin + batch_size])
+            .sum()
+            .item()
+        )
     return correct / len(x)
 
 
@@ -192,8 +244,9 @@ class Results:
 
 
 def settings_for(cfg, repeats: int, statistic: str = "min") -> TimingSettings:
-    return TimingSettings(device="cpu", batch_size=cfg["latency_batch"], image_size=32, threads=1, repeats=repeats,
-                          statistic=statistic)  # fmt: skip
+    return TimingSettings(
+        device="cpu", batch_size=cfg["latency_batch"], image_size=32, threads=1, repeats=repeats, statistic=statistic
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,9 +305,18 @@ def tp_prune(dense, ratio: float, importance_batches, example):
     # HF attention reshapes q/k/v by head_dim: tell Torch-Pruning the head count (its documented ViT recipe),
     # prune head dims (same count in q, k, v of a head), then update the modules' head_dim attribute
     num_heads = {lin: att.num_attention_heads for att in attentions for lin in (att.q_proj, att.k_proj, att.v_proj)}
-    pruner = tp.pruner.MetaPruner(wrapped, example, importance=imp, global_pruning=True, pruning_ratio=ratio,
-                                  max_pruning_ratio=0.9, ignored_layers=ignored, num_heads=num_heads,
-                                  prune_num_heads=False, prune_head_dims=True)  # fmt: skip
+    pruner = tp.pruner.MetaPruner(
+        wrapped,
+        example,
+        importance=imp,
+        global_pruning=True,
+        pruning_ratio=ratio,
+        max_pruning_ratio=0.9,
+        ignored_layers=ignored,
+        num_heads=num_heads,
+        prune_num_heads=False,
+        prune_head_dims=True,
+    )
     if ratio > 0:
         model.train()
         model.zero_grad()
@@ -308,10 +370,19 @@ def run_family(family: str, args):
         model = new_model(family, cfg)
         epochs = 1 if args.smoke else cfg["dense_epochs"]
         log(f"dense training: {epochs} epochs x {steps_per_epoch} steps")
-        seconds = train(model, data["train"], epochs * steps_per_epoch, cfg["dense_lr"], args.seed, tag=f"{family} dense")
+        seconds = train(
+            model, data["train"], epochs * steps_per_epoch, cfg["dense_lr"], args.seed, tag=f"{family} dense"
+        )
         model.save_pretrained(dense_dir)
-        res.put("dense", {"accuracy": evaluate(model, data["test"]), "params": n_params(model), "train_s": seconds,
-                          "epochs": epochs})  # fmt: skip
+        res.put(
+            "dense",
+            {
+                "accuracy": evaluate(model, data["test"]),
+                "params": n_params(model),
+                "train_s": seconds,
+                "epochs": epochs,
+            },
+        )
     dense = load_dense(family, dense_dir)
     log(f"dense: top-1 {res['dense']['accuracy']:.4f}, {res['dense']['params']:,} params")
 
@@ -320,13 +391,21 @@ def run_family(family: str, args):
     table_path = os.path.join(out, "latency_table.json")
     if "table" not in res:
         t0 = time.time()
-        table = build_table(dense, table_path, space=space, settings=settings_for(cfg, 5 if args.smoke else 15),
-                            subgrid=cfg["subgrid"], progress=False)  # fmt: skip
+        table = build_table(
+            dense,
+            table_path,
+            space=space,
+            settings=settings_for(cfg, 5 if args.smoke else 15),
+            subgrid=cfg["subgrid"],
+            progress=False,
+        )
         res.put("table", {"build_s": time.time() - t0, "reference": table.reference, "uptime": _uptime()})
     table = LatencyTable.load(table_path)
     models = {"table": TableLatencyModel(table, space), "linear": LinearLatencyModel(table, space)}
-    log(f"table: dense predicted {models['table'].predict(dense):.3f} ms (calibrated), "
-        f"linear {models['linear'].predict(dense):.3f} ms")  # fmt: skip
+    log(
+        f"table: dense predicted {models['table'].predict(dense):.3f} ms (calibrated), "
+        f"linear {models['linear'].predict(dense):.3f} ms"
+    )
 
     # 3. importance: accumulated once, reused by every method -------------------------------------------------
     n_imp = 4 if args.smoke else args.importance_batches
@@ -337,7 +416,9 @@ def run_family(family: str, args):
     scores_path = os.path.join(out, "scores.pt")
     if not os.path.isfile(scores_path):
         work = copy.deepcopy(dense)
-        session = PruningSession(work, PrunableConfig(budget_fraction=1.0, group_sizes=cfg["group_sizes"]), models["table"])
+        session = PruningSession(
+            work, PrunableConfig(budget_fraction=1.0, group_sizes=cfg["group_sizes"]), models["table"]
+        )
         accumulate_importance(session, work, imp_batches, n_imp)
         torch.save(session.scores.state_dict(), scores_path)
         session.gates.remove()
@@ -357,17 +438,24 @@ def run_family(family: str, args):
             t0 = time.time()
             try:
                 if method == "torch_pruning":
-                    pruned, info = prune_torch_pruning(dense, imp_batches[: args.tp_batches],
-                                                       settings_for(cfg, 5 if args.smoke else 15), frac, log)  # fmt: skip
+                    pruned, info = prune_torch_pruning(
+                        dense, imp_batches[: args.tp_batches], settings_for(cfg, 5 if args.smoke else 15), frac, log
+                    )
                     entry.update(info, predicted_ms=None)
                 elif method == "uniform":
                     budget = frac * models["table"].dense_ms()
                     pruned, choice, predicted, info = prune_uniform(dense, space, scores, models["table"], budget)
-                    entry.update(info, predicted_ms=predicted, budget_ms=budget,
-                                 kept_fraction=kept_fraction_by_kind(space, choice))  # fmt: skip
+                    entry.update(
+                        info,
+                        predicted_ms=predicted,
+                        budget_ms=budget,
+                        kept_fraction=kept_fraction_by_kind(space, choice),
+                    )
                 else:
                     prune, latency = mdp_variant(method, cfg)
-                    pc = PrunableConfig(budget_fraction=frac, prune=prune, group_sizes=cfg["group_sizes"], latency_model=latency)
+                    pc = PrunableConfig(
+                        budget_fraction=frac, prune=prune, group_sizes=cfg["group_sizes"], latency_model=latency
+                    )
                     work = copy.deepcopy(dense)
                     session = PruningSession(work, pc, models[latency])
                     try:
@@ -376,10 +464,15 @@ def run_family(family: str, args):
                         pruned = session.export()
                     finally:
                         session.gates.remove()
-                    entry.update(predicted_ms=step.predicted_latency_ms, budget_ms=step.budget_ms,
-                                 table_predicted_ms=models["table"].predict((space, step.choice)),
-                                 solver_status=step.status, solver_s=step.solve_time_s,
-                                 removed_blocks=step.choice.removed_blocks, kept_fraction=step.kept_fraction)  # fmt: skip
+                    entry.update(
+                        predicted_ms=step.predicted_latency_ms,
+                        budget_ms=step.budget_ms,
+                        table_predicted_ms=models["table"].predict((space, step.choice)),
+                        solver_status=step.status,
+                        solver_s=step.solve_time_s,
+                        removed_blocks=step.choice.removed_blocks,
+                        kept_fraction=step.kept_fraction,
+                    )
             except Exception as error:  # infeasible budget or a method that cannot run: recorded, not hidden
                 log(f"{key}: FAILED {type(error).__name__}: {error}")
                 res.put(key, {**entry, "status": "failed", "error": f"{type(error).__name__}: {error}"[:500]})
@@ -387,17 +480,23 @@ def run_family(family: str, args):
             entry["prune_s"] = time.time() - t0
             entry["params"] = n_params(pruned)
             entry["accuracy_before_ft"] = evaluate(pruned, data["test"])
-            entry["finetune_s"] = train(pruned, data["train"], ft_steps, args.finetune_lr, args.seed + 1, log_every=10**9)
+            entry["finetune_s"] = train(
+                pruned, data["train"], ft_steps, args.finetune_lr, args.seed + 1, log_every=10**9
+            )
             entry["accuracy"] = evaluate(pruned, data["test"])
             if method == "torch_pruning":
                 os.makedirs(folder, exist_ok=True)
-                torch.save(pruned, os.path.join(folder, "model.pt"))  # a plain nn.Module edited in place: pickled (benchmark only)
+                torch.save(
+                    pruned, os.path.join(folder, "model.pt")
+                )  # a plain nn.Module edited in place: pickled (benchmark only)
             else:
                 save_pruned_model(pruned, folder)
             entry.update(status="ok", folder=os.path.relpath(folder, out))
             res.put(key, entry)
-            log(f"{key}: predicted {entry.get('predicted_ms') or float('nan'):.3f} ms, params {entry['params']:,}, "
-                f"top-1 {entry['accuracy_before_ft']:.4f} -> {entry['accuracy']:.4f} ({time.time() - t0:.0f}s)")  # fmt: skip
+            log(
+                f"{key}: predicted {entry.get('predicted_ms') or float('nan'):.3f} ms, params {entry['params']:,}, "
+                f"top-1 {entry['accuracy_before_ft']:.4f} -> {entry['accuracy']:.4f} ({time.time() - t0:.0f}s)"
+            )
 
 
 def _uptime() -> str:
@@ -431,9 +530,15 @@ def measure(args):
         for _ in range(2 if not args.smoke else 1):
             passes.append(measure_latencies(models, settings_for(cfg, 5 if args.smoke else args.repeats)))
         dense_min = [p[0].min_ms for p in passes]
-        summary = {"uptime": up, "repeats": args.repeats, "passes": len(passes), "batch_size": cfg["latency_batch"],
-                   "dense_min_ms": dense_min, "dense_median_ms": [p[0].median_ms for p in passes],
-                   "dense_spread": [p[0].spread for p in passes]}  # fmt: skip
+        summary = {
+            "uptime": up,
+            "repeats": args.repeats,
+            "passes": len(passes),
+            "batch_size": cfg["latency_batch"],
+            "dense_min_ms": dense_min,
+            "dense_median_ms": [p[0].median_ms for p in passes],
+            "dense_spread": [p[0].spread for p in passes],
+        }
         res.put("measurement", summary)
         for i, key in enumerate(keys, start=1):
             entry = dict(res[key])
@@ -461,15 +566,26 @@ def report(args):
         dense = res["dense"]
         meas = res.data.get("measurement", {})
         dense_ms = float(np.mean(meas["dense_min_ms"])) if meas else None
-        ft = sorted({e.get("finetune_steps") for r in runs for e in r.data.values() if isinstance(e, dict) and "finetune_steps" in e})
+        ft = sorted(
+            {
+                e.get("finetune_steps")
+                for r in runs
+                for e in r.data.values()
+                if isinstance(e, dict) and "finetune_steps" in e
+            }
+        )
         lines.append(f"\n### {family}\n")
-        lines.append(f"Dense: top-1 **{dense['accuracy']:.4f}** ({dense['epochs']} epochs from scratch), {dense['params']:,} parameters, "
-                     f"measured {'n/a' if dense_ms is None else f'{dense_ms:.3f} ms'} (batch {FAMILIES[family]['latency_batch']}, 32x32, "
-                     f"1 thread, min of {meas.get('repeats', 'n/a')} repeats, mean of {meas.get('passes', 'n/a')} interleaved passes: "
-                     f"{', '.join(f'{v:.3f}' for v in meas.get('dense_min_ms', []))} ms). Fine-tuning: {ft} steps of batch 128. "
-                     f"Seeds: {len(runs)}.\n")  # fmt: skip
+        lines.append(
+            f"Dense: top-1 **{dense['accuracy']:.4f}** ({dense['epochs']} epochs from scratch), {dense['params']:,} parameters, "
+            f"measured {'n/a' if dense_ms is None else f'{dense_ms:.3f} ms'} (batch {FAMILIES[family]['latency_batch']}, 32x32, "
+            f"1 thread, min of {meas.get('repeats', 'n/a')} repeats, mean of {meas.get('passes', 'n/a')} interleaved passes: "
+            f"{', '.join(f'{v:.3f}' for v in meas.get('dense_min_ms', []))} ms). Fine-tuning: {ft} steps of batch 128. "
+            f"Seeds: {len(runs)}.\n"
+        )
         seed_cols = " | ".join(f"top-1 s{i}" for i in range(len(runs)))
-        lines.append(f"| method | budget | predicted (ms) | measured (ms) | measured / dense | params | top-1 before FT | {seed_cols} | mean top-1 | notes |")
+        lines.append(
+            f"| method | budget | predicted (ms) | measured (ms) | measured / dense | params | top-1 before FT | {seed_cols} | mean top-1 | notes |"
+        )
         lines.append("|" + "---|" * (9 + len(runs)))
         plot, spread = {}, {}
         for frac in BUDGETS:
@@ -482,7 +598,9 @@ def report(args):
                 if e.get("status") != "ok":
                     err = e.get("error", "failed")
                     short = err.split(". At that minimum")[0] if "Infeasible" in err else err[:140]
-                    lines.append(f"| {method} | {frac:.0%} | – | – | – | – | – |" + " – |" * len(runs) + f" – | {short} |")
+                    lines.append(
+                        f"| {method} | {frac:.0%} | – | – | – | – | – |" + " – |" * len(runs) + f" – | {short} |"
+                    )
                     continue
                 pred = "–" if e.get("predicted_ms") is None else f"{e['predicted_ms']:.3f}"
                 mfrac, mms = e.get("measured_fraction"), e.get("measured_ms")
@@ -505,9 +623,11 @@ def report(args):
                 valid = [a for a in accs if a is not None]
                 mean = float(np.mean(valid)) if valid else None
                 acc_cells = " | ".join("–" if a is None else f"{a:.4f}" for a in accs)
-                lines.append(f"| {method} | {frac:.0%} | {pred} | {'n/a' if mms is None else f'{mms:.3f}'} | "
-                             f"{'n/a' if mfrac is None else f'{mfrac:.3f}'} | {e['params']:,} | {e['accuracy_before_ft']:.4f} | "
-                             f"{acc_cells} | {'–' if mean is None else f'{mean:.4f}'} | {'; '.join(notes)} |")  # fmt: skip
+                lines.append(
+                    f"| {method} | {frac:.0%} | {pred} | {'n/a' if mms is None else f'{mms:.3f}'} | "
+                    f"{'n/a' if mfrac is None else f'{mfrac:.3f}'} | {e['params']:,} | {e['accuracy_before_ft']:.4f} | "
+                    f"{acc_cells} | {'–' if mean is None else f'{mean:.4f}'} | {'; '.join(notes)} |"
+                )
                 if mfrac is not None and mean is not None:
                     plot.setdefault(method, []).append((mfrac, mean))
                     spread.setdefault(method, []).append((mfrac, min(valid), max(valid)))
@@ -529,7 +649,7 @@ def _plot(family, plot, spread, dense_acc, path):
     markers = dict(zip(METHODS, "o^svDx"))
     for method, points in plot.items():
         points = sorted(points)
-        line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers.get(method, "o"), label=method)
+        (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers.get(method, "o"), label=method)
         for x, lo, hi in spread.get(method, []):
             if hi > lo:
                 ax.plot([x, x], [lo, hi], color=line.get_color(), lw=1, alpha=0.6)
@@ -552,10 +672,14 @@ def main(argv=None):
     parser.add_argument("--stage", choices=["run", "measure", "report", "all"], default="run")
     parser.add_argument("--out", default=os.path.join(ROOT, "outputs", "pareto"))
     parser.add_argument("--methods", nargs="*", default=None)
-    parser.add_argument("--budgets", type=float, nargs="*", default=list(BUDGETS), help="fractions of dense latency, in run order")
+    parser.add_argument(
+        "--budgets", type=float, nargs="*", default=list(BUDGETS), help="fractions of dense latency, in run order"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--importance_batches", type=int, default=40)
-    parser.add_argument("--tp_batches", type=int, default=10, help="of the same importance batches, for Torch-Pruning's Taylor")
+    parser.add_argument(
+        "--tp_batches", type=int, default=10, help="of the same importance batches, for Torch-Pruning's Taylor"
+    )
     parser.add_argument("--finetune_steps", type=int, default=150)
     parser.add_argument("--finetune_lr", type=float, default=5e-4)
     parser.add_argument("--repeats", type=int, default=40)

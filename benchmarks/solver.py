@@ -24,8 +24,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mdp_hf.solver import BackendUnavailable, NoSolutionWithinTimeLimit, solve  # noqa: E402
-from mdp_hf.solver import synthetic  # noqa: E402
+from mdp_hf.solver import (  # noqa: E402
+    BackendUnavailable,
+    NoSolutionWithinTimeLimit,
+    solve,
+    synthetic,  # noqa: E402
+)
 
 
 def _rebudget(problem, fraction):
@@ -42,16 +46,20 @@ FAMILIES = {
     "deit_b_widths_only": lambda seed, f: synthetic.widths_only(synthetic.deit(seed, f)),
     "resnet50_per_layer_groups": lambda seed, f: synthetic.resnet(50, seed, f, per_layer_groups=True),
     "deit_b_per_layer_groups": lambda seed, f: synthetic.deit(seed, f, per_layer_groups=True),
-    "resnet50_monotone_step": lambda seed, f: _rebudget(synthetic.monotone_step(
-        synthetic.resnet(50, seed, f), seed, shrink=0.5, removed=0.2, fixed=0.05), f),
-    "deit_b_monotone_step": lambda seed, f: _rebudget(synthetic.monotone_step(
-        synthetic.deit(seed, f), seed, shrink=0.5, removed=0.2, fixed=0.05), f),
+    "resnet50_monotone_step": lambda seed, f: _rebudget(
+        synthetic.monotone_step(synthetic.resnet(50, seed, f), seed, shrink=0.5, removed=0.2, fixed=0.05), f
+    ),
+    "deit_b_monotone_step": lambda seed, f: _rebudget(
+        synthetic.monotone_step(synthetic.deit(seed, f), seed, shrink=0.5, removed=0.2, fixed=0.05), f
+    ),
     "resnet101_huge": lambda seed, f: synthetic.resnet(101, seed, f, hub_choices=64, mid_choices=128),
     "deit_b_groups_of_1": lambda seed, f: synthetic.deit(seed, f, groups=(1, 1, 1, 1, 1)),
 }
 CNN, DEIT, HUGE = (0.1, 0.5), (1.0, 1.0), (10.0, 10.0)
-TARGETS = {name: HUGE if ("huge" in name or "groups_of_1" in name) else DEIT if name.startswith("deit") else CNN
-           for name in FAMILIES}
+TARGETS = {
+    name: HUGE if ("huge" in name or "groups_of_1" in name) else DEIT if name.startswith("deit") else CNN
+    for name in FAMILIES
+}
 MILP_TOO_LARGE = {"resnet101_huge", "deit_b_groups_of_1"}  # building the Pyomo model alone exceeds minutes
 
 
@@ -73,16 +81,25 @@ def table_per_problem(args):
     except BackendUnavailable as e:
         have_mindtpy = False
         print(f"MindtPy: not run ({e})\n")
-    print("| family | budget | auto s | backend | status | gap | objective | MILP s | MILP status | MILP gap | "
-          "MILP obj - auto (rel) | greedy s | greedy obj - auto (rel) | MindtPy |")
+    print(
+        "| family | budget | auto s | backend | status | gap | objective | MILP s | MILP status | MILP gap | "
+        "MILP obj - auto (rel) | greedy s | greedy obj - auto (rel) | MindtPy |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for family in args.families:
         for fraction in args.budgets:
             problem = FAMILIES[family](0, fraction)
             huge = family in MILP_TOO_LARGE
             exact, t_exact = timed_default(problem, 1 if huge else 3)
-            row = [family, f"{fraction:.2f}", f"{t_exact:.3f}", exact.backend, exact.status, f"{exact.gap:.1e}",
-                   f"{exact.objective:.3f}"]
+            row = [
+                family,
+                f"{fraction:.2f}",
+                f"{t_exact:.3f}",
+                exact.backend,
+                exact.status,
+                f"{exact.gap:.1e}",
+                f"{exact.objective:.3f}",
+            ]
             milp_budgets = args.deit_milp_budgets if family.startswith("deit") else args.cnn_milp_budgets
             if huge:
                 row += ["-", "not run (too large)", "-", "-"]
@@ -90,8 +107,12 @@ def table_per_problem(args):
                 limit = args.deit_milp_time_limit if family.startswith("deit") else args.milp_time_limit
                 try:
                     milp = solve(problem, backend="milp", time_limit_s=limit)
-                    row += [f"{milp.solve_time_s:.1f}", milp.status, f"{milp.gap:.1e}",
-                            rel(milp.objective, exact.objective)]
+                    row += [
+                        f"{milp.solve_time_s:.1f}",
+                        milp.status,
+                        f"{milp.gap:.1e}",
+                        rel(milp.objective, exact.objective),
+                    ]
                 except NoSolutionWithinTimeLimit:
                     row += [f"> {limit:.0f}", "no solution", "-", "-"]
             else:
@@ -123,8 +144,11 @@ def table_per_family(args):
         med, mx = statistics.median(times), max(times)
         target_med, target_max = TARGETS[family]
         met = med <= target_med and mx <= target_max and optimal == len(times)
-        print(f"| {family} | {len(times)} | {optimal}/{len(times)} | {med:.3f} | {mx:.3f} | {target_med} / {target_max} "
-              f"| {'yes' if met else 'NO'} |", flush=True)
+        print(
+            f"| {family} | {len(times)} | {optimal}/{len(times)} | {med:.3f} | {mx:.3f} | {target_med} / {target_max} "
+            f"| {'yes' if met else 'NO'} |",
+            flush=True,
+        )
 
 
 def main(argv=None):

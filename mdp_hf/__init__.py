@@ -35,9 +35,25 @@ _LAZY_ATTRIBUTES = {
     "slice_model": "surgery",
 }
 _SUBMODULES = {
-    "adapters", "cli", "config", "data", "distributed", "hub", "importance", "latency", "losses", "masks",
-    "metrics", "modeling", "pruning", "recipes", "reporting", "solver", "surgery", "trainer",
-}  # fmt: skip
+    "adapters",
+    "cli",
+    "config",
+    "data",
+    "distributed",
+    "hub",
+    "importance",
+    "latency",
+    "losses",
+    "masks",
+    "metrics",
+    "modeling",
+    "pruning",
+    "recipes",
+    "reporting",
+    "solver",
+    "surgery",
+    "trainer",
+}
 
 __all__ = sorted(_LAZY_ATTRIBUTES)
 
@@ -70,8 +86,11 @@ def _register_auto_classes() -> None:
     except Exception as e:  # never break the caller's `import transformers`
         import warnings
 
-        warnings.warn(f"mdp_hf could not register its pruned-model classes with transformers' Auto API ({e!r}); "
-                      "import mdp_hf.modeling to see the error", stacklevel=2)
+        warnings.warn(
+            f"mdp_hf could not register its pruned-model classes with transformers' Auto API ({e!r}); "
+            "import mdp_hf.modeling to see the error",
+            stacklevel=2,
+        )
 
 
 class _RegisterAfterTransformers:

@@ -82,7 +82,10 @@ class PrunableConfig:
             raise ValueError(f"PrunableConfig.{name}: {why}")
 
         if (self.budget_ms is None) == (self.budget_fraction is None):
-            bad("budget_ms/budget_fraction", "give exactly one: an absolute budget in ms, or a fraction of dense latency")
+            bad(
+                "budget_ms/budget_fraction",
+                "give exactly one: an absolute budget in ms, or a fraction of dense latency",
+            )
         if self.budget_ms is not None and not self.budget_ms > 0:
             bad("budget_ms", f"must be > 0 ms, got {self.budget_ms}")
         if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
@@ -108,7 +111,13 @@ class PrunableConfig:
             bad("block_granularity", f"must be 'sublayer' or 'layer', got {self.block_granularity!r}")
         if self.schedule not in SCHEDULES:
             bad("schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
-        for name in ("accumulation_steps", "pruning_interval", "num_pruning_steps", "latency_batch_size", "latency_repeats"):
+        for name in (
+            "accumulation_steps",
+            "pruning_interval",
+            "num_pruning_steps",
+            "latency_batch_size",
+            "latency_repeats",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, f"must be an integer >= 1, got {getattr(self, name)!r}")
         if self.schedule == "one_shot" and self.num_pruning_steps != 1:
@@ -209,7 +218,9 @@ def _parse_mapping(name: str, value) -> dict[str, int]:
         else:
             parsed = {k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(","))}
     except (ValueError, json.JSONDecodeError) as error:
-        raise ValueError(f"PrunableConfig.{name}: cannot parse {text!r}; write '{{\"embed\": 16}}' or embed=16,mlp=32") from error
+        raise ValueError(
+            f"PrunableConfig.{name}: cannot parse {text!r}; write '{{\"embed\": 16}}' or embed=16,mlp=32"
+        ) from error
     if not isinstance(parsed, dict):
         raise ValueError(f"PrunableConfig.{name}: expected a mapping kind -> int, got {text!r}")
     return parsed

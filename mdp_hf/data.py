@@ -28,7 +28,18 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
 
 FASHION_MNIST_DIR = os.environ.get("MDP_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_LABELS = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 BUILTIN_DATASETS = ("digits", "fashion_mnist")
 
 
@@ -82,9 +93,14 @@ def load_builtin(name: str, seed: int = 0) -> DatasetDict:
     raise ValueError(f"unknown built-in dataset {name!r}; built-ins are {BUILTIN_DATASETS}")
 
 
-def load_image_classification(dataset_name: str | None = None, train_dir: str | None = None,
-                              validation_dir: str | None = None, image_column: str = "image",
-                              label_column: str = "label", seed: int = 0) -> DatasetDict:  # fmt: skip
+def load_image_classification(
+    dataset_name: str | None = None,
+    train_dir: str | None = None,
+    validation_dir: str | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    seed: int = 0,
+) -> DatasetDict:
     """Load a dataset (built-in name, Hub id, or imagefolder dirs) with "train" and "validation" splits and
     check it has the image and label columns, before any expensive work starts."""
     if dataset_name in BUILTIN_DATASETS:
@@ -191,16 +207,25 @@ def _timm_train_transform(size: int, channels: int, mean, std, augment: dict, in
     from torchvision import transforms as T
 
     if augment.get("random_resized_crop", True) is False:
-        raise ValueError("random_resized_crop=False is not supported with rand_augment/random_erasing/color_jitter: "
-                         "timm's train pipeline always does RandomResizedCrop")  # fmt: skip
+        raise ValueError(
+            "random_resized_crop=False is not supported with rand_augment/random_erasing/color_jitter: "
+            "timm's train pipeline always does RandomResizedCrop"
+        )
     re_prob = float(augment.get("random_erasing") or 0.0)
     if not 0.0 <= re_prob <= 1.0:
         raise ValueError(f"random_erasing is a probability in [0, 1], got {re_prob}")
     common = dict(
-        input_size=(3, size, size), is_training=True, auto_augment=augment.get("rand_augment") or None,
-        re_prob=re_prob, re_mode="pixel", re_count=1, color_jitter=augment.get("color_jitter"),
-        hflip=0.5 if augment.get("horizontal_flip", True) else 0.0, interpolation=interpolation, separate=True,
-    )  # fmt: skip
+        input_size=(3, size, size),
+        is_training=True,
+        auto_augment=augment.get("rand_augment") or None,
+        re_prob=re_prob,
+        re_mode="pixel",
+        re_count=1,
+        color_jitter=augment.get("color_jitter"),
+        hflip=0.5 if augment.get("horizontal_flip", True) else 0.0,
+        interpolation=interpolation,
+        separate=True,
+    )
     primary, secondary, final = create_transform(**common, mean=_three(mean, channels), std=_three(std, channels))
     _zero_bit_posterize_as_black(secondary)
     steps = [ConvertMode("RGB"), primary, secondary]
@@ -343,8 +368,9 @@ def eval_sizes_from_processor(processor, size: int):
     return scaled_eval_sizes(size, None, crop)
 
 
-def build_transforms(size: int, channels: int, mean, std, data: dict | None = None, processor=None,
-                     interpolation: str = "bicubic"):  # fmt: skip
+def build_transforms(
+    size: int, channels: int, mean, std, data: dict | None = None, processor=None, interpolation: str = "bicubic"
+):
     """(train_tf, eval_tf) for a preset's ``data`` dict. Eval sizes: ``eval_resize``/``eval_crop`` if given,
     else the processor's (``eval_sizes_from_processor``), else the square resize of the demos."""
     data = check_data_config(data)
@@ -389,8 +415,15 @@ class MixupCollator:
     ``collate`` (integer labels) for evaluation.
     """
 
-    def __init__(self, num_classes: int, mixup: float = 0.8, cutmix: float = 1.0, switch_prob: float = 0.5,
-                 label_smoothing: float = 0.1, mode: str = "batch"):  # fmt: skip
+    def __init__(
+        self,
+        num_classes: int,
+        mixup: float = 0.8,
+        cutmix: float = 1.0,
+        switch_prob: float = 0.5,
+        label_smoothing: float = 0.1,
+        mode: str = "batch",
+    ):
         if mode not in ("batch", "pair", "elem"):
             raise ValueError(f"mode must be 'batch', 'pair' or 'elem', not {mode!r}")
         if mixup < 0 or cutmix < 0 or not 0.0 <= label_smoothing < 1.0:
@@ -401,9 +434,13 @@ class MixupCollator:
             from timm.data import Mixup
 
             self.mixer = Mixup(
-                mixup_alpha=float(mixup), cutmix_alpha=float(cutmix), switch_prob=float(switch_prob), mode=mode,
-                label_smoothing=self.label_smoothing, num_classes=self.num_classes,
-            )  # fmt: skip
+                mixup_alpha=float(mixup),
+                cutmix_alpha=float(cutmix),
+                switch_prob=float(switch_prob),
+                mode=mode,
+                label_smoothing=self.label_smoothing,
+                num_classes=self.num_classes,
+            )
 
     def __call__(self, examples) -> dict[str, torch.Tensor]:
         from timm.data.mixup import mixup_target
@@ -426,5 +463,6 @@ def train_collator(data: dict | None, num_classes: int):
     mixup, cutmix = float(data.get("mixup") or 0.0), float(data.get("cutmix") or 0.0)
     if mixup <= 0 and cutmix <= 0:
         return collate
-    return MixupCollator(num_classes, mixup, cutmix, float(data.get("mixup_switch_prob", 0.5)),
-                         float(data.get("label_smoothing", 0.1)))  # fmt: skip
+    return MixupCollator(
+        num_classes, mixup, cutmix, float(data.get("mixup_switch_prob", 0.5)), float(data.get("label_smoothing", 0.1))
+    )

@@ -21,7 +21,6 @@ from transformers.utils import cached_file
 from .adapters import get_adapter
 from .modeling import register_auto_classes
 
-
 PUSH_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "_*", "runs/**", "*.pt", "*.pth", "*.pkl", "*.bin"]
 
 
@@ -29,8 +28,9 @@ class CheckpointError(ValueError):
     """A saved pruned model is unreadable or its weights do not match its config."""
 
 
-def save_pruned_model(model, save_directory: str | os.PathLike, extra_files: dict[str, str] | None = None,
-                      overwrite: bool = True) -> Path:  # fmt: skip
+def save_pruned_model(
+    model, save_directory: str | os.PathLike, extra_files: dict[str, str] | None = None, overwrite: bool = True
+) -> Path:
     """Write ``model`` (an mdp_* model) into ``save_directory``, all files or none.
 
     Everything is written to a temporary sibling folder first and each file is then renamed into
@@ -76,13 +76,19 @@ def _check_saved(folder: Path) -> None:
 
 def _check_shapes_against_config(path_or_repo_id, config, auto_cls, kwargs) -> None:
     """Compare the safetensors header with the shapes config.json implies, before any weight is read."""
-    weights_file = cached_file(path_or_repo_id, "model.safetensors", **{k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir")})
+    weights_file = cached_file(
+        path_or_repo_id,
+        "model.safetensors",
+        **{k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir")},
+    )
     with torch.device("meta"):
         skeleton = auto_cls.from_config(config)
     expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
     with safe_open(weights_file, framework="pt") as handle:
         stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-    mismatched = [f"{n}: file {stored[n]} vs config {expected[n]}" for n in expected if n in stored and stored[n] != expected[n]]
+    mismatched = [
+        f"{n}: file {stored[n]} vs config {expected[n]}" for n in expected if n in stored and stored[n] != expected[n]
+    ]
     missing = sorted(set(expected) - set(stored))
     if mismatched or missing:
         raise CheckpointError(
@@ -101,7 +107,11 @@ def load_pruned_model(path_or_repo_id: str | os.PathLike, **kwargs):
     register_auto_classes()
     try:
         config = AutoConfig.from_pretrained(path_or_repo_id, **kwargs)
-        auto_cls = AutoModelForImageClassification if config.architectures and "ForImageClassification" in config.architectures[0] else AutoModel  # fmt: skip
+        auto_cls = (
+            AutoModelForImageClassification
+            if config.architectures and "ForImageClassification" in config.architectures[0]
+            else AutoModel
+        )
         _check_shapes_against_config(path_or_repo_id, config, auto_cls, kwargs)
         model, info = auto_cls.from_pretrained(path_or_repo_id, config=config, output_loading_info=True, **kwargs)
     except (SafetensorError, OSError, RuntimeError) as error:
@@ -145,15 +155,32 @@ def render_model_card(report: dict, kept_table: str, repo_or_path: str) -> str:
         "solver_time_s": fmt(solver.get("solve_time_s"), 3),
         "dense_predicted_ms": fmt(report.get("dense_predicted_latency_ms")),
     }
-    for key in ("dense_latency_ms", "pruned_latency_ms", "predicted_latency_ms", "budget_ms", "dense_params",
-                "pruned_params", "dense_accuracy", "pruned_accuracy", "device", "batch_size", "image_size",
-                "dtype", "num_threads"):  # fmt: skip
+    for key in (
+        "dense_latency_ms",
+        "pruned_latency_ms",
+        "predicted_latency_ms",
+        "budget_ms",
+        "dense_params",
+        "pruned_params",
+        "dense_accuracy",
+        "pruned_accuracy",
+        "device",
+        "batch_size",
+        "image_size",
+        "dtype",
+        "num_threads",
+    ):
         fields[key] = fmt(report.get(key))
     return template.substitute(fields)
 
 
-def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool | None = None,
-                       commit_message: str = "MDP pruned model") -> str:  # fmt: skip
+def push_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "MDP pruned model",
+) -> str:
     """Create ``repo_id`` if needed and upload ``folder`` (a saved pruned model) as one commit; returns its URL."""
     from huggingface_hub import HfApi
 
@@ -164,6 +191,7 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, token: str | Non
     api.create_repo(repo_id, private=private, exist_ok=True)
     # A run's output folder also holds Trainer checkpoints (full-size weights, pickled optimizer/RNG state)
     # and logs: only the pruned model's own files go up.
-    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
-                               ignore_patterns=PUSH_IGNORE_PATTERNS)  # fmt: skip
+    commit = api.upload_folder(
+        folder_path=str(folder), repo_id=repo_id, commit_message=commit_message, ignore_patterns=PUSH_IGNORE_PATTERNS
+    )
     return str(getattr(commit, "commit_url", commit))

@@ -130,15 +130,23 @@ def _as_teacher_output(value):
 class DistillationSettings:
     """How MDPLoss distils (defaults: the official MDP DeiT run, see the module docstring)."""
 
-    teacher: str | None = None  # None: no distillation; "dense": frozen copy of the student before pruning; or a Hub id / local folder
+    teacher: str | None = (
+        None  # None: no distillation; "dense": frozen copy of the student before pruning; or a Hub id / local folder
+    )
     kl_weight: float = OFFICIAL_KL_WEIGHT  # weight of KL(teacher || student); official 1e5 (KL averaged over N*C)
     temperature: float = OFFICIAL_TEMPERATURE  # KL temperature while scores accumulate (official 3; no T^2 factor)
     finetune_temperature: float = OFFICIAL_FINETUNE_TEMPERATURE  # KL temperature while fine-tuning (official 20)
-    hard_distillation: bool | None = None  # distillation head vs teacher argmax; None: on iff the student has a distillation head
-    hard_teacher: str | None = None  # teacher for hard distillation (official: RegNetY-160); None: the same as `teacher`
+    hard_distillation: bool | None = (
+        None  # distillation head vs teacher argmax; None: on iff the student has a distillation head
+    )
+    hard_teacher: str | None = (
+        None  # teacher for hard distillation (official: RegNetY-160); None: the same as `teacher`
+    )
     distillation_alpha: float = OFFICIAL_DISTILLATION_ALPHA  # (1 - a) * base + a * hard (official 0.5)
     label_smoothing: float = 0.0  # smoothing of the CE on integer labels (official 0.1; float/mixup targets unchanged)
-    base_logits: str = "mean"  # logits the base CE sees with a distillation head: "mean" (official MDP) or "cls" (original DeiT)
+    base_logits: str = (
+        "mean"  # logits the base CE sees with a distillation head: "mean" (official MDP) or "cls" (original DeiT)
+    )
 
     def __post_init__(self):
         for name in ("teacher", "hard_teacher"):
@@ -148,8 +156,10 @@ class DistillationSettings:
                     f"DistillationSettings.{name} must be None, 'dense', or a Hub id / local folder, got {value!r}"
                 )
         if self.hard_teacher == "dense":
-            raise ValueError("DistillationSettings.hard_teacher='dense' is the default already: leave it None "
-                             "(hard distillation then uses `teacher`)")  # fmt: skip
+            raise ValueError(
+                "DistillationSettings.hard_teacher='dense' is the default already: leave it None "
+                "(hard distillation then uses `teacher`)"
+            )
         for name, low_ok in (("kl_weight", True), ("temperature", False), ("finetune_temperature", False)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -162,7 +172,9 @@ class DistillationSettings:
                 f"DistillationSettings.hard_distillation must be True, False or None (auto), got {self.hard_distillation!r}"
             )
         if self.hard_distillation and self.teacher is None and self.hard_teacher is None:
-            raise ValueError("DistillationSettings.hard_distillation=True needs a teacher: set `teacher` or `hard_teacher`")
+            raise ValueError(
+                "DistillationSettings.hard_distillation=True needs a teacher: set `teacher` or `hard_teacher`"
+            )
         a = self.distillation_alpha
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
             raise ValueError(f"DistillationSettings.distillation_alpha must be in [0, 1], got {a!r}")
@@ -190,10 +202,19 @@ def _unwrap(model):
 
 def _clear_hooks(model: nn.Module) -> None:
     for module in model.modules():
-        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                     "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
-                     "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-                     "_load_state_dict_post_hooks"):  # fmt: skip
+        for name in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+            "_forward_hooks_with_kwargs",
+            "_forward_pre_hooks_with_kwargs",
+            "_forward_hooks_always_called",
+            "_state_dict_hooks",
+            "_state_dict_pre_hooks",
+            "_load_state_dict_pre_hooks",
+            "_load_state_dict_post_hooks",
+        ):
             hooks = getattr(module, name, None)
             if hooks is not None and hasattr(hooks, "clear"):
                 hooks.clear()
@@ -218,8 +239,10 @@ def _dense_copy(student: nn.Module) -> nn.Module:
     from transformers import PreTrainedModel
 
     if _has_hooks(student):
-        logger.warning("load_teacher('dense'): the student already has forward hooks (gates?); the teacher is "
-                       "rebuilt without them. Load the teacher before installing gates.")  # fmt: skip
+        logger.warning(
+            "load_teacher('dense'): the student already has forward hooks (gates?); the teacher is "
+            "rebuilt without them. Load the teacher before installing gates."
+        )
     ref = _first_param(student)
     teacher = None
     if isinstance(student, PreTrainedModel):  # rebuilt: no hooks, no shared tensors, its own config
@@ -227,7 +250,9 @@ def _dense_copy(student: nn.Module) -> nn.Module:
             teacher = type(student)(copy.deepcopy(student.config))  # slicing edits the student's config later
             teacher.load_state_dict(student.state_dict(), strict=True)
         except (TypeError, RuntimeError, ValueError) as err:  # e.g. extra constructor arguments
-            logger.info("load_teacher('dense'): rebuilding %s failed (%s); deep-copying it", type(student).__name__, err)
+            logger.info(
+                "load_teacher('dense'): rebuilding %s failed (%s); deep-copying it", type(student).__name__, err
+            )
             teacher = None
     if teacher is None:
         teacher = copy.deepcopy(student)
@@ -281,8 +306,13 @@ def _call_model(model: nn.Module, pixel_values: torch.Tensor, extra: dict | None
 
 def _output_width(model: nn.Module, channels: int, size: tuple[int, int]) -> int:
     ref = _first_param(model)
-    x = torch.zeros(1, channels, *size, device=ref.device if ref is not None else "cpu",
-                    dtype=ref.dtype if ref is not None and ref.is_floating_point() else torch.float32)  # fmt: skip
+    x = torch.zeros(
+        1,
+        channels,
+        *size,
+        device=ref.device if ref is not None else "cpu",
+        dtype=ref.dtype if ref is not None and ref.is_floating_point() else torch.float32,
+    )
     was_training = model.training
     model.eval()
     try:
@@ -302,8 +332,9 @@ def check_teacher(teacher: nn.Module, student: nn.Module, name: str = "teacher")
             "pick a teacher trained at the student's resolution (or resize the student's inputs and config)"
         )
     if t_ch is not None and s_ch is not None and t_ch != s_ch:
-        raise ValueError(f"{name} expects {t_ch} input channels but the student {s_ch}: pick a teacher with "
-                         f"{s_ch} channels")  # fmt: skip
+        raise ValueError(
+            f"{name} expects {t_ch} input channels but the student {s_ch}: pick a teacher with {s_ch} channels"
+        )
     t_labels, s_labels = _num_labels(teacher), _num_labels(student)
     if t_labels is None or s_labels is None:  # timm or custom: look at the output width
         channels = s_ch or t_ch or 3
@@ -318,8 +349,9 @@ def check_teacher(teacher: nn.Module, student: nn.Module, name: str = "teacher")
     s_map = getattr(getattr(student, "config", None), "id2label", None)
     generic = lambda m: all(str(v) == f"LABEL_{k}" for k, v in m.items())  # noqa: E731
     if t_map and s_map and not generic(t_map) and not generic(s_map) and dict(t_map) != dict(s_map):
-        logger.warning("%s and student name their %d labels differently; check they are in the same order",
-                       name, s_labels)  # fmt: skip
+        logger.warning(
+            "%s and student name their %d labels differently; check they are in the same order", name, s_labels
+        )
 
 
 def load_teacher(spec: str, student: nn.Module, **hub_kwargs) -> nn.Module:
@@ -389,14 +421,21 @@ class MDPLoss:
     "pruning", "finetuning") is set by the trainer; see the module docstring.
     """
 
-    def __init__(self, settings: DistillationSettings | None = None, teacher: nn.Module | None = None,
-                 hard_teacher: nn.Module | None = None, phase: str = "pruning"):  # fmt: skip
+    def __init__(
+        self,
+        settings: DistillationSettings | None = None,
+        teacher: nn.Module | None = None,
+        hard_teacher: nn.Module | None = None,
+        phase: str = "pruning",
+    ):
         self.settings = settings if settings is not None else DistillationSettings()
         if not isinstance(self.settings, DistillationSettings):
             raise TypeError(f"settings must be a DistillationSettings, got {type(self.settings).__name__}")
         if teacher is not None and self.settings.teacher is None:
-            raise ValueError("a teacher module was given but DistillationSettings.teacher is None; set it "
-                             "(e.g. 'dense') or pass no teacher")  # fmt: skip
+            raise ValueError(
+                "a teacher module was given but DistillationSettings.teacher is None; set it "
+                "(e.g. 'dense') or pass no teacher"
+            )
         self.teacher = _freeze(teacher) if teacher is not None else None
         self.hard_teacher = _freeze(hard_teacher) if hard_teacher is not None else None
         self.phase = phase
@@ -404,8 +443,9 @@ class MDPLoss:
         self._parts: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def from_settings(cls, settings: DistillationSettings, student: nn.Module, phase: str = "pruning",
-                      **hub_kwargs) -> MDPLoss:  # fmt: skip
+    def from_settings(
+        cls, settings: DistillationSettings, student: nn.Module, phase: str = "pruning", **hub_kwargs
+    ) -> MDPLoss:
         """Load the teachers the settings name (call before gates are installed on ``student``)."""
         teacher = load_teacher(settings.teacher, student, **hub_kwargs) if settings.teacher else None
         hard = load_teacher(settings.hard_teacher, student, **hub_kwargs) if settings.hard_teacher else None
@@ -437,8 +477,10 @@ class MDPLoss:
     # teachers -------------------------------------------------------------------------------------------
     def _run_teacher(self, teacher: nn.Module, pixel_values: torch.Tensor, student_ref: torch.Tensor | None):
         ref = _first_param(teacher)
-        if ref is not None and student_ref is not None and (
-            ref.device != student_ref.device or (ref.is_floating_point() and ref.dtype != student_ref.dtype)
+        if (
+            ref is not None
+            and student_ref is not None
+            and (ref.device != student_ref.device or (ref.is_floating_point() and ref.dtype != student_ref.dtype))
         ):  # follow the student to its device and training dtype (once)
             teacher.to(device=student_ref.device, dtype=student_ref.dtype)
         if teacher.training:
@@ -467,8 +509,10 @@ class MDPLoss:
                 return tuple(v.detach().float() for v in value)
             return value.detach().float()
         if module is None:
-            raise ValueError(f"{what} is set in DistillationSettings but MDPLoss has no {what} module and the batch "
-                             f"has no '{key}': build the loss with MDPLoss.from_settings(settings, student)")  # fmt: skip
+            raise ValueError(
+                f"{what} is set in DistillationSettings but MDPLoss has no {what} module and the batch "
+                f"has no '{key}': build the loss with MDPLoss.from_settings(settings, student)"
+            )
         return self._run_teacher(module, pixel_values, student_ref)
 
     # the loss -------------------------------------------------------------------------------------------
@@ -476,8 +520,9 @@ class MDPLoss:
         logits = logits.float()
         if labels.is_floating_point():
             if labels.shape != logits.shape:
-                raise ValueError(f"float labels must be (N, C) targets of shape {tuple(logits.shape)}, got "
-                                 f"{tuple(labels.shape)}")  # fmt: skip
+                raise ValueError(
+                    f"float labels must be (N, C) targets of shape {tuple(logits.shape)}, got {tuple(labels.shape)}"
+                )
             return soft_target_cross_entropy(logits, labels.float())
         return F.cross_entropy(logits, labels.view(-1).to(logits.device), label_smoothing=self.settings.label_smoothing)
 
@@ -501,24 +546,30 @@ class MDPLoss:
             raise ValueError("MDPLoss needs 'labels' in the batch")
         base_input = pair[0] if (pair is not None and s.base_logits == "cls") else logits  # logits: the mean
         ce = self._base(base_input, labels)
-        hard_on = s.hard_distillation if s.hard_distillation is not None else (
-            pair is not None and (s.teacher is not None or s.hard_teacher is not None)
-        )  # fmt: skip
+        hard_on = (
+            s.hard_distillation
+            if s.hard_distillation is not None
+            else (pair is not None and (s.teacher is not None or s.hard_teacher is not None))
+        )
         if hard_on and pair is None:
-            raise ValueError("DistillationSettings.hard_distillation=True but the student has no distillation head "
-                             "(cls_logits + distillation_logits); set hard_distillation=None or False")  # fmt: skip
+            raise ValueError(
+                "DistillationSettings.hard_distillation=True but the student has no distillation head "
+                "(cls_logits + distillation_logits); set hard_distillation=None or False"
+            )
 
         kl_teacher_out = None
         need_kl = s.teacher is not None and s.kl_weight > 0 and self.phase != "warmup"
         if need_kl or (hard_on and s.hard_teacher is None):
-            kl_teacher_out = self._teacher_output(precomputed, TEACHER_LOGITS_KEY, self.teacher, pixel_values,
-                                                  student_ref, "teacher")  # fmt: skip
+            kl_teacher_out = self._teacher_output(
+                precomputed, TEACHER_LOGITS_KEY, self.teacher, pixel_values, student_ref, "teacher"
+            )
 
         hard = zero
         if hard_on:
             if s.hard_teacher is not None:
-                hard_out = self._teacher_output(precomputed, HARD_TEACHER_LOGITS_KEY, self.hard_teacher, pixel_values,
-                                                student_ref, "hard_teacher")  # fmt: skip
+                hard_out = self._teacher_output(
+                    precomputed, HARD_TEACHER_LOGITS_KEY, self.hard_teacher, pixel_values, student_ref, "hard_teacher"
+                )
             else:
                 hard_out = kl_teacher_out
             hard_target = _mean_logits(hard_out).argmax(dim=-1)

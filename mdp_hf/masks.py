@@ -15,7 +15,15 @@ from .adapters import PruningChoice, PruningSpace
 from .solver.problem import Block, Dimension, LatencyTerm, ObjectiveTerm, Problem, Solution
 
 # dimension kinds that a prune-list entry switches on
-_KIND_SWITCH = {"embed": "embed", "heads": "heads", "qk": "qk", "v": "v", "mlp": "mlp", "channels": "channels", "residual": "residual"}
+_KIND_SWITCH = {
+    "embed": "embed",
+    "heads": "heads",
+    "qk": "qk",
+    "v": "v",
+    "mlp": "mlp",
+    "channels": "channels",
+    "residual": "residual",
+}
 
 
 def ranked_units(scores: np.ndarray) -> np.ndarray:
@@ -93,8 +101,10 @@ def build_problem(
     members: dict[str, list] = {}
     for name, block in space.blocks.items():
         members.setdefault(owner(name), []).append(block)
-    blocks = [Block(name, removable=all(b.removable for b in group) and ("blocks" in prune or name in removed_before))
-              for name, group in members.items()]  # fmt: skip
+    blocks = [
+        Block(name, removable=all(b.removable for b in group) and ("blocks" in prune or name in removed_before))
+        for name, group in members.items()
+    ]
     fixed_blocks = {name: False for name in removed_before}
     choices = {d.name: len(d.widths) for d in dimensions}
     terms = []
@@ -103,8 +113,16 @@ def build_problem(
         table = table[tuple(slice(0, choices[d]) for d in t.dims)] if t.dims else table
         terms.append(LatencyTerm(t.name, list(t.dims), table, owner(t.block)))
     meta = {"model_type": space.model_type, "importance_scale": scale, **(metadata or {})}
-    problem = Problem(dimensions, blocks, objective_terms, terms, float(budget_ms), fixed_choices=fixed,
-                      fixed_blocks=fixed_blocks, metadata=meta)  # fmt: skip
+    problem = Problem(
+        dimensions,
+        blocks,
+        objective_terms,
+        terms,
+        float(budget_ms),
+        fixed_choices=fixed,
+        fixed_blocks=fixed_blocks,
+        metadata=meta,
+    )
     problem.validate()
     return problem
 
@@ -117,7 +135,10 @@ def _candidates(space: PruningSpace, name: str, active: PruningChoice | None) ->
 
 
 def choice_from_solution(
-    space: PruningSpace, scores: dict[str, np.ndarray], solution: Solution, active: PruningChoice | None = None,
+    space: PruningSpace,
+    scores: dict[str, np.ndarray],
+    solution: Solution,
+    active: PruningChoice | None = None,
     merge_blocks: dict[str, str] | None = None,
 ) -> PruningChoice:
     """Kept unit indices (the top-scoring ``widths[c]`` candidate units) per dimension, and the removed blocks."""

@@ -80,7 +80,9 @@ class PruningSession:
             name: [(f"share/{name}/{i}", block) for i, (block, _) in enumerate(members)]
             for name, members in self._step_shares().items()
         }
-        sizes.update({key: self.space.dimensions[name].size for name, keys in self.share_keys.items() for key, _ in keys})
+        sizes.update(
+            {key: self.space.dimensions[name].size for name, keys in self.share_keys.items() for key, _ in keys}
+        )
         share_groups = {name: [key for key, _ in keys] for name, keys in self.share_keys.items()}
         self.scores = ImportanceAccumulator(sizes, self.adapter.default_score_kind, config.ema_decay, share_groups)
 
@@ -138,9 +140,11 @@ class PruningSession:
             scores = {k: v.numpy() for k, v in self.adapter.unit_magnitudes(self.model, self.space).items()}
         else:
             scores = {name: committed[name] for name in self.space.dimensions}
-        shares = {} if self.config.importance == "magnitude" else {
-            name: [(block, committed[key]) for key, block in keys] for name, keys in self.share_keys.items()
-        }  # fmt: skip
+        shares = (
+            {}
+            if self.config.importance == "magnitude"
+            else {name: [(block, committed[key]) for key, block in keys] for name, keys in self.share_keys.items()}
+        )
         budget = self.budget_for_step(step_index)
         # monotone (official): a pruned unit or block stays pruned; later steps rank only the active units
         active = self.choice if self.config.monotone else None
@@ -148,26 +152,47 @@ class PruningSession:
         terms = self.latency_terms
         current = self.choice
         if getattr(self.latency_model, "relinearises", False) and current is not None:  # HALP: at the current widths
-            around = {name: dim.widths().index(len(current.kept_indices(self.space, name))) for name, dim in self.space.dimensions.items()}
+            around = {
+                name: dim.widths().index(len(current.kept_indices(self.space, name)))
+                for name, dim in self.space.dimensions.items()
+            }
             terms = self.latency_model.solver_terms(self.space, around=around)
 
         def solve_on_main():
             problem = build_problem(
-                self.space, scores, terms, budget, self.config.prune,
+                self.space,
+                scores,
+                terms,
+                budget,
+                self.config.prune,
                 metadata={"step": step_index, "dense_predicted_ms": self.dense_predicted_ms},
-                shares=shares, active=active, keep_full=self.keep_full, merge_blocks=self.merge_blocks,
-            )  # fmt: skip
+                shares=shares,
+                active=active,
+                keep_full=self.keep_full,
+                merge_blocks=self.merge_blocks,
+            )
             if self.config.dump_problems_dir:
                 os.makedirs(self.config.dump_problems_dir, exist_ok=True)
                 problem.to_json(os.path.join(self.config.dump_problems_dir, f"problem_step{step_index}.json"))
             solution = solve(problem, self.config.solver_backend, self.config.solver_time_limit_s)
             if solution.status != "optimal":
-                logger.warning("MDP step %d: solver stopped with status %s, gap %.3g", step_index, solution.status, solution.gap)
+                logger.warning(
+                    "MDP step %d: solver stopped with status %s, gap %.3g", step_index, solution.status, solution.gap
+                )
             choice = choice_from_solution(self.space, scores, solution, active, self.merge_blocks)
             return PruningStepResult(
-                step_index, budget, choice, solution.latency_ms, solution.objective, solution.bound, solution.gap,
-                solution.status, solution.backend, solution.solve_time_s, kept_fraction_by_kind(self.space, choice),
-            )  # fmt: skip
+                step_index,
+                budget,
+                choice,
+                solution.latency_ms,
+                solution.objective,
+                solution.bound,
+                solution.gap,
+                solution.status,
+                solution.backend,
+                solution.solve_time_s,
+                kept_fraction_by_kind(self.space, choice),
+            )
 
         result = run_on_main_and_broadcast(solve_on_main)
         self.gates.apply_choice(result.choice)
@@ -219,8 +244,15 @@ def _merged_blocks(adapter, space, config: PrunableConfig) -> dict[str, str]:
 def _check_feasible(space, latency_terms, budget_ms: float, config: PrunableConfig) -> None:
     uniform = {name: np.ones(dim.size) for name, dim in space.dimensions.items()}
     adapter = get_adapter(space.model_type)
-    problem = build_problem(space, uniform, latency_terms, budget_ms, config.prune, keep_full=_kept_full(adapter, space, config),
-                            merge_blocks=_merged_blocks(adapter, space, config))  # fmt: skip
+    problem = build_problem(
+        space,
+        uniform,
+        latency_terms,
+        budget_ms,
+        config.prune,
+        keep_full=_kept_full(adapter, space, config),
+        merge_blocks=_merged_blocks(adapter, space, config),
+    )
     solve(problem, config.solver_backend, config.solver_time_limit_s)
 
 
@@ -239,14 +271,26 @@ def latency_model_for(model, config: PrunableConfig, table_path: str | None = No
     Under several processes the main rank builds or loads the table and broadcasts it, so ranks never
     time concurrently on one device. ``table_path``: where a built table is written (resumable).
     """
-    from .latency import (FlopsLatencyModel, LatencyTable, LinearLatencyModel, TableLatencyModel, TimingSettings,
-                          build_table, pull_table, run_metadata)  # fmt: skip
+    from .latency import (
+        FlopsLatencyModel,
+        LatencyTable,
+        LinearLatencyModel,
+        TableLatencyModel,
+        TimingSettings,
+        build_table,
+        pull_table,
+        run_metadata,
+    )
 
     space = build_space(model, config.group_sizes, config.min_keep)
     settings = TimingSettings(
-        device=config.latency_device, batch_size=config.latency_batch_size, image_size=config.latency_image_size,
-        dtype=config.latency_dtype, threads=config.latency_num_threads, repeats=config.latency_repeats,
-    )  # fmt: skip
+        device=config.latency_device,
+        batch_size=config.latency_batch_size,
+        image_size=config.latency_image_size,
+        dtype=config.latency_dtype,
+        threads=config.latency_num_threads,
+        repeats=config.latency_repeats,
+    )
 
     def load_or_build():
         if config.latency_table:
@@ -258,7 +302,9 @@ def latency_model_for(model, config: PrunableConfig, table_path: str | None = No
         return build_table(model, table_path, space=space, settings=settings, subgrid=config.latency_subgrid)
 
     table = run_on_main_and_broadcast(load_or_build)
-    model_cls = {"table": TableLatencyModel, "linear": LinearLatencyModel, "flops": FlopsLatencyModel}[config.latency_model]
+    model_cls = {"table": TableLatencyModel, "linear": LinearLatencyModel, "flops": FlopsLatencyModel}[
+        config.latency_model
+    ]
     return model_cls(table, space, allow_mismatch=config.latency_allow_mismatch)
 
 
@@ -324,5 +370,10 @@ def prune(model, config: PrunableConfig, dataloader, latency_model, num_batches:
     finally:
         session.gates.remove()
         model.eval()
-    logger.info("MDP one-shot: world size %d, predicted %.3f ms for budget %.3f ms", world_size(), result.predicted_latency_ms, result.budget_ms)
+    logger.info(
+        "MDP one-shot: world size %d, predicted %.3f ms for budget %.3f ms",
+        world_size(),
+        result.predicted_latency_ms,
+        result.budget_ms,
+    )
     return pruned, result

@@ -16,15 +16,22 @@ from dataclasses import dataclass, field
 
 import evaluate
 import numpy as np
-from transformers import AutoConfig, AutoModelForImageClassification, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import (
+    AutoConfig,
+    AutoModelForImageClassification,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 
-from .config import PrunableConfig
-from .losses import DistillationSettings
-from .presets import get_preset
-from .distributed import use_cpu_ranks_without_gpu
-from .data import build_transforms, collate, label_names, load_image_classification, train_collator, with_transforms
-from .metrics import ACCURACY_PATH
 from .adapters import get_adapter
+from .config import PrunableConfig
+from .data import build_transforms, collate, label_names, load_image_classification, train_collator, with_transforms
+from .distributed import use_cpu_ranks_without_gpu
+from .losses import DistillationSettings
+from .metrics import ACCURACY_PATH
+from .presets import get_preset
 from .pruning import check_budget, latency_model_for
 from .trainer import LATENCY_TABLE_NAME, REPORT_NAME, MDPTrainer
 
@@ -51,27 +58,65 @@ class ScriptArguments:
     """Model, data and dense-training arguments of a recipe (pruning ones are PrunableConfig's)."""
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Hub id or local folder of the model to prune (e.g. facebook/deit-base-distilled-patch16-224). Default: the recipe's tiny model, trained from scratch."}
+        default=None,
+        metadata={
+            "help": "Hub id or local folder of the model to prune (e.g. facebook/deit-base-distilled-patch16-224). Default: the recipe's tiny model, trained from scratch."
+        },
     )
-    model_config: str | None = field(default=None, metadata={"help": "A config.json to build a model from scratch (random init)."})
-    dataset_name: str | None = field(default="digits", metadata={"help": "Built-in (digits, fashion_mnist) or a Hub dataset id (e.g. cifar10, imagenet-1k)."})
-    train_dir: str | None = field(default=None, metadata={"help": "imagefolder training directory (instead of --dataset_name)."})
+    model_config: str | None = field(
+        default=None, metadata={"help": "A config.json to build a model from scratch (random init)."}
+    )
+    dataset_name: str | None = field(
+        default="digits",
+        metadata={"help": "Built-in (digits, fashion_mnist) or a Hub dataset id (e.g. cifar10, imagenet-1k)."},
+    )
+    train_dir: str | None = field(
+        default=None, metadata={"help": "imagefolder training directory (instead of --dataset_name)."}
+    )
     validation_dir: str | None = field(default=None, metadata={"help": "imagefolder validation directory."})
     image_column: str = field(default="image", metadata={"help": "Dataset column holding the image."})
     label_column: str = field(default="label", metadata={"help": "Dataset column holding the integer label."})
-    image_size: int | None = field(default=None, metadata={"help": "Input resolution (default: the model config's image_size, else 224)."})
+    image_size: int | None = field(
+        default=None, metadata={"help": "Input resolution (default: the model config's image_size, else 224)."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (quick runs)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
-    preset: str | None = field(default=None, metadata={"help": "The paper's settings (mdp_hf.presets): deit_paper or resnet50_paper. Default: the recipe's preset for a pretrained --model_name_or_path; the embedded demo's scaled-down values otherwise.", "choices": ["deit_paper", "resnet50_paper"]})
-    teacher: str | None = field(default=None, metadata={"help": "Distillation teacher: 'dense' (a frozen copy of the model before pruning), a Hub id or folder, or 'none'. Default: the preset's."})
-    kl_weight: float | None = field(default=None, metadata={"help": "Weight of the KL term to the teacher (official 1e5, KL averaged over batch x classes). Default: the preset's."})
-    hard_distillation: bool | None = field(default=None, metadata={"help": "Train a DeiT distillation head on the teacher's argmax (default: when the model has one)."})
-    dense_epochs: float = field(default=0.0, metadata={"help": "Epochs of dense training before pruning. Only models without pretrained weights need some (the embedded demo sets it); 0 for a pretrained model unless you ask."})
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "The paper's settings (mdp_hf.presets): deit_paper or resnet50_paper. Default: the recipe's preset for a pretrained --model_name_or_path; the embedded demo's scaled-down values otherwise.",
+            "choices": ["deit_paper", "resnet50_paper"],
+        },
+    )
+    teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "Distillation teacher: 'dense' (a frozen copy of the model before pruning), a Hub id or folder, or 'none'. Default: the preset's."
+        },
+    )
+    kl_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of the KL term to the teacher (official 1e5, KL averaged over batch x classes). Default: the preset's."
+        },
+    )
+    hard_distillation: bool | None = field(
+        default=None,
+        metadata={"help": "Train a DeiT distillation head on the teacher's argmax (default: when the model has one)."},
+    )
+    dense_epochs: float = field(
+        default=0.0,
+        metadata={
+            "help": "Epochs of dense training before pruning. Only models without pretrained weights need some (the embedded demo sets it); 0 for a pretrained model unless you ask."
+        },
+    )
     dense_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the dense training."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing run in --output_dir."})
 
 
-def parse_args(embedded: dict, default_preset: str, argv: list[str] | None = None) -> tuple[ScriptArguments, PrunableConfig, TrainingArguments]:
+def parse_args(
+    embedded: dict, default_preset: str, argv: list[str] | None = None
+) -> tuple[ScriptArguments, PrunableConfig, TrainingArguments]:
     """Command line (or a single YAML/JSON file) -> the three argument dataclasses.
 
     Defaults, lowest first: the dataclasses' own; then either the recipe's ``embedded`` demo values (no
@@ -89,7 +134,9 @@ def parse_args(embedded: dict, default_preset: str, argv: list[str] | None = Non
         defaults = recipe_defaults(embedded, default_preset, given.get("preset"), given.get("model_name_or_path"))
         return parser.parse_dict(_with_defaults(defaults, given))
     given = {arg[2:].split("=", 1)[0]: True for arg in argv if arg.startswith("--")}
-    defaults = recipe_defaults(embedded, default_preset, _argv_value(argv, "preset"), _argv_value(argv, "model_name_or_path"))
+    defaults = recipe_defaults(
+        embedded, default_preset, _argv_value(argv, "preset"), _argv_value(argv, "model_name_or_path")
+    )
     parser.set_defaults(**_with_defaults(defaults, given, only_defaults=True))
     return parser.parse_args_into_dataclasses(args=argv)
 
@@ -140,7 +187,11 @@ def build_model(args: ScriptArguments, default_config, labels: list[str]):
     label2id = {v: k for k, v in id2label.items()}
     if args.model_name_or_path:
         model = AutoModelForImageClassification.from_pretrained(
-            args.model_name_or_path, num_labels=len(labels), id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True
+            args.model_name_or_path,
+            num_labels=len(labels),
+            id2label=id2label,
+            label2id=label2id,
+            ignore_mismatched_sizes=True,
         )
         return model, False
     config = AutoConfig.from_pretrained(args.model_config) if args.model_config else default_config
@@ -160,7 +211,9 @@ def accuracy_metric():
 
 
 def prepare_data(args: ScriptArguments, seed: int):
-    data = load_image_classification(args.dataset_name, args.train_dir, args.validation_dir, args.image_column, args.label_column, seed)
+    data = load_image_classification(
+        args.dataset_name, args.train_dir, args.validation_dir, args.image_column, args.label_column, seed
+    )
     if args.max_train_samples:
         data["train"] = data["train"].shuffle(seed=seed).select(range(min(args.max_train_samples, len(data["train"]))))
     if args.max_eval_samples:
@@ -198,8 +251,11 @@ def distillation_settings(args: ScriptArguments, training_args: TrainingArgument
     """The loss MDPTrainer uses: distillation from ``--teacher`` (with the preset's weights), else the model's."""
     if not args.teacher or args.teacher == "none":
         return None
-    kwargs = {"teacher": args.teacher, "hard_distillation": args.hard_distillation,
-              "label_smoothing": training_args.label_smoothing_factor}  # fmt: skip
+    kwargs = {
+        "teacher": args.teacher,
+        "hard_distillation": args.hard_distillation,
+        "label_smoothing": training_args.label_smoothing_factor,
+    }
     if args.kl_weight is not None:
         kwargs["kl_weight"] = args.kl_weight
     return DistillationSettings(**kwargs)
@@ -211,8 +267,11 @@ def run(defaults: dict, default_model_config, default_preset: str) -> dict:
     ``defaults``: the embedded demo's values; ``default_preset``: the paper preset a pretrained model gets."""
     args, prunable_config, training_args = parse_args(defaults, default_preset)
     augment = get_preset(args.preset).data if args.preset else {}
-    logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     start = time.time()
     # the image column is turned into pixel_values on the fly (set_transform): Trainer must not drop it
     training_args.remove_unused_columns = False
@@ -226,16 +285,25 @@ def run(defaults: dict, default_model_config, default_preset: str) -> dict:
     if prunable_config.latency_image_size is None:  # time the blocks at the resolution the model is fed
         prunable_config.latency_image_size = input_size(model, args)
     # measure (or load) the latency table and check the budget before the dense training is spent
-    latency_model = latency_model_for(model, prunable_config, os.path.join(training_args.output_dir, LATENCY_TABLE_NAME))
+    latency_model = latency_model_for(
+        model, prunable_config, os.path.join(training_args.output_dir, LATENCY_TABLE_NAME)
+    )
     check_budget(model, prunable_config, latency_model)
     compute_metrics = accuracy_metric()
 
     if args.dense_epochs > 0:  # the embedded demo (random init) or when asked; never by default for a pretrained model
         dense_args = TrainingArguments(
-            **{**training_args.to_dict(), "output_dir": os.path.join(training_args.output_dir, "dense"),
-               "num_train_epochs": args.dense_epochs, "max_steps": -1, "learning_rate": args.dense_learning_rate,
-               "save_strategy": "no", "eval_strategy": "no", "push_to_hub": False}
-        )  # fmt: skip
+            **{
+                **training_args.to_dict(),
+                "output_dir": os.path.join(training_args.output_dir, "dense"),
+                "num_train_epochs": args.dense_epochs,
+                "max_steps": -1,
+                "learning_rate": args.dense_learning_rate,
+                "save_strategy": "no",
+                "eval_strategy": "no",
+                "push_to_hub": False,
+            }
+        )
         logger.info("training the dense model for %s epochs", args.dense_epochs)
         Trainer(model=model, args=dense_args, train_dataset=data["train"], data_collator=collate).train()
         shutil.rmtree(dense_args.output_dir, ignore_errors=True)
@@ -275,8 +343,10 @@ def print_summary(report: dict, output_dir: str, seconds: float) -> None:
         ("parameters", f"{report['dense_params']:,}", f"{report['pruned_params']:,}"),
     ]
     width = max(len(r[0]) for r in rows)
-    print(f"\nMDP on {report['device']} (batch {report['batch_size']}, {report.get('num_threads')} thread(s)), "
-          f"budget {report['budget_ms']:.3f} ms, {report['world_size']} process(es), {seconds / 60:.1f} min")  # fmt: skip
+    print(
+        f"\nMDP on {report['device']} (batch {report['batch_size']}, {report.get('num_threads')} thread(s)), "
+        f"budget {report['budget_ms']:.3f} ms, {report['world_size']} process(es), {seconds / 60:.1f} min"
+    )
     print(f"{'':<{width}}  {'dense':>12}  {'pruned':>12}")
     for name, dense, pruned in rows:
         print(f"{name:<{width}}  {dense:>12}  {pruned:>12}")

@@ -74,7 +74,9 @@ def plot_report(path, space: PruningSpace, choice: PruningChoice, latency_terms,
     ax_dims.set_xticks(range(len(rows)), [r["dimension"] for r in rows], rotation=90, fontsize=6)
     ax_dims.set_ylabel("kept fraction")
     ax_dims.set_ylim(0, 1.05)
-    ax_dims.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colors[k]) for k in kinds], labels=kinds, fontsize=7, ncol=len(kinds))
+    ax_dims.legend(
+        handles=[plt.Rectangle((0, 0), 1, 1, color=colors[k]) for k in kinds], labels=kinds, fontsize=7, ncol=len(kinds)
+    )
     ax_dims.set_title(title or "kept units per dimension (0 = block removed)")
     groups = list(breakdown)
     x = np.arange(len(groups))

@@ -6,11 +6,13 @@ The family-specific work lives in the adapters; this module is the entry point t
 
 from __future__ import annotations
 
-from .adapters.base import check_group_size_keys
 from .adapters import GateSet, PruningChoice, PruningSpace, get_adapter
+from .adapters.base import check_group_size_keys
 
 
-def build_space(model, group_sizes: dict[str, int] | None = None, min_keep: dict[str, int] | None = None) -> PruningSpace:
+def build_space(
+    model, group_sizes: dict[str, int] | None = None, min_keep: dict[str, int] | None = None
+) -> PruningSpace:
     """The model's pruning space: dimensions (size, group, minimum, coupling), blocks."""
     space = get_adapter(model).build_space(model, group_sizes, min_keep)
     check_group_size_keys(space, group_sizes)

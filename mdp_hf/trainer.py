@@ -22,8 +22,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from .config import PrunableConfig
 from .distributed import world_size
-from .losses import DistillationSettings, MDPLoss
 from .hub import push_folder_to_hub, render_model_card, save_pruned_model
+from .losses import DistillationSettings, MDPLoss
 from .pruning import PruningSession, _returns_own_loss, latency_model_for
 from .reporting import kept_dims, kept_dims_markdown, latency_breakdown, plot_report
 
@@ -57,9 +57,15 @@ class _MDPCallback(TrainerCallback):
             trainer.log(result.log_dict())
             logger.info(
                 "MDP step %d/%d at step %d: budget %.4g ms, predicted %.4g ms, solver %s %.3fs gap %.2g",
-                result.step_index, len(steps), state.global_step, result.budget_ms, result.predicted_latency_ms,
-                result.backend, result.solve_time_s, result.gap,
-            )  # fmt: skip
+                result.step_index,
+                len(steps),
+                state.global_step,
+                result.budget_ms,
+                result.predicted_latency_ms,
+                result.backend,
+                result.solve_time_s,
+                result.gap,
+            )
             if session.finished:
                 session.gates.freeze()
             trainer._set_loss_phase()
@@ -86,12 +92,21 @@ class MDPTrainer(Trainer):
         Everything else is passed to ``transformers.Trainer``.
     """
 
-    def __init__(self, *args, prunable_config: PrunableConfig, latency_model=None,
-                 distillation: DistillationSettings | None = None, eval_data_collator=None, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        *args,
+        prunable_config: PrunableConfig,
+        latency_model=None,
+        distillation: DistillationSettings | None = None,
+        eval_data_collator=None,
+        **kwargs,
+    ):
         if not isinstance(prunable_config, PrunableConfig):
             raise TypeError(f"prunable_config must be a PrunableConfig, got {type(prunable_config).__name__}")
         if distillation is not None and not isinstance(distillation, DistillationSettings):
-            raise TypeError(f"distillation must be a mdp_hf.losses.DistillationSettings, got {type(distillation).__name__}")
+            raise TypeError(
+                f"distillation must be a mdp_hf.losses.DistillationSettings, got {type(distillation).__name__}"
+            )
         super().__init__(*args, **kwargs)
         self.prunable_config = prunable_config
         self.eval_data_collator = eval_data_collator  # e.g. without mixup: evaluation sees integer labels
@@ -177,7 +192,9 @@ class MDPTrainer(Trainer):
         # Trainer reloads them without converting back, keeping the random weights with only a warning;
         # from_pretrained applies the conversion, so the weights are loaded through it.
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if isinstance(target, PreTrainedModel) and os.path.isfile(os.path.join(resume_from_checkpoint, "model.safetensors")):
+        if isinstance(target, PreTrainedModel) and os.path.isfile(
+            os.path.join(resume_from_checkpoint, "model.safetensors")
+        ):
             loaded = type(target).from_pretrained(resume_from_checkpoint, config=target.config)
             target.load_state_dict(loaded.state_dict(), strict=True)
             return
@@ -193,7 +210,12 @@ class MDPTrainer(Trainer):
         save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, STATE_TENSORS))
         meta = {
             "results": state["results"],
-            "scores": {"kind": scores["kind"], "ema_decay": scores["ema_decay"], "count": scores["count"], "has_ema": scores["ema"] is not None},
+            "scores": {
+                "kind": scores["kind"],
+                "ema_decay": scores["ema_decay"],
+                "count": scores["count"],
+                "has_ema": scores["ema"] is not None,
+            },
             "dense_metrics": self.dense_metrics,
             "prunable_config": self.prunable_config.to_dict(),
             "latency_model": getattr(self.latency_model, "describe", lambda: type(self.latency_model).__name__)(),
@@ -208,7 +230,9 @@ class MDPTrainer(Trainer):
         with open(json_path, encoding="utf-8") as handle:
             meta = json.load(handle)
         if meta["prunable_config"] != self.prunable_config.to_dict():
-            raise ValueError(f"the checkpoint in {folder} was made with a different PrunableConfig; resume with the same one")
+            raise ValueError(
+                f"the checkpoint in {folder} was made with a different PrunableConfig; resume with the same one"
+            )
         tensors = load_file(tensor_path)
         score_meta = meta["scores"]
         scores = {
@@ -216,7 +240,9 @@ class MDPTrainer(Trainer):
             "ema_decay": score_meta["ema_decay"],
             "count": score_meta["count"],
             "sums": {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("sums/")},
-            "ema": {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("ema/")} if score_meta["has_ema"] else None,
+            "ema": {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("ema/")}
+            if score_meta["has_ema"]
+            else None,
         }
         self.mdp.load_state_dict({"scores": scores, "results": meta["results"]})
         if self.mdp.finished:
@@ -270,10 +296,15 @@ class MDPTrainer(Trainer):
             "world_size": world_size(),
             "base_model": model.config.name_or_path or model.config.model_type,
             "latency_model": config.latency_model,
-            "distillation": None if self.mdp_loss is None else {
-                **self.mdp_loss.settings.to_dict(), "teacher_forward_s": self.mdp_loss.teacher_seconds,
-            },  # fmt: skip
-            "solver": {k: getattr(result, k) for k in ("backend", "status", "gap", "objective", "bound", "solve_time_s")},
+            "distillation": None
+            if self.mdp_loss is None
+            else {
+                **self.mdp_loss.settings.to_dict(),
+                "teacher_forward_s": self.mdp_loss.teacher_seconds,
+            },
+            "solver": {
+                k: getattr(result, k) for k in ("backend", "status", "gap", "objective", "bound", "solve_time_s")
+            },
             "pruning_steps": [r.log_dict() for r in session.results],
             "kept_dims": kept_dims(session.space, result.choice),
             "removed_blocks": result.choice.removed_blocks,
@@ -282,13 +313,21 @@ class MDPTrainer(Trainer):
         report = _jsonable(report)
         os.makedirs(output_dir, exist_ok=True)
         plot_path = os.path.join(output_dir, PLOT_NAME)
-        card = render_model_card(report, kept_dims_markdown(session.space, result.choice), repo_or_path=self.args.hub_model_id or output_dir)
+        card = render_model_card(
+            report, kept_dims_markdown(session.space, result.choice), repo_or_path=self.args.hub_model_id or output_dir
+        )
         save_pruned_model(
             pruned,
             output_dir,
-            extra_files={REPORT_NAME: json.dumps(report, indent=1), "pruning_config.json": config.to_json_string(), "README.md": card},
+            extra_files={
+                REPORT_NAME: json.dumps(report, indent=1),
+                "pruning_config.json": config.to_json_string(),
+                "README.md": card,
+            },
         )
-        plot_report(plot_path, session.space, result.choice, session.latency_terms, title=f"MDP: {report['base_model']}")
+        plot_report(
+            plot_path, session.space, result.choice, session.latency_terms, title=f"MDP: {report['base_model']}"
+        )
         return report
 
     def push_to_hub(self, commit_message: str | None = "MDP pruned model", **kwargs) -> str:
@@ -297,7 +336,13 @@ class MDPTrainer(Trainer):
         if not self.is_world_process_zero():
             return ""
         repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
-        return push_folder_to_hub(self.args.output_dir, repo_id, token=self.args.hub_token, private=self.args.hub_private_repo, commit_message=commit_message)
+        return push_folder_to_hub(
+            self.args.output_dir,
+            repo_id,
+            token=self.args.hub_token,
+            private=self.args.hub_private_repo,
+            commit_message=commit_message,
+        )
 
 
 def _accuracy(metrics: dict | None):

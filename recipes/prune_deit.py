@@ -25,10 +25,17 @@ from mdp_hf.recipes import EMBEDDED_DEFAULTS, run
 
 # The embedded default: a DeiT-style model small enough to train on 2 CPU cores in minutes.
 TINY_DEIT = DeiTConfig(
-    image_size=32, patch_size=4, num_channels=3, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-    intermediate_size=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    image_size=32,
+    patch_size=4,
+    num_channels=3,
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=256,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
     architectures=["DeiTForImageClassification"],
-)  # fmt: skip
+)
 
 # The paper's DeiT run (preset "deit_paper": 50 steps x 200 iterations, exponential targets, distillation
 # from the dense model) scaled down for the embedded demo: 4 steps x 20 iterations after 30, the KL weight

@@ -24,9 +24,13 @@ from mdp_hf.recipes import EMBEDDED_DEFAULTS, run
 
 # The embedded default: a small bottleneck ResNet for 32x32 inputs (digits upsampled).
 TINY_RESNET = ResNetConfig(
-    num_channels=3, embedding_size=32, hidden_sizes=[64, 128, 256], depths=[2, 2, 2], layer_type="bottleneck",
+    num_channels=3,
+    embedding_size=32,
+    hidden_sizes=[64, 128, 256],
+    depths=[2, 2, 2],
+    layer_type="bottleneck",
     downsample_in_first_stage=False,
-)  # fmt: skip
+)
 
 DEFAULTS = {
     **EMBEDDED_DEFAULTS,

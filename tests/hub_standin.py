@@ -59,7 +59,9 @@ class Repo:
 
     def commit(self, branch: str, files: dict, summary: str) -> str:
         parent = self.branches.get(branch, "")
-        payload = json.dumps({"parent": parent, "summary": summary, "files": {p: git_blob_sha1(b) for p, b in sorted(files.items())}})
+        payload = json.dumps(
+            {"parent": parent, "summary": summary, "files": {p: git_blob_sha1(b) for p, b in sorted(files.items())}}
+        )
         oid = hashlib.sha1(payload.encode() + str(len(self.commits)).encode()).hexdigest()
         self.commits.append((oid, dict(files), summary))
         self.branches[branch] = oid
@@ -186,14 +188,18 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["X-Error-Code"] = error.code
             if error.commit:
                 headers["X-Repo-Commit"] = error.commit
-            self._send(status, json.dumps({"error": error.message, **error.extra}).encode(), headers, head=method == "HEAD")
+            self._send(
+                status, json.dumps({"error": error.message, **error.extra}).encode(), headers, head=method == "HEAD"
+            )
         except Exception as error:  # a bug in the stand-in: answer 500 rather than hang the client
             self._send(500, json.dumps({"error": repr(error)}).encode(), {}, head=method == "HEAD")
         finally:
             with self.hub.lock:
                 self.hub.log.append((method, path, status))
 
-    def _send(self, status: int, body: bytes, headers: dict, content_type: str = "application/json", head: bool = False):
+    def _send(
+        self, status: int, body: bytes, headers: dict, content_type: str = "application/json", head: bool = False
+    ):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -280,8 +286,12 @@ class _Handler(BaseHTTPRequestHandler):
         _, files = self._snapshot(repo_obj, rev)
         payload = json.loads(self._body())
         answer = [
-            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-             "oid": git_blob_sha1(files[f["path"]]) if f["path"] in files else None}  # fmt: skip
+            {
+                "path": f["path"],
+                "uploadMode": "regular",
+                "shouldIgnore": False,
+                "oid": git_blob_sha1(files[f["path"]]) if f["path"] in files else None,
+            }
             for f in payload.get("files", [])
         ]
         return self._json({"files": answer, "commitOid": repo_obj.branches.get(rev, rev)})
@@ -312,7 +322,9 @@ class _Handler(BaseHTTPRequestHandler):
                     prefix = value["path"].rstrip("/") + "/"
                     files = {p: b for p, b in files.items() if not p.startswith(prefix)}
                 elif key == "lfsFile":
-                    raise _Error(400, f"the stand-in stores no LFS objects ({value.get('path')}); preupload answers 'regular'")
+                    raise _Error(
+                        400, f"the stand-in stores no LFS objects ({value.get('path')}); preupload answers 'regular'"
+                    )
                 else:
                     raise _Error(400, f"unknown commit operation {key!r}")
             branch = rev if rev in repo_obj.branches else None
@@ -320,16 +332,34 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _Error(400, f"can only commit on a branch, not {rev!r}")
             oid = repo_obj.commit(branch, files, header.get("summary", ""))
         prefix = "" if repo_obj.repo_type == "model" else f"{repo_obj.repo_type}s/"
-        return self._json({"success": True, "commitOid": oid, "commitUrl": f"{self.hub.endpoint}/{prefix}{repo}/commit/{oid}",
-                           "hookOutput": ""})  # fmt: skip
+        return self._json(
+            {
+                "success": True,
+                "commitOid": oid,
+                "commitUrl": f"{self.hub.endpoint}/{prefix}{repo}/commit/{oid}",
+                "hookOutput": "",
+            }
+        )
 
     def repo_info(self, method: str, type: str, repo: str, rev: str | None = None) -> int:
         repo_obj = self._repo(type, repo)
         oid, files = self._snapshot(repo_obj, rev or "main")
-        return self._json({"id": repo, "modelId": repo, "sha": oid, "private": repo_obj.private, "gated": False,
-                           "disabled": False, "tags": [], "downloads": 0, "likes": 0,
-                           "lastModified": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
-                           "siblings": [{"rfilename": p} for p in sorted(files)]}, head=method == "HEAD")  # fmt: skip
+        return self._json(
+            {
+                "id": repo,
+                "modelId": repo,
+                "sha": oid,
+                "private": repo_obj.private,
+                "gated": False,
+                "disabled": False,
+                "tags": [],
+                "downloads": 0,
+                "likes": 0,
+                "lastModified": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+                "siblings": [{"rfilename": p} for p in sorted(files)],
+            },
+            head=method == "HEAD",
+        )
 
     def tree(self, method: str, type: str, repo: str, rev: str, path: str | None = None) -> int:
         repo_obj = self._repo(type, repo)
@@ -344,14 +374,17 @@ class _Handler(BaseHTTPRequestHandler):
         for p in sorted(files):
             if not p.startswith(prefix):
                 continue
-            rest = p[len(prefix):]
+            rest = p[len(prefix) :]
             parts = rest.split("/")
             for depth in range(1, len(parts)):
                 if recursive or depth == 1:
                     dirs.add(prefix + "/".join(parts[:depth]))
             if recursive or len(parts) == 1:
                 entries.append({"type": "file", "oid": git_blob_sha1(files[p]), "size": len(files[p]), "path": p})
-        entries += [{"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d} for d in sorted(dirs)]
+        entries += [
+            {"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
+            for d in sorted(dirs)
+        ]
         return self._json(entries, head=method == "HEAD")
 
     def resolve(self, method: str, type: str | None, repo: str, rev: str, path: str) -> int:

@@ -22,20 +22,24 @@ sys.meta_path.insert(0, Block())
 
 
 def run_python(code: str, timeout: float = 300):
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_mdp_hf_solve_runs_with_torch_blocked(tmp_path):
     path = tmp_path / "resnet50.json"
     synthetic.resnet(50, seed=0, fraction=0.5).to_json(path)
-    result = run_python(BLOCK_TORCH + f"""
+    result = run_python(
+        BLOCK_TORCH
+        + f"""
 from mdp_hf.cli import main
 code = main(["solve", {str(path)!r}])
 assert code == 0, code
 assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules)
 print("NO_TORCH_OK")
-""")
+"""
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "status:      optimal" in result.stdout and "NO_TORCH_OK" in result.stdout
 
@@ -46,8 +50,9 @@ def test_mdp_hf_solve_starts_fast(tmp_path):
     path = tmp_path / "resnet50.json"
     synthetic.resnet(50, seed=0, fraction=0.5).to_json(path)
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "mdp_hf.cli", "solve", str(path)], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "mdp_hf.cli", "solve", str(path)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     elapsed = time.perf_counter() - start
     assert result.returncode == 0, result.stderr
     assert elapsed < 4.0, f"mdp-hf solve took {elapsed:.1f} s"

@@ -8,11 +8,10 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tiny_models import FAMILIES, GROUPS, IMAGE_SIZE, build, logits_of
 from transformers import BertConfig, BertModel
 
-import mdp_hf
 from mdp_hf import PruningChoice, build_space, gate_model, slice_model
 from mdp_hf.adapters import PruningSpaceError, UnsupportedModelError, get_adapter
 from mdp_hf.hub import CheckpointError, load_pruned_model, save_pruned_model
@@ -123,7 +122,11 @@ def test_gates_carry_taylor_scores_and_stay_out_of_the_optimizer():
 def test_save_load_same_and_fresh_process(family, tmp_path):
     model = build(family)
     space = build_space(model, group_sizes=GROUPS)
-    pruned = slice_model(model, space, random_choice(space, random.Random(3), {"embed", "heads", "qk", "v", "mlp", "channels", "residual"}, True))
+    pruned = slice_model(
+        model,
+        space,
+        random_choice(space, random.Random(3), {"embed", "heads", "qk", "v", "mlp", "channels", "residual"}, True),
+    )
     x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
         expected = logits_of(pruned, x)
@@ -148,7 +151,7 @@ def test_save_load_same_and_fresh_process(family, tmp_path):
         import torch
         from safetensors.torch import load_file
         from transformers import AutoModel, AutoModelForImageClassification
-        io = load_file({str(tmp_path / 'io.safetensors')!r})
+        io = load_file({str(tmp_path / "io.safetensors")!r})
         cls = AutoModel if {family!r} == "vit_base_model" else AutoModelForImageClassification
         model = cls.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
         with torch.no_grad():
@@ -173,7 +176,11 @@ def test_unknown_architecture_names_supported_families():
 @pytest.mark.parametrize(
     "family,choice,message",
     [
-        ("resnet_bottleneck", PruningChoice({"stages.1.layers.0.conv3": [0, 1]}), "coupled into dimension 'stages.1.residual'"),
+        (
+            "resnet_bottleneck",
+            PruningChoice({"stages.1.layers.0.conv3": [0, 1]}),
+            "coupled into dimension 'stages.1.residual'",
+        ),
         ("resnet_basic", PruningChoice({"stages.0.residual": [0, 1]}), "unknown dimension 'stages.0.residual'"),
         ("vit", PruningChoice({"embed": [0, 40]}), r"out of range \[0, 32\)"),
         ("vit", PruningChoice({"layers.0.heads": [1, 1]}), "duplicates"),
@@ -193,7 +200,9 @@ def test_bad_choices_are_clear_errors(family, choice, message):
 def test_pruned_resnet_whose_identity_stage_lost_its_first_branch_can_be_pruned_again():
     model = build("resnet_basic")
     space = build_space(model, group_sizes=GROUPS)
-    pruned = slice_model(model, space, PruningChoice({"stem": [0, 2, 4, 6]}, ["stages.0.layers.0", "stages.0.layers.1"]))
+    pruned = slice_model(
+        model, space, PruningChoice({"stem": [0, 2, 4, 6]}, ["stages.0.layers.0", "stages.0.layers.1"])
+    )
     space2 = build_space(pruned, group_sizes=GROUPS)
     assert space2.dimensions["stem"].size == 4 and "stages.0.layers.0" not in space2.blocks
     x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)

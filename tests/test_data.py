@@ -8,7 +8,8 @@ import random
 import numpy as np
 import pytest
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image as ImageFeature
+from datasets import ClassLabel, Dataset, DatasetDict, Features
+from datasets import Image as ImageFeature
 from PIL import Image
 
 from mdp_hf import data as D

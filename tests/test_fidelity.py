@@ -66,7 +66,9 @@ def official_vit_unit_sums(model):
 
         (qw, qb), (kw, kb), (vw, vb) = mh(attn.q_proj), mh(attn.k_proj), mh(attn.v_proj)
         # heads: head_mask (contributes 0) + Q, K, V along dim 2 (weights) / dim 1 (biases); /6 then /2
-        head = sum(w.permute(2, 0, 1).reshape(H, -1).sum(1) + b.permute(1, 0).sum(1) for w, b in ((qw, qb), (kw, kb), (vw, vb)))
+        head = sum(
+            w.permute(2, 0, 1).reshape(H, -1).sum(1) + b.permute(1, 0).sum(1) for w, b in ((qw, qb), (kw, kb), (vw, vb))
+        )
         out[f"layers.{i}.heads"] = head / 6 / 2
         out[f"layers.{i}.qk_dim"] = (qw.reshape(d, -1).sum(1) + qb.sum(1)) / 2  # Q only (K is not linked)
         out[f"layers.{i}.v_dim"] = (vw.reshape(d, -1).sum(1) + vb.sum(1)) / 2
@@ -101,7 +103,9 @@ def test_vit_scores_equal_the_official_formula(family):
         assert torch.allclose(committed[name], (official[name] ** 2 + second[name] ** 2) / 2, rtol=1e-6), name
     # the gate-gradient score (the "taylor_gates" ablation, and mdp_hf before) differs for heads: V side only
     session.gates.remove()
-    gated = PruningSession(model, PrunableConfig(budget_fraction=0.6, group_sizes=GROUPS, importance="taylor_gates"), ProductLatency())
+    gated = PruningSession(
+        model, PrunableConfig(budget_fraction=0.6, group_sizes=GROUPS, importance="taylor_gates"), ProductLatency()
+    )
     backward_once(model)
     heads_by_gates = gated.step_scores()["layers.0.heads"]
     assert not torch.allclose(heads_by_gates, official_vit_unit_sums(model)["layers.0.heads"], rtol=1e-2)
@@ -143,11 +147,18 @@ def test_resnet_residual_width_split_among_its_writers():
         assert np.allclose(committed[key], (combined * magnitude / total).numpy()), block
     # in the problem, each share is an objective term of its own block (the shortcut's: outside every block)
     space = session.space
-    problem = build_problem(space, {n: committed[n] for n in space.dimensions}, ProductLatency().solver_terms(space), 1.0,
-                            shares={"stages.1.residual": [(b, committed[k]) for k, b in shares]})  # fmt: skip
+    problem = build_problem(
+        space,
+        {n: committed[n] for n in space.dimensions},
+        ProductLatency().solver_terms(space),
+        1.0,
+        shares={"stages.1.residual": [(b, committed[k]) for k, b in shares]},
+    )
     terms = [t for t in problem.objective_terms if t.dim == "stages.1.residual"]
     assert [t.block for t in terms] == [block for block, _ in writers]
-    assert sum(t.values[-1] for t in terms) == pytest.approx(committed["stages.1.residual"].sum() * problem.metadata["importance_scale"])
+    assert sum(t.values[-1] for t in terms) == pytest.approx(
+        committed["stages.1.residual"].sum() * problem.metadata["importance_scale"]
+    )
     session.gates.remove()
 
 
@@ -155,20 +166,27 @@ def test_resnet_residual_width_split_among_its_writers():
 @pytest.mark.parametrize("monotone", [True, False])
 def test_pruned_units_never_come_back(monotone):
     model = build("deit").train()
-    cfg = PrunableConfig(budget_fraction=0.5, group_sizes=GROUPS, schedule="iterative", num_pruning_steps=2, monotone=monotone)
+    cfg = PrunableConfig(
+        budget_fraction=0.5, group_sizes=GROUPS, schedule="iterative", num_pruning_steps=2, monotone=monotone
+    )
     session = PruningSession(model, cfg, ProductLatency())
     backward_once(model)
     session.accumulate()
     first = session.prune_step().choice
     # make every pruned unit the most important one: a non-monotone step would bring them back
-    pruned = {n: sorted(set(range(d.size)) - set(first.kept_indices(session.space, n))) for n, d in session.space.dimensions.items()}
+    pruned = {
+        n: sorted(set(range(d.size)) - set(first.kept_indices(session.space, n)))
+        for n, d in session.space.dimensions.items()
+    }
     session.scores.count = 1
     for name, units in pruned.items():
         session.scores.sums[name].zero_()
         session.scores.sums[name][units] = 1e6
     session.scores.ema = None
     second = session.prune_step().choice
-    revived = {n: set(second.kept_indices(session.space, n)) - set(first.kept_indices(session.space, n)) for n in pruned}
+    revived = {
+        n: set(second.kept_indices(session.space, n)) - set(first.kept_indices(session.space, n)) for n in pruned
+    }
     if monotone:
         assert not any(revived.values()), revived
         assert set(first.removed_blocks) <= set(second.removed_blocks)
@@ -185,7 +203,9 @@ def test_monotone_problem_is_sliced_to_the_active_widths():
     full = build_problem(space, scores, terms, 1.0)
     from mdp_hf.adapters import PruningChoice
 
-    active = PruningChoice({"layers.0.mlp_dim": list(range(0, 64, 2)), "embed": list(range(20))}, ["layers.1.attention"])
+    active = PruningChoice(
+        {"layers.0.mlp_dim": list(range(0, 64, 2)), "embed": list(range(20))}, ["layers.1.attention"]
+    )
     problem = build_problem(space, scores, terms, 1.0, active=active)
     widths = {d.name: d.widths for d in problem.dimensions}
     assert max(widths["layers.0.mlp_dim"]) == 32 and max(widths["embed"]) == 20
@@ -194,7 +214,9 @@ def test_monotone_problem_is_sliced_to_the_active_widths():
     full_by_name = {t.name: t for t in full.latency_terms}
     mlp = by_name["layers.0.mlp"]
     assert mlp.table.shape == tuple(len(widths[d]) for d in mlp.dims)
-    assert np.array_equal(mlp.table, full_by_name["layers.0.mlp"].table[tuple(slice(0, len(widths[d])) for d in mlp.dims)])
+    assert np.array_equal(
+        mlp.table, full_by_name["layers.0.mlp"].table[tuple(slice(0, len(widths[d])) for d in mlp.dims)]
+    )
 
 
 # --- 4. ResNet stem, per-layer group sizes, presets -------------------------------------------------------
@@ -210,14 +232,18 @@ def test_resnet_stem_keeps_full_width_unless_asked():
     session = PruningSession(model, PrunableConfig(budget_fraction=0.5, group_sizes=GROUPS), ProductLatency())
     assert session.keep_full == ["stem"]
     session.gates.remove()
-    session = PruningSession(model, PrunableConfig(budget_fraction=0.5, group_sizes=GROUPS, prune_stem=True), ProductLatency())
+    session = PruningSession(
+        model, PrunableConfig(budget_fraction=0.5, group_sizes=GROUPS, prune_stem=True), ProductLatency()
+    )
     assert session.keep_full == []
     session.gates.remove()
 
 
 def test_group_sizes_by_name_glob_and_kind():
     model = build("resnet_bottleneck")
-    space = build_space(model, group_sizes={"channels": 1, "stages.*.conv1": 2, "stages.0.layers.1.conv1": 4, "residual": 8})
+    space = build_space(
+        model, group_sizes={"channels": 1, "stages.*.conv1": 2, "stages.0.layers.1.conv1": 4, "residual": 8}
+    )
     sizes = {n: d.group_size for n, d in space.dimensions.items()}
     assert sizes["stages.0.layers.1.conv1"] == 4  # exact name beats the glob
     assert sizes["stages.0.layers.0.conv1"] == 2 and sizes["stages.2.layers.0.conv1"] == 2  # glob beats the kind
@@ -229,12 +255,22 @@ def test_group_sizes_by_name_glob_and_kind():
 def test_resnet50_preset_is_the_official_file():
     # the official resnet50_group_size.json, keyed by torchvision names
     official = {"module.conv1": 2}
-    inner = {1: [(32, 32, 64)] * 3, 2: [(32, 32, 64)] * 4, 3: [(64, 64, 64)] + [(128, 32, 64)] * 5,
-             4: [(64, 64, 64), (32, 32, 128), (32, 32, 128)]}  # fmt: skip
+    inner = {
+        1: [(32, 32, 64)] * 3,
+        2: [(32, 32, 64)] * 4,
+        3: [(64, 64, 64)] + [(128, 32, 64)] * 5,
+        4: [(64, 64, 64), (32, 32, 128), (32, 32, 128)],
+    }
     downsample = {1: 64, 2: 128, 3: 128, 4: 128}
     for stage, layers in inner.items():
         for j, (c1, c2, c3) in enumerate(layers):
-            official.update({f"module.layer{stage}.{j}.conv1": c1, f"module.layer{stage}.{j}.conv2": c2, f"module.layer{stage}.{j}.conv3": c3})
+            official.update(
+                {
+                    f"module.layer{stage}.{j}.conv1": c1,
+                    f"module.layer{stage}.{j}.conv2": c2,
+                    f"module.layer{stage}.{j}.conv3": c3,
+                }
+            )
         official[f"module.layer{stage}.0.downsample.0"] = downsample[stage]
     assert len(official) == 53
     with torch.device("meta"):
@@ -251,8 +287,17 @@ def test_resnet50_preset_is_the_official_file():
             name = f"stages.{stage - 1}.residual"
             size = max([downsample[stage]] + [c3 for _, _, c3 in inner[stage]])
         assert space.dimensions[name].group_size == size, key
-    assert PrunableConfig(budget_fraction=0.5, group_sizes="resnet50_official").group_sizes == GROUP_SIZE_PRESETS["resnet50_official"]
-    assert PrunableConfig(budget_fraction=0.5, group_sizes="deit_base_paper").group_sizes == {"embed": 16, "heads": 1, "qk": 2, "v": 2, "mlp": 32}
+    assert (
+        PrunableConfig(budget_fraction=0.5, group_sizes="resnet50_official").group_sizes
+        == GROUP_SIZE_PRESETS["resnet50_official"]
+    )
+    assert PrunableConfig(budget_fraction=0.5, group_sizes="deit_base_paper").group_sizes == {
+        "embed": 16,
+        "heads": 1,
+        "qk": 2,
+        "v": 2,
+        "mlp": 32,
+    }
     with pytest.raises(ValueError, match="unknown preset 'resnet51'"):
         PrunableConfig(budget_fraction=0.5, group_sizes="resnet51")
 
@@ -295,8 +340,9 @@ def test_layer_granularity_removes_whole_layers():
     backward_once(model)
     session.accumulate()
     scores = {n: v.numpy() for n, v in session.scores.commit().items()}
-    problem = build_problem(session.space, scores, ProductLatency().solver_terms(session.space), 1.0,
-                            merge_blocks=session.merge_blocks)  # fmt: skip
+    problem = build_problem(
+        session.space, scores, ProductLatency().solver_terms(session.space), 1.0, merge_blocks=session.merge_blocks
+    )
     assert sorted(b.name for b in problem.blocks) == ["layers.0", "layers.1", "layers.2"]
     assert {t.block for t in problem.latency_terms} - {None} == {"layers.0", "layers.1", "layers.2"}
     # make layer 1 worthless: it is removed as a whole, both sub-blocks
@@ -306,5 +352,8 @@ def test_layer_granularity_removes_whole_layers():
     session.scores.ema = None
     choice = session.prune_step().choice
     assert {"layers.1.attention", "layers.1.mlp"} <= set(choice.removed_blocks)
-    assert all((f"layers.{i}.attention" in choice.removed_blocks) == (f"layers.{i}.mlp" in choice.removed_blocks) for i in range(3))
+    assert all(
+        (f"layers.{i}.attention" in choice.removed_blocks) == (f"layers.{i}.mlp" in choice.removed_blocks)
+        for i in range(3)
+    )
     session.gates.remove()

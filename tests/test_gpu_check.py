@@ -33,8 +33,9 @@ runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
 
 def _run(args, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-c", RUNNER, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", RUNNER, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,11 @@ def test_tiny_run_every_phase_solved_sliced_and_measured(tiny_run):
     out, _, report = tiny_run
     phases = report["phases"]
     assert [(p["model"], p["batch_size"]) for p in phases] == [
-        ("deit-tiny", 2), ("resnet-tiny", 2), ("deit-tiny", 8), ("resnet-tiny", 8)]  # fmt: skip
+        ("deit-tiny", 2),
+        ("resnet-tiny", 2),
+        ("deit-tiny", 8),
+        ("resnet-tiny", 8),
+    ]
     for phase in phases:
         # "partial" only when a 30% budget is below what the tiny model can reach on this (noisy) host: then the
         # solver must have proved it (checked below)
@@ -80,7 +85,8 @@ def test_tiny_run_every_phase_solved_sliced_and_measured(tiny_run):
         assert set(phase["timings_s"]) == {"probe", "table", "solve", "slice", "measure"}
         rows = phase["results"]
         assert sorted((r["latency_model"], r["budget_fraction"]) for r in rows) == sorted(
-            (m, f) for m in ("table", "linear") for f in (0.7, 0.5, 0.3))  # fmt: skip
+            (m, f) for m in ("table", "linear") for f in (0.7, 0.5, 0.3)
+        )
         for r in rows:
             if r["status"] == "infeasible" and r["budget_fraction"] == 0.3:
                 assert r["min_latency_ms"] > r["budget_ms"], r
@@ -120,8 +126,9 @@ def test_out_of_time_skips_phases_and_still_reports(gpu_check, tmp_path):
 
     threads = torch.get_num_threads()
     # the budget counts from the module's import, so 0 s is already spent: every phase must be skipped
-    rc = gpu_check.main([str(tmp_path), "--device", "cpu", "--tiny", "--models", "deit", "--batch-sizes", "2",
-                         "--time-budget-s", "0"])  # fmt: skip
+    rc = gpu_check.main(
+        [str(tmp_path), "--device", "cpu", "--tiny", "--models", "deit", "--batch-sizes", "2", "--time-budget-s", "0"]
+    )
     assert rc == 0
     assert torch.get_num_threads() == threads  # the thread count is restored
     report = json.loads((tmp_path / "gpu_check.json").read_text())

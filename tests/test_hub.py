@@ -49,12 +49,23 @@ def run_client(hub, tmp_path, script, prelude="", timeout=240):
     drop = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_OFFLINE")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and not k.lower().endswith("_proxy")}
     env.update(
-        HF_ENDPOINT=hub.endpoint, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
-        HF_HOME=str(tmp_path / "hf_home"), HF_TOKEN="hf_standin_dummy_token", NO_PROXY="127.0.0.1,localhost",
+        HF_ENDPOINT=hub.endpoint,
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_HOME=str(tmp_path / "hf_home"),
+        HF_TOKEN="hf_standin_dummy_token",
+        NO_PROXY="127.0.0.1,localhost",
         PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-    )  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(script)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, f"{result.stderr[-4000:]}\n--- requests seen by the stand-in:\n{hub.requests()}"
     return result.stdout
 
@@ -64,8 +75,10 @@ def pruned_vit(seed):
     model = build("vit")
     space = build_space(model, group_sizes=GROUPS)
     rng = random.Random(seed)
-    kept = {name: sorted(rng.sample(range(dim.size), rng.choice(dim.widths()[:-1] or dim.widths())))
-            for name, dim in space.dimensions.items()}  # fmt: skip
+    kept = {
+        name: sorted(rng.sample(range(dim.size), rng.choice(dim.widths()[:-1] or dim.widths())))
+        for name, dim in space.dimensions.items()
+    }
     pruned = slice_model(model, space, PruningChoice(kept, [rng.choice(sorted(space.blocks))]))
     x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -87,13 +100,17 @@ def test_push_folder_to_hub_then_from_pretrained_without_mdp_hf(hub, tmp_path):
     new_card = CARD + "updated\n"
 
     # push twice: the second run finds the repo (409 from create_repo, exist_ok) and commits only what changed
-    out = run_client(hub, tmp_path, f"""
+    out = run_client(
+        hub,
+        tmp_path,
+        f"""
         from pathlib import Path
         from mdp_hf.hub import push_folder_to_hub
         print("URL1", push_folder_to_hub({str(folder)!r}, "org/tiny-pruned", commit_message="tiny pruned ViT"))
         Path({str(folder / "README.md")!r}).write_text({new_card!r})
         print("URL2", push_folder_to_hub({str(folder)!r}, "org/tiny-pruned", commit_message="update card"))
-    """)
+    """,
+    )
     repo = hub.repos[("model", "org/tiny-pruned")]
     (first, first_files, first_msg), (second, second_files, second_msg) = repo.commits[-2:]
     assert (first_msg, second_msg) == ("tiny pruned ViT", "update card")
@@ -111,7 +128,11 @@ def test_push_folder_to_hub_then_from_pretrained_without_mdp_hf(hub, tmp_path):
     assert ("POST", "/api/repos/create", 409) in hub.log
 
     # fresh process without mdp_hf: the Hub copy is enough
-    out = run_client(hub, tmp_path, prelude=BLOCK_MDP_HF, script="""
+    out = run_client(
+        hub,
+        tmp_path,
+        prelude=BLOCK_MDP_HF,
+        script="""
         import torch
         from safetensors.torch import load_file
         from transformers import AutoModelForImageClassification
@@ -122,7 +143,8 @@ def test_push_folder_to_hub_then_from_pretrained_without_mdp_hf(hub, tmp_path):
         assert torch.equal(got, io["expected"]), (got - io["expected"]).abs().max()
         assert not any(m.startswith("mdp_hf") for m in sys.modules)
         print("FRESH_OK", type(model).__name__, sum(p.numel() for p in model.parameters()))
-    """)
+    """,
+    )
     assert f"FRESH_OK {type(pruned).__name__} {sum(p.numel() for p in pruned.parameters())}" in out
     # served by the stand-in, at the commit main pointed to (transformers pins the revision via the repo info)
     assert ("GET", f"/org/tiny-pruned/resolve/{second}/model.safetensors", 200) in hub.log, hub.requests()
@@ -132,11 +154,23 @@ def test_push_and_pull_latency_table(hub, tmp_path):
     model = build("vit")
     space = build_space(model, group_sizes=GROUPS)
     path = tmp_path / "vit_table.json"
-    table = build_table(model, path, space=space, timer=lambda t, widths: float(sum(widths)), subgrid=4,
-                        repeats=1, warmup=0, progress=False, image_size=IMAGE_SIZE)  # fmt: skip
+    table = build_table(
+        model,
+        path,
+        space=space,
+        timer=lambda t, widths: float(sum(widths)),
+        subgrid=4,
+        repeats=1,
+        warmup=0,
+        progress=False,
+        image_size=IMAGE_SIZE,
+    )
     table.save(path)
 
-    out = run_client(hub, tmp_path, f"""
+    out = run_client(
+        hub,
+        tmp_path,
+        f"""
         import json
         from mdp_hf.latency import LatencyTable, pull_table, push_table
         from mdp_hf.latency.table import LatencyTableMismatchError
@@ -154,7 +188,8 @@ def test_push_and_pull_latency_table(hub, tmp_path):
         with_warning = pull_table("org/latency-tables", filename="tables/vit_cpu.json", allow_mismatch=True,
                                   expect={{**local.metadata, "batch_size": local.metadata["batch_size"] + 7}})
         print("ALLOWED", with_warning.metadata["batch_size"])
-    """)
+    """,
+    )
     assert "PUSHED org/latency-tables/tables/vit_cpu.json" in out
     assert "PUSHED org/latency-tables/tables/vit_cpu_object.json" in out
     assert "MISMATCH ['batch_size', 'dtype']" in out
@@ -181,7 +216,10 @@ def test_load_pruned_model_from_the_hub(hub, tmp_path):
     hub.seed("org/broken", broken)
     save_file({"x": x, "first": first_logits, "second": second_logits}, str(tmp_path / "io.safetensors"))
 
-    out = run_client(hub, tmp_path, f"""
+    out = run_client(
+        hub,
+        tmp_path,
+        f"""
         import torch
         from safetensors.torch import load_file
         from tiny_models import logits_of
@@ -198,7 +236,8 @@ def test_load_pruned_model_from_the_hub(hub, tmp_path):
             load_pruned_model("org/broken")
         except CheckpointError as error:
             print("REJECTED", "do not match" in str(error) or "parameters" in str(error))
-    """)
+    """,
+    )
     assert "LOADED second mdp_hf" in out and "LOADED first mdp_hf" in out
     assert "REJECTED True" in out
     assert any(p == f"/org/tiny-pruned/resolve/{old}/model.safetensors" for _, p, _ in hub.log), hub.requests()

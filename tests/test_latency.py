@@ -84,11 +84,21 @@ def resnet_table():
 def test_vit_terms_and_shared_tables(vit_table):
     model, space, table = vit_table
     # three identical layers share one grid per kind: qk, vo, core, mlp, out
-    assert sorted(t.kind for t in table.tables.values()) == ["vit.attn_core", "vit.attn_qk", "vit.attn_vo", "vit.mlp", "vit.out"]
+    assert sorted(t.kind for t in table.tables.values()) == [
+        "vit.attn_core",
+        "vit.attn_qk",
+        "vit.attn_vo",
+        "vit.mlp",
+        "vit.out",
+    ]
     terms = {t.name: t for t in TableLatencyModel(table).solver_terms(space)}
     for i in range(3):
-        qk, vo, core, mlp = (terms[f"layers.{i}.attention.qk"], terms[f"layers.{i}.attention.vo"],
-                             terms[f"layers.{i}.attention.qk_x_v"], terms[f"layers.{i}.mlp"])  # fmt: skip
+        qk, vo, core, mlp = (
+            terms[f"layers.{i}.attention.qk"],
+            terms[f"layers.{i}.attention.vo"],
+            terms[f"layers.{i}.attention.qk_x_v"],
+            terms[f"layers.{i}.mlp"],
+        )
         assert qk.dims == [f"layers.{i}.heads", "embed", f"layers.{i}.qk_dim"] and qk.block == f"layers.{i}.attention"
         assert vo.dims == [f"layers.{i}.heads", "embed", f"layers.{i}.v_dim"] and vo.block == f"layers.{i}.attention"
         assert core.dims == [f"layers.{i}.heads", f"layers.{i}.qk_dim", f"layers.{i}.v_dim"]
@@ -127,7 +137,9 @@ def test_basic_resnet_stage_coupled_to_stem():
     lm = TableLatencyModel(table)
     for _ in range(3):
         choice = random_choice(space, rng)
-        assert lm.predict(slice_model(model, space, choice)) == pytest.approx(sliced_mflops(slice_model(model, space, choice)), rel=1e-9)
+        assert lm.predict(slice_model(model, space, choice)) == pytest.approx(
+            sliced_mflops(slice_model(model, space, choice)), rel=1e-9
+        )
 
 
 # -------------------------------------------------------------------- exactness with a synthetic timer
@@ -162,7 +174,9 @@ def test_solver_terms_sum_equals_predict(vit_table, resnet_table):
         rng = random.Random(1)
         for _ in range(5):
             choice = random_choice(space, rng)
-            index = {n: space.dimensions[n].widths().index(len(choice.kept_indices(space, n))) for n in space.dimensions}
+            index = {
+                n: space.dimensions[n].widths().index(len(choice.kept_indices(space, n))) for n in space.dimensions
+            }
             removed = set(choice.removed_blocks)
             total = sum(float(t.table[tuple(index[d] for d in t.dims)]) for t in terms if t.block not in removed)
             assert total == pytest.approx(lm.predict((space, choice)), rel=1e-12)
@@ -262,8 +276,21 @@ def test_save_load_roundtrip(tmp_path, vit_table):
     assert a.predict((space, choice)) == pytest.approx(b.predict((space, choice)), rel=1e-6)
     raw = json.loads(path.read_text())
     assert raw["format"] == "mdp_hf.latency_table" and raw["format_version"] == 1
-    for field in ("device", "device_name", "batch_size", "image_size", "dtype", "threads", "attn_implementation",
-                  "torch_version", "transformers_version", "model_shapes", "space_fingerprint", "group_sizes", "date"):  # fmt: skip
+    for field in (
+        "device",
+        "device_name",
+        "batch_size",
+        "image_size",
+        "dtype",
+        "threads",
+        "attn_implementation",
+        "torch_version",
+        "transformers_version",
+        "model_shapes",
+        "space_fingerprint",
+        "group_sizes",
+        "date",
+    ):
         assert field in raw["metadata"], field
 
 
@@ -306,7 +333,10 @@ def test_space_mismatch(vit_table):
     with pytest.warns(UserWarning):
         lm = TableLatencyModel(table, space=other, allow_mismatch=True)
     terms = {t.name: t for t in lm.solver_terms(other)}  # resampled onto the other space's widths
-    assert terms["layers.0.mlp"].table.shape == (len(other.dimensions["embed"].widths()), len(other.dimensions["layers.0.mlp_dim"].widths()))
+    assert terms["layers.0.mlp"].table.shape == (
+        len(other.dimensions["embed"].widths()),
+        len(other.dimensions["layers.0.mlp_dim"].widths()),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- resume
@@ -328,7 +358,7 @@ def test_interrupted_build_resumes(tmp_path):
     partial = LatencyTable.load(path)
     done = partial.num_measured
     assert 0 < done < partial.num_cells and not partial.complete
-    calls["n"] = -10**9  # never interrupt again
+    calls["n"] = -(10**9)  # never interrupt again
     table = build_table(model, path, space=space, timer=flaky, chunk_size=16, subgrid=2, **FAST)
     assert table.complete
     assert calls["n"] + 10**9 == table.num_cells - done  # only the missing cells were measured
@@ -360,11 +390,15 @@ def test_linear_model_is_first_order(vit_table):
     from mdp_hf.latency.models import dense_latency_ms
 
     def summed(choice_indices):
-        return sum(float(t.table[tuple(choice_indices[d] for d in t.dims)]) if t.dims else float(t.table) for t in terms)
+        return sum(
+            float(t.table[tuple(choice_indices[d] for d in t.dims)]) if t.dims else float(t.table) for t in terms
+        )
 
     assert summed(around) == pytest.approx(table_model.predict((space, point)), rel=1e-9)
     moved = {**around, "layers.0.mlp_dim": 0}
-    moved_choice = PruningChoice({"embed": list(range(8)), "layers.0.mlp_dim": list(range(space.dimensions["layers.0.mlp_dim"].widths()[0]))})
+    moved_choice = PruningChoice(
+        {"embed": list(range(8)), "layers.0.mlp_dim": list(range(space.dimensions["layers.0.mlp_dim"].widths()[0]))}
+    )
     assert summed(moved) == pytest.approx(table_model.predict((space, moved_choice)), rel=1e-9)
     assert dense_latency_ms(linear.solver_terms(space)) == pytest.approx(table_model.dense_ms())
     # two interacting dims pruned together: the linear model misses the product
@@ -437,8 +471,17 @@ def test_measure_latency_dense_gated_sliced():
 @pytest.mark.filterwarnings("ignore:the dense reference timing is noisy")
 def test_real_timing_build_smoke(tmp_path):
     model = build("resnet_basic")
-    table = build_table(model, tmp_path / "t.json", group_sizes={"channels": 2, "residual": 2}, repeats=2, warmup=1,
-                        progress=False, validate=1, subgrid=2, image_size=IMAGE_SIZE)  # fmt: skip
+    table = build_table(
+        model,
+        tmp_path / "t.json",
+        group_sizes={"channels": 2, "residual": 2},
+        repeats=2,
+        warmup=1,
+        progress=False,
+        validate=1,
+        subgrid=2,
+        image_size=IMAGE_SIZE,
+    )
     assert table.complete and table.reference["dense_measured_ms"] > 0
     assert len(table.validation) > 0
     lm = TableLatencyModel(LatencyTable.load(tmp_path / "t.json"), calibration="scale")
@@ -458,16 +501,36 @@ def test_cli_build_show_predict_push_pull(tmp_path, capsys):
         return cli.run(parser.parse_args(list(argv)))
 
     out = tmp_path / "tiny.json"
-    assert run("build", "tiny-vit", "-o", str(out), "--repeats", "1", "--warmup", "0", "--subgrid", "embed=2,mlp=2",
-               "--group-sizes", "embed=8,heads=1,qk=4,v=4,mlp=16", "--no-progress", "--no-calibrate") == 0  # fmt: skip
+    assert (
+        run(
+            "build",
+            "tiny-vit",
+            "-o",
+            str(out),
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--subgrid",
+            "embed=2,mlp=2",
+            "--group-sizes",
+            "embed=8,heads=1,qk=4,v=4,mlp=16",
+            "--no-progress",
+            "--no-calibrate",
+        )
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out
     assert run("show", str(out)) == 0
     assert "grids" in capsys.readouterr().out
     # a saved pruned model predicted from its config
     model = cli.load_model("tiny-vit")
     space = build_space(model, group_sizes={"embed": 8, "heads": 1, "qk": 4, "v": 4, "mlp": 16})
-    pruned = slice_model(model, space, PruningChoice({"embed": list(range(16)), "layers.0.mlp_dim": list(range(32))},
-                                                     ["layers.2.attention"]))  # fmt: skip
+    pruned = slice_model(
+        model,
+        space,
+        PruningChoice({"embed": list(range(16)), "layers.0.mlp_dim": list(range(32))}, ["layers.2.attention"]),
+    )
     save_pruned_model(pruned, tmp_path / "pruned")
     assert run("predict", str(out), str(tmp_path / "pruned"), "--breakdown") == 0
     text = capsys.readouterr().out

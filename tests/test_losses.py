@@ -16,15 +16,22 @@ from transformers import (
 from mdp_hf.losses import (
     OFFICIAL_KL_WEIGHT,
     OFFICIAL_TEMPERATURE,
-    check_teacher,
     DistillationSettings,
     MDPLoss,
+    check_teacher,
     load_teacher,
     student_logits,
 )
 
-KW = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
-          patch_size=8, num_labels=5)  # fmt: skip
+KW = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    image_size=32,
+    patch_size=8,
+    num_labels=5,
+)
 
 
 def deit(seed=0, distilled=True, **over):
@@ -46,15 +53,28 @@ def official_kl(s, t, T):  # KLDivLoss() (reduction 'mean') of log_softmax(s/T) 
 
 def test_official_defaults():
     s = DistillationSettings()
-    assert s.teacher is None and s.kl_weight == OFFICIAL_KL_WEIGHT == 1e5 and s.temperature == OFFICIAL_TEMPERATURE == 3.0
+    assert (
+        s.teacher is None and s.kl_weight == OFFICIAL_KL_WEIGHT == 1e5 and s.temperature == OFFICIAL_TEMPERATURE == 3.0
+    )
     assert s.finetune_temperature == 20.0 and s.distillation_alpha == 0.5 and s.label_smoothing == 0.0
     assert DistillationSettings.from_dict(s.to_dict()) == s
 
 
-@pytest.mark.parametrize("field, value", [("kl_weight", -1.0), ("kl_weight", float("nan")), ("temperature", 0.0),
-                                          ("finetune_temperature", -2), ("label_smoothing", 1.0),
-                                          ("distillation_alpha", 1.5), ("teacher", ""), ("hard_distillation", "yes"),
-                                          ("base_logits", "dist"), ("hard_teacher", "dense")])  # fmt: skip
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("kl_weight", -1.0),
+        ("kl_weight", float("nan")),
+        ("temperature", 0.0),
+        ("finetune_temperature", -2),
+        ("label_smoothing", 1.0),
+        ("distillation_alpha", 1.5),
+        ("teacher", ""),
+        ("hard_distillation", "yes"),
+        ("base_logits", "dist"),
+        ("hard_teacher", "dense"),
+    ],
+)
 def test_settings_validated_naming_field(field, value):
     kwargs = {"teacher": "dense", field: value} if field != "teacher" else {field: value}
     with pytest.raises(ValueError, match=field):
@@ -117,7 +137,10 @@ def test_distilled_student_gets_full_official_loss():
     # fine-tuning: per-head KL at T = 20
     loss_fn.phase = "finetuning"
     loss_fn(student, b)
-    ft = (official_kl(out.cls_logits, t.cls_logits, 20.0) + official_kl(out.distillation_logits, t.distillation_logits, 20.0)) / 2
+    ft = (
+        official_kl(out.cls_logits, t.cls_logits, 20.0)
+        + official_kl(out.distillation_logits, t.distillation_logits, 20.0)
+    ) / 2
     assert math.isclose(loss_fn.last_parts["kl"], ft.item(), rel_tol=1e-4)
     # warm-up (before the first pruning step): no KL
     loss_fn.phase = "warmup"
@@ -218,7 +241,9 @@ def test_teacher_mismatch_errors(tmp_path):
 def test_teacher_mismatch_by_output_width():
     student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5))
     torch.manual_seed(0)
-    resnet = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=7))
+    resnet = ResNetForImageClassification(
+        ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=7)
+    )
     # ResNet has no image_size and the student no config: the width is compared on a dummy forward
     student.pretrained_cfg = {"input_size": (3, 32, 32)}
     with pytest.raises(ValueError, match=r"7 classes.*student 5"):
@@ -242,8 +267,9 @@ def test_bf16_autocast_cpu():
 def test_timm_distilled_student():
     deit_mod = pytest.importorskip("timm.models.deit")
     torch.manual_seed(0)
-    student = deit_mod.VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4,
-                                                  num_classes=5)  # fmt: skip
+    student = deit_mod.VisionTransformerDistilled(
+        img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4, num_classes=5
+    )
     student.set_distilled_training(True)
     teacher = load_teacher("dense", student.train())
     assert not teacher.training

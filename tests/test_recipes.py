@@ -11,17 +11,46 @@ from transformers import BertConfig, DeiTConfig, ResNetConfig
 from mdp_hf.data import load_image_classification
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK = ["--max_train_samples", "128", "--max_eval_samples", "64", "--dense_epochs", "0", "--max_steps", "6",
-         "--accumulation_steps", "2", "--latency_repeats", "3", "--latency_subgrid", "2", "--latency_batch_size", "2",
-         "--logging_steps", "1", "--per_device_train_batch_size", "16", "--pruning_interval", "1", "--budget_fraction", "0.8"]  # fmt: skip
+QUICK = [
+    "--max_train_samples",
+    "128",
+    "--max_eval_samples",
+    "64",
+    "--dense_epochs",
+    "0",
+    "--max_steps",
+    "6",
+    "--accumulation_steps",
+    "2",
+    "--latency_repeats",
+    "3",
+    "--latency_subgrid",
+    "2",
+    "--latency_batch_size",
+    "2",
+    "--logging_steps",
+    "1",
+    "--per_device_train_batch_size",
+    "16",
+    "--pruning_interval",
+    "1",
+    "--budget_fraction",
+    "0.8",
+]
 
 
 QUICK_MS = QUICK[:-2]  # without the fraction, for runs that give --budget_ms
 
 
 def run_recipe(recipe, *argv, env=None, timeout=600):
-    return subprocess.run([sys.executable, os.path.join(REPO, "recipes", recipe), *argv], capture_output=True, text=True,
-                          cwd=REPO, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "recipes", recipe), *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
 
 
 def tiny_config(tmp_path, config, name):
@@ -30,15 +59,33 @@ def tiny_config(tmp_path, config, name):
     return str(path)
 
 
-@pytest.mark.parametrize("recipe,config", [
-    ("prune_deit.py", DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=64, architectures=["DeiTForImageClassification"])),
-    ("prune_resnet.py", ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck")),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "recipe,config",
+    [
+        (
+            "prune_deit.py",
+            DeiTConfig(
+                image_size=32,
+                patch_size=8,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                architectures=["DeiTForImageClassification"],
+            ),
+        ),
+        (
+            "prune_resnet.py",
+            ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck"),
+        ),
+    ],
+)
 def test_quick_recipe_run_writes_a_loadable_pruned_model(tmp_path, recipe, config):
     out = tmp_path / "out"
     group = ["--group_sizes", json.dumps({"embed": 8, "mlp": 16, "channels": 4, "residual": 8})]
-    result = run_recipe(recipe, "--model_config", tiny_config(tmp_path, config, "cfg"), "--output_dir", str(out), *QUICK, *group)
+    result = run_recipe(
+        recipe, "--model_config", tiny_config(tmp_path, config, "cfg"), "--output_dir", str(out), *QUICK, *group
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "measured latency (ms)" in result.stdout and str(out) in result.stdout
     report = json.loads((out / "pruning_report.json").read_text())
@@ -57,22 +104,59 @@ def test_quick_recipe_run_writes_a_loadable_pruned_model(tmp_path, recipe, confi
 
 
 def test_unsupported_family_fails_before_training(tmp_path):
-    bert = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
-                      architectures=["BertForSequenceClassification"])  # fmt: skip
-    result = run_recipe("prune_deit.py", "--model_config", tiny_config(tmp_path, bert, "bert"), "--output_dir", str(tmp_path / "o"), *QUICK)
+    bert = BertConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        architectures=["BertForSequenceClassification"],
+    )
+    result = run_recipe(
+        "prune_deit.py",
+        "--model_config",
+        tiny_config(tmp_path, bert, "bert"),
+        "--output_dir",
+        str(tmp_path / "o"),
+        *QUICK,
+    )
     assert result.returncode != 0
     assert "no adapter for model_type 'bert'" in result.stderr or "Unrecognized configuration" in result.stderr
     assert not (tmp_path / "o" / "latency_table.json").exists()
 
 
 def test_impossible_budget_fails_before_training(tmp_path):
-    config = DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, architectures=["DeiTForImageClassification"])  # fmt: skip
-    both = run_recipe("prune_deit.py", "--model_config", tiny_config(tmp_path, config, "cfg"), "--output_dir",
-                      str(tmp_path / "o"), *QUICK, "--budget_ms", "0.000001")  # fmt: skip
+    config = DeiTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        architectures=["DeiTForImageClassification"],
+    )
+    both = run_recipe(
+        "prune_deit.py",
+        "--model_config",
+        tiny_config(tmp_path, config, "cfg"),
+        "--output_dir",
+        str(tmp_path / "o"),
+        *QUICK,
+        "--budget_ms",
+        "0.000001",
+    )
     assert both.returncode != 0 and "PrunableConfig.budget_ms/budget_fraction" in both.stderr
-    result = run_recipe("prune_deit.py", "--model_config", tiny_config(tmp_path, config, "cfg"), "--output_dir",
-                        str(tmp_path / "o2"), *QUICK_MS, "--dense_epochs", "5", "--budget_ms", "0.000001")  # fmt: skip
+    result = run_recipe(
+        "prune_deit.py",
+        "--model_config",
+        tiny_config(tmp_path, config, "cfg"),
+        "--output_dir",
+        str(tmp_path / "o2"),
+        *QUICK_MS,
+        "--dense_epochs",
+        "5",
+        "--budget_ms",
+        "0.000001",
+    )
     assert result.returncode != 0 and "smallest reachable latency" in result.stderr
     assert "train_runtime" not in result.stdout + result.stderr  # nothing was trained
 
@@ -82,7 +166,9 @@ def test_recipe_arguments_from_yaml(tmp_path):
 
     path = tmp_path / "run.yaml"
     path.write_text("budget_ms: 3.5\nnum_train_epochs: 2\noutput_dir: somewhere\nprune: [heads, mlp, blocks]\n")
-    script, pruning, training = parse_args({"budget_fraction": 0.5, "dense_epochs": 7, "output_dir": "x"}, "deit_paper", [str(path)])
+    script, pruning, training = parse_args(
+        {"budget_fraction": 0.5, "dense_epochs": 7, "output_dir": "x"}, "deit_paper", [str(path)]
+    )
     assert pruning.budget_ms == 3.5 and pruning.budget_fraction is None and pruning.prune == ["heads", "mlp", "blocks"]
     assert training.num_train_epochs == 2 and training.output_dir == "somewhere" and script.dense_epochs == 7
 
@@ -102,22 +188,38 @@ def test_demo_defaults_never_reach_a_pretrained_model_and_presets_apply():
     # a pretrained model (as in the README's DeiT-B command): the paper's values, no dense training
     real = ["--model_name_or_path", "facebook/deit-base-distilled-patch16-224", "--budget_fraction", "0.5"]
     script, pruning, training = parse_args(prune_deit.DEFAULTS, "deit_paper", real)
-    assert script.dense_epochs == 0 and script.preset == "deit_paper" and script.teacher == "dense" and script.kl_weight == 1e5
+    assert (
+        script.dense_epochs == 0
+        and script.preset == "deit_paper"
+        and script.teacher == "dense"
+        and script.kl_weight == 1e5
+    )
     assert pruning.group_sizes == GROUP_SIZE_PRESETS["deit_base_paper"]
-    assert (pruning.schedule, pruning.accumulation_steps, pruning.pruning_interval, pruning.num_pruning_steps) == ("iterative", 200, 200, 50)
+    assert (pruning.schedule, pruning.accumulation_steps, pruning.pruning_interval, pruning.num_pruning_steps) == (
+        "iterative",
+        200,
+        200,
+        50,
+    )
     assert training.learning_rate == 2e-4 and training.num_train_epochs == 100 and training.weight_decay == 0.05
     # what the user gives wins over the preset
-    script, pruning, training = parse_args(prune_deit.DEFAULTS, "deit_paper", real + ["--num_pruning_steps", "10", "--learning_rate", "1e-4"])
+    script, pruning, training = parse_args(
+        prune_deit.DEFAULTS, "deit_paper", real + ["--num_pruning_steps", "10", "--learning_rate", "1e-4"]
+    )
     assert pruning.num_pruning_steps == 10 and training.learning_rate == 1e-4
     # ResNet-50: the official one-shot after 1200 iterations, group sizes, SGD and label smoothing
     real = ["--model_name_or_path", "microsoft/resnet-50", "--budget_fraction", "0.5"]
     script, pruning, training = parse_args(prune_resnet.DEFAULTS, "resnet50_paper", real)
     assert (pruning.schedule, pruning.accumulation_steps, pruning.prune_stem) == ("one_shot", 1200, False)
     assert pruning.group_sizes == GROUP_SIZE_PRESETS["resnet50_official"] and script.dense_epochs == 0
-    assert training.optim == "sgd" and training.optim_args == "momentum=0.875" and training.label_smoothing_factor == 0.1
+    assert (
+        training.optim == "sgd" and training.optim_args == "momentum=0.875" and training.label_smoothing_factor == 0.1
+    )
     assert training.learning_rate == 1.024 and training.num_train_epochs == 90
     # a preset named for the embedded model: the preset, not the demo
-    script, pruning, _ = parse_args(prune_deit.DEFAULTS, "deit_paper", ["--preset", "deit_paper", "--budget_fraction", "0.5"])
+    script, pruning, _ = parse_args(
+        prune_deit.DEFAULTS, "deit_paper", ["--preset", "deit_paper", "--budget_fraction", "0.5"]
+    )
     assert pruning.accumulation_steps == 200 and script.dense_epochs == 0
     with pytest.raises(ValueError, match="unknown preset 'deit_huge'; presets: \\['deit_paper', 'resnet50_paper'\\]"):
         parse_args(prune_deit.DEFAULTS, "deit_paper", ["--preset", "deit_huge", "--budget_fraction", "0.5"])
@@ -126,11 +228,30 @@ def test_demo_defaults_never_reach_a_pretrained_model_and_presets_apply():
 def test_paper_preset_runs_end_to_end_with_augmentation_mixup_and_distillation(tmp_path):
     """--preset deit_paper on a tiny config: timm RandAugment + random erasing, mixup/cutmix soft targets,
     KL to the dense model and the monotone iterative schedule, shortened by command-line overrides."""
-    config = DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, architectures=["DeiTForImageClassification"])  # fmt: skip
+    config = DeiTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        architectures=["DeiTForImageClassification"],
+    )
     out = tmp_path / "out"
-    result = run_recipe("prune_deit.py", "--preset", "deit_paper", "--model_config", tiny_config(tmp_path, config, "cfg"),
-                        "--output_dir", str(out), *QUICK, "--num_pruning_steps", "3", "--num_train_epochs", "1")  # fmt: skip
+    result = run_recipe(
+        "prune_deit.py",
+        "--preset",
+        "deit_paper",
+        "--model_config",
+        tiny_config(tmp_path, config, "cfg"),
+        "--output_dir",
+        str(out),
+        *QUICK,
+        "--num_pruning_steps",
+        "3",
+        "--num_train_epochs",
+        "1",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((out / "pruning_report.json").read_text())
     assert report["distillation"]["teacher"] == "dense" and report["distillation"]["kl_weight"] == 1e5
@@ -140,7 +261,9 @@ def test_paper_preset_runs_end_to_end_with_augmentation_mixup_and_distillation(t
 
 
 def test_dataset_without_the_label_column_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"no column\(s\) \['target'\].*columns are \['image', 'label'\].*--label_column"):
+    with pytest.raises(
+        ValueError, match=r"no column\(s\) \['target'\].*columns are \['image', 'label'\].*--label_column"
+    ):
         load_image_classification("digits", label_column="target")
 
 

@@ -8,9 +8,18 @@ import sys
 import numpy as np
 import pytest
 
-from mdp_hf.solver import (BackendUnavailable, Block, Dimension, InfeasibleBudgetError, LatencyTerm, ObjectiveTerm,
-                           Problem, ProblemError, solve)
-from mdp_hf.solver import synthetic
+from mdp_hf.solver import (
+    BackendUnavailable,
+    Block,
+    Dimension,
+    InfeasibleBudgetError,
+    LatencyTerm,
+    ObjectiveTerm,
+    Problem,
+    ProblemError,
+    solve,
+    synthetic,
+)
 from mdp_hf.solver.brute_force import solve_brute_force
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,12 +73,22 @@ def _split_with_negative_cells(problem: Problem, rng) -> Problem:
     for term in problem.latency_terms:
         if term.block is not None and len(term.dims) >= 2:
             d = rng.uniform(0.0, 2.0 * float(np.max(term.table)) + 1.0, size=term.table.shape)
-            terms += [LatencyTerm(term.name, term.dims, term.table + d, term.block),
-                      LatencyTerm(term.name + ".correction", term.dims, -d, term.block)]
+            terms += [
+                LatencyTerm(term.name, term.dims, term.table + d, term.block),
+                LatencyTerm(term.name + ".correction", term.dims, -d, term.block),
+            ]
         else:
             terms.append(term)
-    return Problem(problem.dimensions, problem.blocks, problem.objective_terms, terms, problem.budget_ms,
-                   dict(problem.fixed_choices), dict(problem.fixed_blocks), dict(problem.metadata))
+    return Problem(
+        problem.dimensions,
+        problem.blocks,
+        problem.objective_terms,
+        terms,
+        problem.budget_ms,
+        dict(problem.fixed_choices),
+        dict(problem.fixed_blocks),
+        dict(problem.metadata),
+    )
 
 
 def test_negative_cells_in_decomposed_terms_keep_backends_exact():
@@ -94,8 +113,11 @@ def _variants(problem: Problem, seed: int):
     """Widths-only (every block fixed kept), a monotone iterative step (widths truncated, blocks already
     removed, some choices fixed) and both together."""
     mono = synthetic.monotone_step(problem, seed, shrink=0.6, removed=0.3, fixed=0.2)
-    return {"widths_only": synthetic.widths_only(problem), "monotone": mono, "monotone_widths_only":
-            synthetic.widths_only(mono)}
+    return {
+        "widths_only": synthetic.widths_only(problem),
+        "monotone": mono,
+        "monotone_widths_only": synthetic.widths_only(mono),
+    }
 
 
 @pytest.mark.parametrize("chunk", range(3))
@@ -114,9 +136,11 @@ def test_widths_only_monotone_and_fixed_dims_equal_brute_force(chunk):
 
 
 def test_widths_only_paper_shapes_use_the_structured_dp():
-    for problem in (synthetic.widths_only(synthetic.resnet(50, seed=0, fraction=0.5)),
-                    synthetic.widths_only(synthetic.deit(seed=0, fraction=0.5)),
-                    synthetic.monotone_step(synthetic.resnet(101, seed=1, fraction=0.5), seed=1, fixed=0.1)):
+    for problem in (
+        synthetic.widths_only(synthetic.resnet(50, seed=0, fraction=0.5)),
+        synthetic.widths_only(synthetic.deit(seed=0, fraction=0.5)),
+        synthetic.monotone_step(synthetic.resnet(101, seed=1, fraction=0.5), seed=1, fixed=0.1),
+    ):
         problem.budget_ms = 0.5 * problem.dense_latency()
         solution = solve(problem)
         assert solution.backend == "chain_dp" and solution.status == "optimal" and solution.gap == 0.0
@@ -124,8 +148,9 @@ def test_widths_only_paper_shapes_use_the_structured_dp():
 
 
 def test_widths_only_small_deit_equals_milp():
-    problem = synthetic.widths_only(synthetic.deit(seed=2, fraction=0.5, layers=2, embed=64, heads=3, head_dim=8,
-                                                   mlp=64, groups=(16, 1, 2, 2, 16)))
+    problem = synthetic.widths_only(
+        synthetic.deit(seed=2, fraction=0.5, layers=2, embed=64, heads=3, head_dim=8, mlp=64, groups=(16, 1, 2, 2, 16))
+    )
     problem.budget_ms = -1.0
     with pytest.raises(InfeasibleBudgetError) as err:
         solve(problem)
@@ -141,10 +166,15 @@ def test_block_with_negative_total_latency_is_feasible():
     """A removable block whose latency terms sum to a negative value (decomposed tables): keeping it is cheaper
     than removing it. chain_dp used to report such budgets infeasible."""
     problem = Problem(
-        dimensions=[Dimension("E", [1, 2]), Dimension("H", [1, 2])], blocks=[Block("b")],
+        dimensions=[Dimension("E", [1, 2]), Dimension("H", [1, 2])],
+        blocks=[Block("b")],
         objective_terms=[ObjectiveTerm("E", [1.0, 2.0]), ObjectiveTerm("H", [0.0, 1.0], "b")],
-        latency_terms=[LatencyTerm("e", ["E"], np.array([1.0, 2.0])),
-                       LatencyTerm("b", ["H", "E"], np.array([[-0.5, -0.2], [-0.1, 0.3]]), "b")], budget_ms=0.6)
+        latency_terms=[
+            LatencyTerm("e", ["E"], np.array([1.0, 2.0])),
+            LatencyTerm("b", ["H", "E"], np.array([[-0.5, -0.2], [-0.1, 0.3]]), "b"),
+        ],
+        budget_ms=0.6,
+    )
     reference = solve_brute_force(problem)
     assert reference.objective == pytest.approx(1.0) and reference.blocks["b"]
     for backend in ("chain_dp", "auto", "milp"):
@@ -180,8 +210,10 @@ def test_feasibility_tolerance_is_the_same_for_every_backend():
         for backend in ("chain_dp", "brute_force"):
             with pytest.raises(InfeasibleBudgetError) as err:
                 solve(problem, backend=backend)
-            budget_text, min_text = (str(err.value).split(" ms")[0].split()[-1],
-                                     str(err.value).split("smallest reachable latency ")[1].split(" ms")[0])
+            budget_text, min_text = (
+                str(err.value).split(" ms")[0].split()[-1],
+                str(err.value).split("smallest reachable latency ")[1].split(" ms")[0],
+            )
             assert budget_text != min_text  # the message never reads "budget 1 ms is below ... 1 ms"
 
 
@@ -225,8 +257,10 @@ def test_auto_fallback_answers_honestly_within_the_time_limit():
     another backend that refuses in turn)."""
     rng = np.random.default_rng(0)
     dims = [Dimension(n, list(range(1, 31))) for n in "ABC"]
-    lat = [LatencyTerm(a + b, [a, b], np.add.outer(np.arange(30.0), np.arange(30.0)) + rng.random((30, 30)))
-           for a, b in ("AB", "BC", "AC")]
+    lat = [
+        LatencyTerm(a + b, [a, b], np.add.outer(np.arange(30.0), np.arange(30.0)) + rng.random((30, 30)))
+        for a, b in ("AB", "BC", "AC")
+    ]
     obj = [ObjectiveTerm(n, list(np.cumsum(rng.random(30)))) for n in "ABC"]
     problem = Problem(dims, [], obj, lat, budget_ms=60.0)
     quick = solve(problem, time_limit_s=1e-4)
@@ -256,8 +290,9 @@ def test_milp_equals_brute_force_on_random_problems():
 
 
 def test_chain_dp_equals_milp_on_small_deit_shape():
-    problem = synthetic.deit(seed=1, fraction=0.5, layers=2, embed=64, heads=3, head_dim=8, mlp=64,
-                             groups=(16, 1, 2, 2, 16))
+    problem = synthetic.deit(
+        seed=1, fraction=0.5, layers=2, embed=64, heads=3, head_dim=8, mlp=64, groups=(16, 1, 2, 2, 16)
+    )
     problem.budget_ms = -1.0
     with pytest.raises(InfeasibleBudgetError) as err:
         solve(problem)
@@ -286,9 +321,14 @@ def tiny_problem(budget=2.5) -> Problem:
         dimensions=[Dimension("E", [8, 16]), Dimension("H", [1, 2])],
         blocks=[Block("attn")],
         objective_terms=[ObjectiveTerm("E", [1.0, 2.0]), ObjectiveTerm("H", [1.0, 3.0], "attn")],
-        latency_terms=[LatencyTerm("const", [], np.asarray(1.0)), LatencyTerm("embed", ["E"], np.array([0.5, 1.0])),
-                       LatencyTerm("attn", ["H", "E"], np.array([[0.5, 1.0], [1.0, 2.0]]), "attn")],
-        budget_ms=budget, metadata={"model": "tiny"})
+        latency_terms=[
+            LatencyTerm("const", [], np.asarray(1.0)),
+            LatencyTerm("embed", ["E"], np.array([0.5, 1.0])),
+            LatencyTerm("attn", ["H", "E"], np.array([[0.5, 1.0], [1.0, 2.0]]), "attn"),
+        ],
+        budget_ms=budget,
+        metadata={"model": "tiny"},
+    )
 
 
 @pytest.mark.parametrize("backend", ["chain_dp", "milp", "brute_force", "greedy"])
@@ -344,16 +384,19 @@ def test_json_round_trip(tmp_path):
         assert solve(loaded).objective == pytest.approx(solve(problem).objective)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d["objective_terms"][0].update(dim="nope"), "unknown dimension 'nope'"),
-    (lambda d: d["latency_terms"][2].update(table=[[1.0, 2.0]]), "table shape"),
-    (lambda d: d["dimensions"][0].update(widths=[16, 8]), "strictly increasing"),
-    (lambda d: d["dimensions"][0].update(widths=[0, 8]), "positive integers"),
-    (lambda d: d["latency_terms"][1].update(table=[0.5, float("nan")]), "NaN"),
-    (lambda d: d["latency_terms"][2].update(block="ghost"), "unknown block 'ghost'"),
-    (lambda d: d.update(fixed_choices={"E": 5}), "not a choice index"),
-    (lambda d: d.update(format_version=99), "format_version"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["objective_terms"][0].update(dim="nope"), "unknown dimension 'nope'"),
+        (lambda d: d["latency_terms"][2].update(table=[[1.0, 2.0]]), "table shape"),
+        (lambda d: d["dimensions"][0].update(widths=[16, 8]), "strictly increasing"),
+        (lambda d: d["dimensions"][0].update(widths=[0, 8]), "positive integers"),
+        (lambda d: d["latency_terms"][1].update(table=[0.5, float("nan")]), "NaN"),
+        (lambda d: d["latency_terms"][2].update(block="ghost"), "unknown block 'ghost'"),
+        (lambda d: d.update(fixed_choices={"E": 5}), "not a choice index"),
+        (lambda d: d.update(format_version=99), "format_version"),
+    ],
+)
 def test_validate_explains_errors(mutate, message):
     data = tiny_problem().to_dict()
     mutate(data)
@@ -362,8 +405,9 @@ def test_validate_explains_errors(mutate, message):
 
 
 def test_cli_prints_certificate(tmp_path, capsys):
-    from mdp_hf.solver import cli
     import argparse
+
+    from mdp_hf.solver import cli
 
     path = tmp_path / "problem.json"
     tiny_problem(budget=2.5).to_json(path)
@@ -381,18 +425,21 @@ def test_cli_prints_certificate(tmp_path, capsys):
 def test_mdp_hf_solve_command(tmp_path):
     path = tmp_path / "problem.json"
     tiny_problem(budget=2.5).to_json(path)
-    result = subprocess.run([sys.executable, "-m", "mdp_hf.cli", "solve", str(path)], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "mdp_hf.cli", "solve", str(path)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "objective:" in result.stdout and "gap:" in result.stdout
 
 
 def test_solver_package_imports_no_torch():
     """The solver itself (loaded without running mdp_hf/__init__) must not import torch."""
-    code = ("import sys, types; pkg = types.ModuleType('mdp_hf'); pkg.__path__ = ['mdp_hf']; "
-            "sys.modules['mdp_hf'] = pkg; import mdp_hf.solver, mdp_hf.solver.cli, mdp_hf.solver.chain_dp, "
-            "mdp_hf.solver.greedy, mdp_hf.solver.brute_force, mdp_hf.solver.synthetic; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, types; pkg = types.ModuleType('mdp_hf'); pkg.__path__ = ['mdp_hf']; "
+        "sys.modules['mdp_hf'] = pkg; import mdp_hf.solver, mdp_hf.solver.cli, mdp_hf.solver.chain_dp, "
+        "mdp_hf.solver.greedy, mdp_hf.solver.brute_force, mdp_hf.solver.synthetic; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 
@@ -428,8 +475,10 @@ def test_mindtpy_on_small_problems():
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["resnet50", "mobilenet_v1"])
 def test_chain_dp_equals_milp_on_paper_shapes(family):
-    make = {"resnet50": lambda: synthetic.resnet(50, seed=3, fraction=0.5),
-            "mobilenet_v1": lambda: synthetic.mobilenet_v1(seed=3, fraction=0.5)}[family]
+    make = {
+        "resnet50": lambda: synthetic.resnet(50, seed=3, fraction=0.5),
+        "mobilenet_v1": lambda: synthetic.mobilenet_v1(seed=3, fraction=0.5),
+    }[family]
     problem = make()
     exact = solve(problem, backend="chain_dp")
     milp = solve(problem, backend="milp", time_limit_s=300)

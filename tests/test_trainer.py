@@ -18,9 +18,21 @@ from mdp_hf.pruning import latency_model_for, prune
 from mdp_hf.trainer import MDPTrainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REPORT_KEYS = {"budget_ms", "dense_latency_ms", "pruned_latency_ms", "predicted_latency_ms", "dense_params",
-               "pruned_params", "device", "batch_size", "image_size", "num_threads", "dense_accuracy",
-               "pruned_accuracy", "world_size"}  # fmt: skip
+REPORT_KEYS = {
+    "budget_ms",
+    "dense_latency_ms",
+    "pruned_latency_ms",
+    "predicted_latency_ms",
+    "dense_params",
+    "pruned_params",
+    "device",
+    "batch_size",
+    "image_size",
+    "num_threads",
+    "dense_accuracy",
+    "pruned_accuracy",
+    "world_size",
+}
 
 
 class RandomImages(Dataset):
@@ -44,8 +56,18 @@ def config(**overrides):
 
 
 def args(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-3,
-                report_to="none", save_strategy="no", logging_steps=1, seed=0, use_cpu=True, dataloader_num_workers=0)  # fmt: skip
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=6,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        use_cpu=True,
+        dataloader_num_workers=0,
+    )
     return TrainingArguments(**{**base, **overrides})
 
 
@@ -89,7 +111,9 @@ def test_config_round_trip_and_unknown_keys(tmp_path, caplog):
 
 
 def test_iterative_schedule_is_exponential():
-    cfg = PrunableConfig(budget_fraction=0.25, schedule="iterative", num_pruning_steps=4, accumulation_steps=10, pruning_interval=5)
+    cfg = PrunableConfig(
+        budget_fraction=0.25, schedule="iterative", num_pruning_steps=4, accumulation_steps=10, pruning_interval=5
+    )
     assert cfg.pruning_steps() == [10, 15, 20, 25]
     budgets = [cfg.step_budget(t, 8.0, 2.0) for t in range(1, 5)]
     assert budgets == pytest.approx([8.0 * (2.0 / 8.0) ** (t / 4) for t in range(1, 5)])
@@ -141,10 +165,14 @@ def test_one_shot_prune_with_magnitude_importance(vit_latency):
 def test_trainer_prunes_on_schedule_logs_and_exports(tmp_path, vit_latency):
     model = build("vit")
     trainer = MDPTrainer(
-        model=model, args=args(tmp_path), prunable_config=config(), latency_model=vit_latency,
-        train_dataset=RandomImages(48), eval_dataset=RandomImages(16, seed=1),
+        model=model,
+        args=args(tmp_path),
+        prunable_config=config(),
+        latency_model=vit_latency,
+        train_dataset=RandomImages(48),
+        eval_dataset=RandomImages(16, seed=1),
         compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())},
-    )  # fmt: skip
+    )
     trainer.train()
     result = trainer.mdp.results[0]
     assert len(trainer.mdp.results) == 1 and result.predicted_latency_ms <= result.budget_ms * (1 + 1e-9)
@@ -189,11 +217,18 @@ class StopAfter(TrainerCallback):
 
 
 def test_resume_continues_the_iterative_schedule_exactly(tmp_path, vit_latency):
-    cfg = config(schedule="iterative", num_pruning_steps=2, accumulation_steps=2, pruning_interval=2, budget_fraction=0.5)
+    cfg = config(
+        schedule="iterative", num_pruning_steps=2, accumulation_steps=2, pruning_interval=2, budget_fraction=0.5
+    )
 
     def trainer_for(out, **kw):
-        return MDPTrainer(model=build("vit"), args=args(tmp_path, output_dir=str(out), **kw), prunable_config=cfg,
-                          latency_model=vit_latency, train_dataset=RandomImages(48))  # fmt: skip
+        return MDPTrainer(
+            model=build("vit"),
+            args=args(tmp_path, output_dir=str(out), **kw),
+            prunable_config=cfg,
+            latency_model=vit_latency,
+            train_dataset=RandomImages(48),
+        )
 
     straight = trainer_for(tmp_path / "straight", max_steps=5)
     straight.train()
@@ -214,11 +249,21 @@ def test_resume_continues_the_iterative_schedule_exactly(tmp_path, vit_latency):
 
 
 def test_resume_with_another_config_is_refused(tmp_path, vit_latency):
-    first = MDPTrainer(model=build("vit"), args=args(tmp_path, max_steps=3, save_strategy="steps", save_steps=3),
-                       prunable_config=config(), latency_model=vit_latency, train_dataset=RandomImages(24))  # fmt: skip
+    first = MDPTrainer(
+        model=build("vit"),
+        args=args(tmp_path, max_steps=3, save_strategy="steps", save_steps=3),
+        prunable_config=config(),
+        latency_model=vit_latency,
+        train_dataset=RandomImages(24),
+    )
     first.train()
-    other = MDPTrainer(model=build("vit"), args=args(tmp_path, max_steps=4), prunable_config=config(budget_fraction=0.4),
-                       latency_model=vit_latency, train_dataset=RandomImages(24))  # fmt: skip
+    other = MDPTrainer(
+        model=build("vit"),
+        args=args(tmp_path, max_steps=4),
+        prunable_config=config(budget_fraction=0.4),
+        latency_model=vit_latency,
+        train_dataset=RandomImages(24),
+    )
     with pytest.raises(ValueError, match="different PrunableConfig"):
         other.train(resume_from_checkpoint=True)
 
@@ -230,8 +275,13 @@ def test_infeasible_budget_fails_before_training_and_leaves_the_model_alone(tmp_
 
     model = build("vit")
     with pytest.raises(ValueError, match="smallest reachable latency"):
-        MDPTrainer(model=model, args=args(tmp_path), prunable_config=config(budget_ms=1e-6, budget_fraction=None),
-                   latency_model=ProductLatency(), train_dataset=RandomImages(48))  # fmt: skip
+        MDPTrainer(
+            model=model,
+            args=args(tmp_path),
+            prunable_config=config(budget_ms=1e-6, budget_fraction=None),
+            latency_model=ProductLatency(),
+            train_dataset=RandomImages(48),
+        )
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # no gates left behind
 
 
@@ -270,11 +320,28 @@ def test_two_ranks_get_the_masks_of_one_process(tmp_path, vit_latency):
     script = tmp_path / "two_rank.py"
     script.write_text(TWO_RANK_SCRIPT.format(tests=os.path.join(REPO, "tests")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              os.path.join(REPO, "recipes", "accelerate_configs", "cpu_multiprocess.yaml")]  # fmt: skip
-    two = subprocess.run(launch + [str(script), str(tmp_path / "two"), "8", str(table)], capture_output=True, text=True, env=env, timeout=600)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join(REPO, "recipes", "accelerate_configs", "cpu_multiprocess.yaml"),
+    ]
+    two = subprocess.run(
+        launch + [str(script), str(tmp_path / "two"), "8", str(table)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-4000:]
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "16", str(table)], capture_output=True, text=True, env=env, timeout=600)
+    one = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "one"), "16", str(table)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-4000:]
     ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
     single = json.loads((tmp_path / "one" / "rank0.json").read_text())
@@ -301,9 +368,14 @@ def test_distillation_from_the_frozen_dense_model(tmp_path, vit_latency):
 
     model = build("vit")
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = MDPTrainer(model=model, args=args(tmp_path, max_steps=6), prunable_config=config(accumulation_steps=3),
-                         latency_model=vit_latency, train_dataset=RandomImages(48),
-                         distillation=DistillationSettings(teacher="dense", kl_weight=10.0))  # fmt: skip
+    trainer = MDPTrainer(
+        model=model,
+        args=args(tmp_path, max_steps=6),
+        prunable_config=config(accumulation_steps=3),
+        latency_model=vit_latency,
+        train_dataset=RandomImages(48),
+        distillation=DistillationSettings(teacher="dense", kl_weight=10.0),
+    )
     teacher = trainer.mdp_loss.teacher
     record = RecordLoss(trainer)
     trainer.add_callback(record)
@@ -329,37 +401,58 @@ def test_deit_with_teacher_head_trains_with_hard_distillation(tmp_path):
 
     model = build("deit_distilled")  # returns no loss of its own
     latency = latency_model_for(model, config(), str(tmp_path / "table.json"))
-    trainer = MDPTrainer(model=model, args=args(tmp_path, max_steps=4), prunable_config=config(accumulation_steps=2),
-                         latency_model=latency, train_dataset=RandomImages(32),
-                         distillation=DistillationSettings(teacher="dense", kl_weight=1.0, hard_distillation=True))  # fmt: skip
+    trainer = MDPTrainer(
+        model=model,
+        args=args(tmp_path, max_steps=4),
+        prunable_config=config(accumulation_steps=2),
+        latency_model=latency,
+        train_dataset=RandomImages(32),
+        distillation=DistillationSettings(teacher="dense", kl_weight=1.0, hard_distillation=True),
+    )
     trainer.train()
     parts = trainer.mdp_loss.last_parts
     assert parts["hard"] > 0 and parts["kl"] > 0 and torch.isfinite(torch.tensor(parts["loss"]))
     # without distillation it still trains: plain CE on the labels
-    plain = MDPTrainer(model=build("deit_distilled"), args=args(tmp_path, max_steps=3, output_dir=str(tmp_path / "plain")),
-                       prunable_config=config(accumulation_steps=2), latency_model=latency, train_dataset=RandomImages(32))  # fmt: skip
+    plain = MDPTrainer(
+        model=build("deit_distilled"),
+        args=args(tmp_path, max_steps=3, output_dir=str(tmp_path / "plain")),
+        prunable_config=config(accumulation_steps=2),
+        latency_model=latency,
+        train_dataset=RandomImages(32),
+    )
     plain.train()
     assert plain.mdp_loss is not None and plain.mdp_loss.last_parts["ce"] > 0
 
 
 def test_teacher_with_another_label_space_is_refused_before_training(tmp_path, vit_latency):
+    from tiny_models import VIT_KW
     from transformers import ViTConfig, ViTForImageClassification
 
     from mdp_hf.losses import DistillationSettings
-    from tiny_models import VIT_KW
 
     ViTForImageClassification(ViTConfig(**{**VIT_KW, "num_labels": 3})).save_pretrained(tmp_path / "teacher")
     with pytest.raises(ValueError, match="3.*5|5.*3"):
-        MDPTrainer(model=build("vit"), args=args(tmp_path), prunable_config=config(), latency_model=vit_latency,
-                   train_dataset=RandomImages(8), distillation=DistillationSettings(teacher=str(tmp_path / "teacher")))  # fmt: skip
+        MDPTrainer(
+            model=build("vit"),
+            args=args(tmp_path),
+            prunable_config=config(),
+            latency_model=vit_latency,
+            train_dataset=RandomImages(8),
+            distillation=DistillationSettings(teacher=str(tmp_path / "teacher")),
+        )
 
 
 def test_distillation_under_bf16_autocast(tmp_path, vit_latency):
     from mdp_hf.losses import DistillationSettings
 
-    trainer = MDPTrainer(model=build("vit"), args=args(tmp_path, max_steps=4, bf16=True), prunable_config=config(accumulation_steps=2),
-                         latency_model=vit_latency, train_dataset=RandomImages(32),
-                         distillation=DistillationSettings(teacher="dense", kl_weight=1.0))  # fmt: skip
+    trainer = MDPTrainer(
+        model=build("vit"),
+        args=args(tmp_path, max_steps=4, bf16=True),
+        prunable_config=config(accumulation_steps=2),
+        latency_model=vit_latency,
+        train_dataset=RandomImages(32),
+        distillation=DistillationSettings(teacher="dense", kl_weight=1.0),
+    )
     trainer.train()
     assert all(torch.isfinite(torch.tensor(v)) for v in trainer.mdp_loss.last_parts.values())
     assert trainer.mdp_loss.last_parts["kl"] > 0

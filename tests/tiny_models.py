@@ -13,8 +13,15 @@ from transformers import (
 )
 
 IMAGE_SIZE = 32
-VIT_KW = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-              image_size=IMAGE_SIZE, patch_size=8, num_labels=5)  # fmt: skip
+VIT_KW = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+    image_size=IMAGE_SIZE,
+    patch_size=8,
+    num_labels=5,
+)
 # small groups so random choices cover many widths in tiny models
 GROUPS = {"embed": 4, "heads": 1, "qk": 2, "v": 2, "mlp": 8, "channels": 2, "residual": 2}
 
@@ -31,7 +38,9 @@ def build(family: str, seed: int = 0):
         model = DeiTForImageClassificationWithTeacher(DeiTConfig(**VIT_KW))
     elif family == "resnet_bottleneck":
         model = ResNetForImageClassification(
-            ResNetConfig(embedding_size=8, hidden_sizes=[16, 24, 32], depths=[2, 2, 1], layer_type="bottleneck", num_labels=5)
+            ResNetConfig(
+                embedding_size=8, hidden_sizes=[16, 24, 32], depths=[2, 2, 1], layer_type="bottleneck", num_labels=5
+            )
         )
     elif family == "resnet_basic":  # stage 0 has an identity shortcut: stem and stage-0 widths are coupled
         model = ResNetForImageClassification(

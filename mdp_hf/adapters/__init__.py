@@ -44,6 +44,17 @@ register_adapter(ViTAdapter())
 register_adapter(ResNetAdapter())
 
 __all__ = [
-    "Block", "Dimension", "GateSet", "ModelAdapter", "PruningChoice", "PruningSpace", "PruningSpaceError",
-    "ResNetAdapter", "UnsupportedModelError", "ViTAdapter", "get_adapter", "register_adapter", "supported_model_types",
-]  # fmt: skip
+    "Block",
+    "Dimension",
+    "GateSet",
+    "ModelAdapter",
+    "PruningChoice",
+    "PruningSpace",
+    "PruningSpaceError",
+    "ResNetAdapter",
+    "UnsupportedModelError",
+    "ViTAdapter",
+    "get_adapter",
+    "register_adapter",
+    "supported_model_types",
+]

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-
 # every family's dimension kinds: a kind-level group size for another family's kind is not an error
 DIMENSION_KINDS = ("embed", "heads", "qk", "v", "mlp", "channels", "residual")
 
@@ -69,10 +68,14 @@ class PruningSpace:
     aliases: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
-        lines = [f"pruning space of a {self.model_type} model: {len(self.dimensions)} dimensions, {len(self.blocks)} blocks"]
-        lines.append(f"{'dimension':<34} {'kind':<9} {'size':>5} {'group':>5} {'min':>4} {'choices':>7}  block / coupling")
+        lines = [
+            f"pruning space of a {self.model_type} model: {len(self.dimensions)} dimensions, {len(self.blocks)} blocks"
+        ]
+        lines.append(
+            f"{'dimension':<34} {'kind':<9} {'size':>5} {'group':>5} {'min':>4} {'choices':>7}  block / coupling"
+        )
         for dim in self.dimensions.values():
-            where = dim.block or ("global, shared by %d blocks" % len(dim.shared_by) if dim.shared_by else "-")
+            where = dim.block or (f"global, shared by {len(dim.shared_by)} blocks" if dim.shared_by else "-")
             lines.append(
                 f"{dim.name:<34} {dim.kind:<9} {dim.size:>5} {dim.group_size:>5} {dim.min_keep:>4} "
                 f"{len(dim.widths()):>7}  {where}; {len(dim.coupled)} params"
@@ -142,7 +145,9 @@ class PruningChoice:
     @classmethod
     def from_json(cls, text: str) -> PruningChoice:
         data = json.loads(text)
-        return cls(kept={k: list(v) for k, v in data.get("kept", {}).items()}, removed_blocks=data.get("removed_blocks", []))
+        return cls(
+            kept={k: list(v) for k, v in data.get("kept", {}).items()}, removed_blocks=data.get("removed_blocks", [])
+        )
 
 
 class GateSet:
@@ -231,7 +236,9 @@ class ModelAdapter:
     #: how a gate gradient becomes a score: "square" (paper, ViT) or "abs" (paper, CNN BN-Taylor)
     default_score_kind: str = "square"
 
-    def build_space(self, model, group_sizes: dict[str, int] | None = None, min_keep: dict[str, int] | None = None) -> PruningSpace:
+    def build_space(
+        self, model, group_sizes: dict[str, int] | None = None, min_keep: dict[str, int] | None = None
+    ) -> PruningSpace:
         raise NotImplementedError
 
     def install_gates(self, model, space: PruningSpace) -> GateSet:
@@ -246,14 +253,18 @@ class ModelAdapter:
         backward. Default: the gates' gradients, dL/dg = sum over the unit's activations of a * dL/da.
         Families whose official score links other tensors override it (ViT: w * dL/dw of linked weights)."""
         return {
-            name: gate.grad.detach().double().cpu() if gate.grad is not None else torch.zeros(gate.numel(), dtype=torch.float64)
+            name: gate.grad.detach().double().cpu()
+            if gate.grad is not None
+            else torch.zeros(gate.numel(), dtype=torch.float64)
             for name, gate in gates.dims.items()
         }
 
     #: whether :meth:`taylor_scores` reads gate gradients (False: the gates are plain masks, no autograd cost)
     scores_from_gates: bool = True
 
-    def score_shares(self, model, space: PruningSpace, gates: GateSet) -> dict[str, list[tuple[str | None, torch.Tensor]]]:
+    def score_shares(
+        self, model, space: PruningSpace, gates: GateSet
+    ) -> dict[str, list[tuple[str | None, torch.Tensor]]]:
         """Per shared dimension, this step's signed score of each member layer, with the block it belongs to
         (None: outside every block), for splitting a shared width's importance among the blocks that own it.
         Always the same members in the same order. Default: none (shared widths are not charged to blocks)."""

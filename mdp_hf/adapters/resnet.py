@@ -11,11 +11,20 @@ the stem and the projections sit outside every block and are never removed.
 from __future__ import annotations
 
 import torch
-from transformers.initialization import no_init_weights
 from torch import nn
+from transformers.initialization import no_init_weights
 
 from ..modeling import MDPResNetConfig, MDPResNetForImageClassification, MDPResNetModel
-from .base import Block, Dimension, GateSet, ModelAdapter, PruningChoice, PruningSpace, PruningSpaceError, has_classifier
+from .base import (
+    Block,
+    Dimension,
+    GateSet,
+    ModelAdapter,
+    PruningChoice,
+    PruningSpace,
+    PruningSpaceError,
+    has_classifier,
+)
 
 
 class ResNetAdapter(ModelAdapter):
@@ -102,10 +111,12 @@ class ResNetAdapter(ModelAdapter):
         residual_dims = {}
         for name, size in [(stem_name, stem_channels)] + [
             (name, self._stage_width(stage)) for name, stage in zip(stage_names, base.encoder.stages)
-        ]:  # fmt: skip
+        ]:
             if name not in residual_dims:
                 group, minimum = self._group_and_min(name, "residual", size, group_sizes, min_keep)
-                residual_dims[name] = Dimension(name, "residual", size, group, minimum, None, coupled=coupled.get(name, []))
+                residual_dims[name] = Dimension(
+                    name, "residual", size, group, minimum, None, coupled=coupled.get(name, [])
+                )
         # a residual width is shared by every block that reads it (first conv) or writes into it (last conv)
         producer = stem_name
         for s, j, flat, layer in self._layers(base):
@@ -267,7 +278,9 @@ class ResNetAdapter(ModelAdapter):
         return {name: sum(self._bn_taylor(norm) for _, norm in members[name]) for name in space.dimensions}
 
     @torch.no_grad()
-    def score_shares(self, model, space: PruningSpace, gates: GateSet) -> dict[str, list[tuple[str | None, torch.Tensor]]]:
+    def score_shares(
+        self, model, space: PruningSpace, gates: GateSet
+    ) -> dict[str, list[tuple[str | None, torch.Tensor]]]:
         base, _, _ = self._parts(model)
         return {
             name: [(block, self._bn_taylor(norm)) for block, norm in layers]
@@ -310,7 +323,9 @@ class ResNetAdapter(ModelAdapter):
                 if flat not in removed:
                     inner = config.layer_inner_widths[flat]
                     if config.layer_type == "bottleneck":
-                        total += conv_bn(cin, inner[0], 1) + conv_bn(inner[0], inner[1], 3) + conv_bn(inner[1], width, 1)
+                        total += (
+                            conv_bn(cin, inner[0], 1) + conv_bn(inner[0], inner[1], 3) + conv_bn(inner[1], width, 1)
+                        )
                     else:
                         total += conv_bn(cin, inner[0], 3) + conv_bn(inner[0], width, 3)
                 cin, flat = width, flat + 1

@@ -15,13 +15,32 @@ import torch
 from transformers.initialization import no_init_weights
 
 from ..modeling import MDPViTConfig, MDPViTForImageClassification, MDPViTModel
-from .base import Block, Dimension, GateSet, ModelAdapter, PruningChoice, PruningSpace, PruningSpaceError, has_classifier
+from .base import (
+    Block,
+    Dimension,
+    GateSet,
+    ModelAdapter,
+    PruningChoice,
+    PruningSpace,
+    PruningSpaceError,
+    has_classifier,
+)
 
 # configuration fields copied unchanged from the model being pruned
 _COPIED_FIELDS = (
-    "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps",
-    "image_size", "patch_size", "num_channels", "qkv_bias", "pooler_act", "id2label", "label2id",
-)  # fmt: skip
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "initializer_range",
+    "layer_norm_eps",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "qkv_bias",
+    "pooler_act",
+    "id2label",
+    "label2id",
+)
 
 
 class ViTAdapter(ModelAdapter):
@@ -68,8 +87,12 @@ class ViTAdapter(ModelAdapter):
             group, minimum = self._group_and_min(name, kind, size, group_sizes, min_keep)
             dims[name] = Dimension(name, kind, size, group, minimum, block, coupled=list(coupled))
 
-        embed_coupled = [f"{p}embeddings.patch_embeddings.projection", f"{p}embeddings.cls_token",
-                         f"{p}embeddings.position_embeddings", f"{p}layernorm"] + [f"{name}.weight[:, in]" for name in heads]  # fmt: skip
+        embed_coupled = [
+            f"{p}embeddings.patch_embeddings.projection",
+            f"{p}embeddings.cls_token",
+            f"{p}embeddings.position_embeddings",
+            f"{p}layernorm",
+        ] + [f"{name}.weight[:, in]" for name in heads]
         if getattr(base.embeddings, "distillation_token", None) is not None:
             embed_coupled.append(f"{p}embeddings.distillation_token")
         add_dim("embed", "embed", hidden, coupled=embed_coupled)
@@ -78,10 +101,18 @@ class ViTAdapter(ModelAdapter):
             lp = f"{p}layers.{i}"
             if shape["attention"]:
                 block = f"layers.{i}.attention"
-                add_dim(f"layers.{i}.heads", "heads", shape["heads"], block, [f"{lp}.attention.{n}_proj" for n in "qkvo"])
-                add_dim(f"layers.{i}.qk_dim", "qk", shape["qk"], block, [f"{lp}.attention.q_proj", f"{lp}.attention.k_proj"])
-                add_dim(f"layers.{i}.v_dim", "v", shape["v"], block, [f"{lp}.attention.v_proj", f"{lp}.attention.o_proj"])
-                blocks[block] = Block(block, "attention", [f"layers.{i}.heads", f"layers.{i}.qk_dim", f"layers.{i}.v_dim"])
+                add_dim(
+                    f"layers.{i}.heads", "heads", shape["heads"], block, [f"{lp}.attention.{n}_proj" for n in "qkvo"]
+                )
+                add_dim(
+                    f"layers.{i}.qk_dim", "qk", shape["qk"], block, [f"{lp}.attention.q_proj", f"{lp}.attention.k_proj"]
+                )
+                add_dim(
+                    f"layers.{i}.v_dim", "v", shape["v"], block, [f"{lp}.attention.v_proj", f"{lp}.attention.o_proj"]
+                )
+                blocks[block] = Block(
+                    block, "attention", [f"layers.{i}.heads", f"layers.{i}.qk_dim", f"layers.{i}.v_dim"]
+                )
                 embed_coupled += [f"{lp}.layernorm_before", f"{lp}.attention.o_proj (out)"]
                 for name in ("q_proj", "k_proj"):
                     aliases[f"layers.{i}.attention.{name}"] = f"layers.{i}.qk_dim"
@@ -134,20 +165,31 @@ class ViTAdapter(ModelAdapter):
 
                 def gate_heads_and_values(module, args, i=i, heads=heads, v=v):
                     (x,) = args[:1]
-                    per_unit = gates.dim(f"layers.{i}.heads", x.dtype)[:, None] * gates.dim(f"layers.{i}.v_dim", x.dtype)
+                    per_unit = gates.dim(f"layers.{i}.heads", x.dtype)[:, None] * gates.dim(
+                        f"layers.{i}.v_dim", x.dtype
+                    )
                     return ((x.unflatten(-1, (heads, v)) * per_unit).flatten(-2),) + tuple(args[1:])
 
                 gates.add_hook(attn.q_proj.register_forward_hook(gate_query))
                 gates.add_hook(attn.o_proj.register_forward_pre_hook(gate_heads_and_values))
-                gates.add_hook(attn.o_proj.register_forward_hook(
-                    scale_output(lambda dtype, block=block: embed(dtype) * gates.block(block, dtype))))  # fmt: skip
+                gates.add_hook(
+                    attn.o_proj.register_forward_hook(
+                        scale_output(lambda dtype, block=block: embed(dtype) * gates.block(block, dtype))
+                    )
+                )
             if layer.mlp is not None:
                 block = f"layers.{i}.mlp"
                 gates.add_hook(layer.layernorm_after.register_forward_hook(masked_layernorm))
-                gates.add_hook(layer.mlp.fc1.register_forward_hook(
-                    scale_output(lambda dtype, i=i: gates.dim(f"layers.{i}.mlp_dim", dtype))))  # fmt: skip
-                gates.add_hook(layer.mlp.fc2.register_forward_hook(
-                    scale_output(lambda dtype, block=block: embed(dtype) * gates.block(block, dtype))))  # fmt: skip
+                gates.add_hook(
+                    layer.mlp.fc1.register_forward_hook(
+                        scale_output(lambda dtype, i=i: gates.dim(f"layers.{i}.mlp_dim", dtype))
+                    )
+                )
+                gates.add_hook(
+                    layer.mlp.fc2.register_forward_hook(
+                        scale_output(lambda dtype, block=block: embed(dtype) * gates.block(block, dtype))
+                    )
+                )
         pooler = getattr(base, "pooler", None)
         if pooler is not None:
             gates.add_hook(pooler.dense.register_forward_pre_hook(lambda m, args: (args[0] * embed(args[0].dtype),)))
@@ -157,7 +199,6 @@ class ViTAdapter(ModelAdapter):
     def slice(self, model, space: PruningSpace, choice: PruningChoice):
         choice.validate(space)
         base, prefix, heads = self._parts(model)
-        source = model.config
         E = torch.tensor(choice.kept_indices(space, "embed"))
         removed = set(choice.removed_blocks)
         state: dict[str, torch.Tensor] = {}
@@ -238,9 +279,19 @@ class ViTAdapter(ModelAdapter):
         source = model.config
         if source.model_type == "mdp_vit":
             scaling = source.attention_scaling
-            base_type, base_path, base_config = source.base_model_type, source.base_model_name_or_path, source.base_config
-            defaults = {k: getattr(source, k) for k in ("num_attention_heads", "qk_head_dim", "v_head_dim", "intermediate_size")} \
-                if not source.is_heterogeneous else {}  # fmt: skip
+            base_type, base_path, base_config = (
+                source.base_model_type,
+                source.base_model_name_or_path,
+                source.base_config,
+            )
+            defaults = (
+                {
+                    k: getattr(source, k)
+                    for k in ("num_attention_heads", "qk_head_dim", "v_head_dim", "intermediate_size")
+                }
+                if not source.is_heterogeneous
+                else {}
+            )
         else:
             head_dim = getattr(source, "head_dim", None) or source.hidden_size // source.num_attention_heads
             scaling = head_dim**-0.5
@@ -249,9 +300,11 @@ class ViTAdapter(ModelAdapter):
         shapes = [self._layer_shape(layer) for layer in base.layers]
         first = next((s for s in shapes if s["attention"]), {"heads": 1, "qk": 1, "v": 1})
         defaults = defaults or {
-            "num_attention_heads": first["heads"], "qk_head_dim": first["qk"], "v_head_dim": first["v"],
+            "num_attention_heads": first["heads"],
+            "qk_head_dim": first["qk"],
+            "v_head_dim": first["v"],
             "intermediate_size": next((s["mlp_dim"] for s in shapes if s["mlp"]), 1),
-        }  # fmt: skip
+        }
         sparse = {}
         for i, overrides in per_layer.items():
             diff = {k: v for k, v in overrides.items() if k == "skip" and v or k != "skip" and defaults.get(k) != v}
@@ -273,7 +326,11 @@ class ViTAdapter(ModelAdapter):
             base_model_name_or_path=base_path,
             base_config=base_config,
             per_layer_config=sparse or None,
-            architectures=["MDPViTForImageClassification" if heads or isinstance(model, MDPViTForImageClassification) else "MDPViTModel"],
+            architectures=[
+                "MDPViTForImageClassification"
+                if heads or isinstance(model, MDPViTForImageClassification)
+                else "MDPViTModel"
+            ],
             **defaults,
             **fields,
         )
@@ -322,7 +379,11 @@ class ViTAdapter(ModelAdapter):
             shape = self._layer_shape(layer)
             if shape["attention"]:
                 attn, H = layer.attention, shape["heads"]
-                q, k, v = rows(attn.q_proj, (H, shape["qk"])), rows(attn.k_proj, (H, shape["qk"])), rows(attn.v_proj, (H, shape["v"]))
+                q, k, v = (
+                    rows(attn.q_proj, (H, shape["qk"])),
+                    rows(attn.k_proj, (H, shape["qk"])),
+                    rows(attn.v_proj, (H, shape["v"])),
+                )
                 out[f"layers.{i}.heads"] = (q.sum(1) + k.sum(1) + v.sum(1)) / self.score_divisors["heads"]
                 out[f"layers.{i}.qk_dim"] = q.sum(0) / self.score_divisors["qk"]
                 out[f"layers.{i}.v_dim"] = v.sum(0) / self.score_divisors["v"]
@@ -380,4 +441,3 @@ class ViTAdapter(ModelAdapter):
             heads = 2 if config.classifier_heads == "cls+distillation" else 1
             total += heads * (E * config.num_labels + config.num_labels)
         return total
-

@@ -33,8 +33,13 @@ class ImportanceAccumulator:
     :meth:`state_dict` makes the accumulator resumable from a checkpoint.
     """
 
-    def __init__(self, sizes: dict[str, int], kind: ScoreKind | str = ScoreKind.SQUARE, ema_decay: float = 0.9,
-                 share_groups: dict[str, list[str]] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        sizes: dict[str, int],
+        kind: ScoreKind | str = ScoreKind.SQUARE,
+        ema_decay: float = 0.9,
+        share_groups: dict[str, list[str]] | None = None,
+    ):
         """``sizes``: units per scored name. ``share_groups``: shared dimension -> the names of its members'
         signed scores; each member name is also a key of ``sizes`` and accumulates that member's share."""
         self.kind = ScoreKind(kind)
@@ -64,8 +69,11 @@ class ImportanceAccumulator:
         if not all(torch.isfinite(v).all() for v in scores.values()):
             return False
         members = {m for group in self.share_groups.values() for m in group}
-        transformed = {name: value.abs() if self.kind is ScoreKind.ABS else value.square()
-                       for name, value in scores.items() if name not in members}  # fmt: skip
+        transformed = {
+            name: value.abs() if self.kind is ScoreKind.ABS else value.square()
+            for name, value in scores.items()
+            if name not in members
+        }
         for dim, group in self.share_groups.items():
             magnitudes = {m: scores[m].abs() for m in group}
             total = sum(magnitudes.values())

@@ -35,8 +35,27 @@ from .table import (
 from .timing import Measurement, TimingSettings, measure_latencies, measure_latency
 
 __all__ = [
-    "FlopsLatencyModel", "IncompleteTableError", "LatencyModel", "LatencyTable", "LatencyTableError",
-    "LatencyTableMismatchError", "LatencyTermSpec", "LinearLatencyModel", "MeasuredTable", "Measurement", "Structure",
-    "TableLatencyModel", "TermDef", "TimingSettings", "as_structure", "build_table", "interpolation_report",
-    "measure_latencies", "measure_latency", "pull_table", "push_table", "register_latency_family", "run_metadata",
-]  # fmt: skip
+    "FlopsLatencyModel",
+    "IncompleteTableError",
+    "LatencyModel",
+    "LatencyTable",
+    "LatencyTableError",
+    "LatencyTableMismatchError",
+    "LatencyTermSpec",
+    "LinearLatencyModel",
+    "MeasuredTable",
+    "Measurement",
+    "Structure",
+    "TableLatencyModel",
+    "TermDef",
+    "TimingSettings",
+    "as_structure",
+    "build_table",
+    "interpolation_report",
+    "measure_latencies",
+    "measure_latency",
+    "pull_table",
+    "push_table",
+    "register_latency_family",
+    "run_metadata",
+]

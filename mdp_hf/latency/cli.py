@@ -23,16 +23,71 @@ import sys
 from pathlib import Path
 
 PRESETS = {
-    "tiny-vit": ("vit", dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8, num_labels=5)),
-    "tiny-deit": ("deit", dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8, num_labels=5)),
-    "tiny-resnet": ("resnet", dict(embedding_size=8, hidden_sizes=[16, 24, 32], depths=[2, 2, 1], layer_type="bottleneck", num_labels=5)),
-    "deit-tiny": ("deit", dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, num_labels=1000)),
-    "deit-small": ("deit", dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, num_labels=1000)),
-    "deit-base": ("deit", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, num_labels=1000)),
-    "vit-base": ("vit", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, num_labels=1000)),
-    "resnet18": ("resnet", dict(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic", num_labels=1000)),
-    "resnet50": ("resnet", dict(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3], layer_type="bottleneck", num_labels=1000)),
-}  # fmt: skip
+    "tiny-vit": (
+        "vit",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+            num_labels=5,
+        ),
+    ),
+    "tiny-deit": (
+        "deit",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+            num_labels=5,
+        ),
+    ),
+    "tiny-resnet": (
+        "resnet",
+        dict(embedding_size=8, hidden_sizes=[16, 24, 32], depths=[2, 2, 1], layer_type="bottleneck", num_labels=5),
+    ),
+    "deit-tiny": (
+        "deit",
+        dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, num_labels=1000),
+    ),
+    "deit-small": (
+        "deit",
+        dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, num_labels=1000),
+    ),
+    "deit-base": (
+        "deit",
+        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, num_labels=1000),
+    ),
+    "vit-base": (
+        "vit",
+        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, num_labels=1000),
+    ),
+    "resnet18": (
+        "resnet",
+        dict(
+            embedding_size=64,
+            hidden_sizes=[64, 128, 256, 512],
+            depths=[2, 2, 2, 2],
+            layer_type="basic",
+            num_labels=1000,
+        ),
+    ),
+    "resnet50": (
+        "resnet",
+        dict(
+            embedding_size=64,
+            hidden_sizes=[256, 512, 1024, 2048],
+            depths=[3, 4, 6, 3],
+            layer_type="bottleneck",
+            num_labels=1000,
+        ),
+    ),
+}
 
 
 def load_config(spec: str):
@@ -97,12 +152,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     timing_args(b)
     b.add_argument("--group-sizes", default=None, help="per dimension kind, e.g. embed=16,heads=1,qk=2,v=2,mlp=32")
     b.add_argument("--min-keep", default=None, help="per dimension kind, e.g. heads=1")
-    b.add_argument("--subgrid", default=None, help="measure every k-th choice (int or per kind, e.g. embed=2,qk=4); "
-                   "the rest is interpolated")  # fmt: skip
+    b.add_argument(
+        "--subgrid",
+        default=None,
+        help="measure every k-th choice (int or per kind, e.g. embed=2,qk=4); the rest is interpolated",
+    )
     b.add_argument("--validate", type=int, default=0, help="also time N random off-sub-grid cells per grid")
     b.add_argument("--no-calibrate", action="store_true", help="skip timing the dense model end to end")
-    b.add_argument("--recheck", type=float, default=0.15, help="re-time cells this far (relative) from their "
-                   "neighbours' median, keeping the faster timing; 0 disables")  # fmt: skip
+    b.add_argument(
+        "--recheck",
+        type=float,
+        default=0.15,
+        help="re-time cells this far (relative) from their neighbours' median, keeping the faster timing; 0 disables",
+    )
     b.add_argument("--chunk-size", type=int, default=64)
     b.add_argument("--overwrite", action="store_true", help="start from scratch instead of resuming")
     b.add_argument("--no-progress", action="store_true")
@@ -137,35 +199,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _settings(args):
     from .timing import TimingSettings
 
-    return TimingSettings(device=args.device, batch_size=args.batch_size, image_size=args.image_size, dtype=args.dtype,
-                          threads=args.threads or None, attn_implementation=args.attn_implementation, warmup=args.warmup,
-                          repeats=args.repeats, statistic=args.statistic)  # fmt: skip
+    return TimingSettings(
+        device=args.device,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        dtype=args.dtype,
+        threads=args.threads or None,
+        attn_implementation=args.attn_implementation,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        statistic=args.statistic,
+    )
 
 
 def run(args) -> int:
-    from . import FlopsLatencyModel, LatencyTable, LinearLatencyModel, TableLatencyModel, build_table, interpolation_report
+    from . import (
+        FlopsLatencyModel,
+        LatencyTable,
+        LinearLatencyModel,
+        TableLatencyModel,
+        build_table,
+        interpolation_report,
+    )
     from .table import pull_table, push_table
 
     cmd = args.latency_command
     if cmd == "build":
         model = load_model(args.model)
-        table = build_table(model, args.output, settings=_settings(args), group_sizes=_key_values(args.group_sizes),
-                            min_keep=_key_values(args.min_keep), subgrid=_subgrid(args.subgrid), validate=args.validate,
-                            calibrate=not args.no_calibrate, recheck=args.recheck or None, chunk_size=args.chunk_size, overwrite=args.overwrite,
-                            progress=not args.no_progress)  # fmt: skip
+        table = build_table(
+            model,
+            args.output,
+            settings=_settings(args),
+            group_sizes=_key_values(args.group_sizes),
+            min_keep=_key_values(args.min_keep),
+            subgrid=_subgrid(args.subgrid),
+            validate=args.validate,
+            calibrate=not args.no_calibrate,
+            recheck=args.recheck or None,
+            chunk_size=args.chunk_size,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
         lm = TableLatencyModel(table)
-        print(f"wrote {args.output}: {len(table.tables)} grids, {table.num_measured}/{table.num_cells} cells measured, "
-              f"{table.metadata['build_seconds']:.0f} s; dense predicted {lm.dense_ms():.3f} ms"
-              + (f", measured {table.reference['dense_measured_ms']:.3f} ms" if table.reference else ""))  # fmt: skip
+        print(
+            f"wrote {args.output}: {len(table.tables)} grids, {table.num_measured}/{table.num_cells} cells measured, "
+            f"{table.metadata['build_seconds']:.0f} s; dense predicted {lm.dense_ms():.3f} ms"
+            + (f", measured {table.reference['dense_measured_ms']:.3f} ms" if table.reference else "")
+        )
         report = interpolation_report(table)
         if report.get("cells"):
-            print(f"interpolation error at {report['cells']} off-grid cells: mean {report['mean_abs_pct']:.1f}%, max {report['max_abs_pct']:.1f}%")
+            print(
+                f"interpolation error at {report['cells']} off-grid cells: mean {report['mean_abs_pct']:.1f}%, max {report['max_abs_pct']:.1f}%"
+            )
         return 0
     if cmd == "show":
         table = LatencyTable.load(args.table)
         print(json.dumps(table.metadata, indent=2, default=str))
         print(f"reference: {table.reference}")
-        print(f"{len(table.tables)} grids ({table.num_measured}/{table.num_cells} sub-grid cells measured, complete={table.complete}):")
+        print(
+            f"{len(table.tables)} grids ({table.num_measured}/{table.num_cells} sub-grid cells measured, complete={table.complete}):"
+        )
         for t in table.tables.values():
             print(f"  {t.key}: shape {t.shape}, measured {int(t.measured.sum())}")
         print(f"{len(table.terms)} terms; first: " + ", ".join(f"{t.name}{t.dims}" for t in table.terms[:4]))
@@ -188,7 +281,9 @@ def run(args) -> int:
         from .timing import measure_latency
 
         result = measure_latency(load_model(args.model), _settings(args))
-        print(f"{result.ms:.4f} ms ({args.statistic} of {args.repeats}; min {result.min_ms:.4f}, spread {100 * result.spread:.1f}%)")
+        print(
+            f"{result.ms:.4f} ms ({args.statistic} of {args.repeats}; min {result.min_ms:.4f}, spread {100 * result.spread:.1f}%)"
+        )
         return 0
     if cmd == "push":
         print(f"uploaded to {push_table(args.table, args.repo_id, filename=args.filename, token=args.token)}")

@@ -83,7 +83,12 @@ def as_structure(structure, blocks: dict | None = None) -> Structure:
         import torch
         from transformers import AutoModel
 
-        from ..modeling import MDPResNetConfig, MDPResNetForImageClassification, MDPViTConfig, MDPViTForImageClassification
+        from ..modeling import (
+            MDPResNetConfig,
+            MDPResNetForImageClassification,
+            MDPViTConfig,
+            MDPViTForImageClassification,
+        )
 
         with torch.device("meta"):
             if isinstance(structure, MDPViTConfig):
@@ -168,7 +173,11 @@ class LatencyModel:
             if missing:
                 raise LatencyTableError(f"structure has no width for {missing} (needed by term {term.name!r})")
             axes = [self.space_dims[d]["widths"] for d in term.dims]
-            ms = _lookup(term.table, axes, [int(s.widths[d]) for d in term.dims], term.name) if term.dims else float(term.table)
+            ms = (
+                _lookup(term.table, axes, [int(s.widths[d]) for d in term.dims], term.name)
+                if term.dims
+                else float(term.table)
+            )
             out.append((term.name, ms))
         return out
 
@@ -187,7 +196,9 @@ class LatencyModel:
         gets every term resampled onto its widths by multilinear interpolation.
         """
         if space is None:
-            return [LatencyTermSpec(t.name, list(t.dims), np.array(t.table, dtype=np.float64), t.block) for t in self.terms]
+            return [
+                LatencyTermSpec(t.name, list(t.dims), np.array(t.table, dtype=np.float64), t.block) for t in self.terms
+            ]
         out = []
         for t in self.terms:
             for d in t.dims:
@@ -289,15 +300,23 @@ class FlopsLatencyModel(LatencyModel):
 
     name = "flops"
 
-    def __init__(self, table: LatencyTable, space=None, metric: str = "flops", dense_ms: float | None = None,
-                 allow_mismatch: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        table: LatencyTable,
+        space=None,
+        metric: str = "flops",
+        dense_ms: float | None = None,
+        allow_mismatch: bool = False,
+    ):
         if metric not in ("flops", "params"):
             raise ValueError("metric must be 'flops' or 'params'")
         super().__init__(table, space, allow_mismatch)
         self.metric = metric
         self.name = metric
         if dense_ms is None:
-            dense_ms = table.reference.get("dense_measured_ms") or TableLatencyModel(table, calibration="none").dense_ms()
+            dense_ms = (
+                table.reference.get("dense_measured_ms") or TableLatencyModel(table, calibration="none").dense_ms()
+            )
         self.reference_ms = float(dense_ms)
 
     def _build_terms(self) -> list[LatencyTermSpec]:
@@ -311,6 +330,11 @@ class FlopsLatencyModel(LatencyModel):
 
 
 __all__ = [
-    "FlopsLatencyModel", "LatencyModel", "LatencyTermSpec", "LinearLatencyModel", "Structure", "TableLatencyModel",
+    "FlopsLatencyModel",
+    "LatencyModel",
+    "LatencyTermSpec",
+    "LinearLatencyModel",
+    "Structure",
+    "TableLatencyModel",
     "as_structure",
-]  # fmt: skip
+]

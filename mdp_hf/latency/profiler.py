@@ -13,8 +13,8 @@ import datetime
 import random
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -145,10 +145,16 @@ def build_table(
     for t in tables:
         full = set(t.params.get("full_axes", []))  # axes with a discontinuity are never sub-sampled
         tail = set(t.params.get("tail_axes", []))  # the dense width is special: measure its neighbour too
-        t.subgrid = [subgrid_indices(len(axis), 1 if a in full else stride_of(kind), a in tail)
-                     for a, (kind, axis) in enumerate(zip(t.axis_names, t.axes))]  # fmt: skip
-    table = LatencyTable(metadata={**metadata, "subgrid": subgrid, "timing": settings.to_dict()},
-                         space=space_summary(space), tables={t.key: t for t in tables}, terms=terms)  # fmt: skip
+        t.subgrid = [
+            subgrid_indices(len(axis), 1 if a in full else stride_of(kind), a in tail)
+            for a, (kind, axis) in enumerate(zip(t.axis_names, t.axes))
+        ]
+    table = LatencyTable(
+        metadata={**metadata, "subgrid": subgrid, "timing": settings.to_dict()},
+        space=space_summary(space),
+        tables={t.key: t for t in tables},
+        terms=terms,
+    )
     path = Path(path) if path is not None else None
     if path is not None and path.exists() and not overwrite:
         _resume_from(table, LatencyTable.load(path), metadata, space)
@@ -178,7 +184,9 @@ def build_table(
             for begin in range(0, len(todo), chunk_size):
                 chunk = todo[begin : begin + chunk_size]
                 _measure_chunk(chunk, blocks, settings, timer, table)
-                table.metadata["build_seconds"] = round(table.metadata["build_seconds"] + time.perf_counter() - start, 3)
+                table.metadata["build_seconds"] = round(
+                    table.metadata["build_seconds"] + time.perf_counter() - start, 3
+                )
                 start = time.perf_counter()
                 if path is not None:
                     table.save(path)
@@ -200,10 +208,13 @@ def build_table(
                         bar.update(len(chunk))
             if calibrate and timer is None and not table.reference:
                 dense = blocks.dense_model()
-                m = measure_latency(dense, settings, inputs=blocks.example_input(),
-                                    repeats=max(settings.repeats, 20))  # fmt: skip
-                table.reference = {"dense_measured_ms": m.ms, "dense_median_ms": m.median_ms, "dense_min_ms": m.min_ms,
-                                   "dense_spread": m.spread}  # fmt: skip
+                m = measure_latency(dense, settings, inputs=blocks.example_input(), repeats=max(settings.repeats, 20))
+                table.reference = {
+                    "dense_measured_ms": m.ms,
+                    "dense_median_ms": m.median_ms,
+                    "dense_min_ms": m.min_ms,
+                    "dense_spread": m.spread,
+                }
                 if m.spread > 0.1:
                     warnings.warn(
                         f"the dense reference timing is noisy (inter-quartile spread {100 * m.spread:.0f}% of the median): "
@@ -273,7 +284,10 @@ def _measure_chunk(chunk, blocks, settings: TimingSettings, timer, table: Latenc
         times = [float(timer(t, widths)) for t, _, _, widths, *_ in built]
     else:
         calls = [(lambda m=module, a=args: m(*a)) for *_, module, args, _, _ in built]
-        times = [m.ms for m in time_interleaved(calls, settings.device, settings.warmup, settings.repeats, settings.statistic)]
+        times = [
+            m.ms
+            for m in time_interleaved(calls, settings.device, settings.warmup, settings.repeats, settings.statistic)
+        ]
     for (t, cell, is_validation, widths, _, _, flops, params), ms in zip(built, times):
         if is_validation:
             table.validation.append({"table": t.key, "cell": list(cell), "widths": list(widths), "ms": round(ms, 6)})
@@ -291,10 +305,19 @@ def interpolation_report(table: LatencyTable) -> dict:
         errors.append(abs(predicted - v["ms"]) / max(v["ms"], 1e-12))
     if not errors:
         return {"cells": 0}
-    return {"cells": len(errors), "mean_abs_pct": 100 * float(np.mean(errors)), "max_abs_pct": 100 * float(np.max(errors))}
+    return {
+        "cells": len(errors),
+        "mean_abs_pct": 100 * float(np.mean(errors)),
+        "max_abs_pct": 100 * float(np.max(errors)),
+    }
 
 
 __all__ = [
-    "build_table", "family_blocks", "interpolation_report", "outlier_cells", "register_latency_family", "run_metadata",
+    "build_table",
+    "family_blocks",
+    "interpolation_report",
+    "outlier_cells",
+    "register_latency_family",
+    "run_metadata",
     "subgrid_indices",
-]  # fmt: skip
+]

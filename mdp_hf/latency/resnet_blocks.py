@@ -110,10 +110,14 @@ class ResNetBlocks:
 
     def model_shapes(self) -> dict:
         return {
-            "family": "resnet", "layer_type": self.config.layer_type, "depths": list(self.config.depths),
-            "image_size": self.image_size, "num_labels": self.num_labels, "hidden_act": self.act,
+            "family": "resnet",
+            "layer_type": self.config.layer_type,
+            "depths": list(self.config.depths),
+            "image_size": self.image_size,
+            "num_labels": self.num_labels,
+            "hidden_act": self.act,
             "downsample_in_bottleneck": bool(getattr(self.config, "downsample_in_bottleneck", False)),
-        }  # fmt: skip
+        }
 
     # plan --------------------------------------------------------------------------------------------
     def plan(self) -> tuple[list[MeasuredTable], list[TermDef]]:
@@ -126,7 +130,9 @@ class ResNetBlocks:
             spec = ",".join(f"{k}={v}" for k, v in params.items())
             key = f"{kind}({spec},dims={'x'.join(_sig(d) for d in axis_dims)})"
             if key not in tables:
-                tables[key] = MeasuredTable(key, kind, [d.kind for d in axis_dims], [d.widths() for d in axis_dims], params)
+                tables[key] = MeasuredTable(
+                    key, kind, [d.kind for d in axis_dims], [d.widths() for d in axis_dims], params
+                )
             return key
 
         def hw(shape):
@@ -234,14 +240,25 @@ def _dense_from(blocks: ResNetBlocks):
     hidden = []
     for stage in base.encoder.stages:
         first = stage.layers[0]
-        hidden.append(first.layer[-1].convolution.out_channels if first.layer is not None else first.shortcut.convolution.out_channels)
+        hidden.append(
+            first.layer[-1].convolution.out_channels
+            if first.layer is not None
+            else first.shortcut.convolution.out_channels
+        )
     mdp_config = MDPResNetConfig(
-        num_channels=config.num_channels, embedding_size=base.embedder.embedder.convolution.out_channels,
-        hidden_sizes=hidden, depths=[len(s.layers) for s in base.encoder.stages], layer_type=config.layer_type,
-        hidden_act=config.hidden_act, downsample_in_first_stage=config.downsample_in_first_stage,
-        downsample_in_bottleneck=getattr(config, "downsample_in_bottleneck", False), layer_inner_widths=inner,
-        layer_has_projection=projection, removed_layers=removed, num_labels=blocks.num_labels or 2,
-    )  # fmt: skip
+        num_channels=config.num_channels,
+        embedding_size=base.embedder.embedder.convolution.out_channels,
+        hidden_sizes=hidden,
+        depths=[len(s.layers) for s in base.encoder.stages],
+        layer_type=config.layer_type,
+        hidden_act=config.hidden_act,
+        downsample_in_first_stage=config.downsample_in_first_stage,
+        downsample_in_bottleneck=getattr(config, "downsample_in_bottleneck", False),
+        layer_inner_widths=inner,
+        layer_has_projection=projection,
+        removed_layers=removed,
+        num_labels=blocks.num_labels or 2,
+    )
     return MDPResNetForImageClassification(mdp_config)
 
 

@@ -36,9 +36,17 @@ DEFAULT_FILENAME = "latency_table.json"
 
 #: metadata fields that make a table unusable for a run when they differ
 STRICT_FIELDS = (
-    "device", "device_name", "batch_size", "image_size", "dtype", "threads", "attn_implementation",
-    "model_type", "model_shapes", "space_fingerprint",
-)  # fmt: skip
+    "device",
+    "device_name",
+    "batch_size",
+    "image_size",
+    "dtype",
+    "threads",
+    "attn_implementation",
+    "model_type",
+    "model_shapes",
+    "space_fingerprint",
+)
 #: fields that only warn when they differ (timings rarely move between patch releases)
 SOFT_FIELDS = ("torch_version", "transformers_version")
 
@@ -68,19 +76,33 @@ def space_summary(space) -> dict:
     return {
         "model_type": space.model_type,
         "dimensions": {
-            name: {"kind": d.kind, "size": d.size, "group_size": d.group_size, "min_keep": d.min_keep,
-                   "block": d.block, "widths": d.widths()}  # fmt: skip
+            name: {
+                "kind": d.kind,
+                "size": d.size,
+                "group_size": d.group_size,
+                "min_keep": d.min_keep,
+                "block": d.block,
+                "widths": d.widths(),
+            }
             for name, d in space.dimensions.items()
         },
-        "blocks": {name: {"kind": b.kind, "dims": list(b.dims), "removable": b.removable} for name, b in space.blocks.items()},
+        "blocks": {
+            name: {"kind": b.kind, "dims": list(b.dims), "removable": b.removable} for name, b in space.blocks.items()
+        },
     }
 
 
 def space_fingerprint(summary: dict) -> str:
     """Short hash of a space summary (dimension sizes, groups, minimums, blocks)."""
     payload = json.dumps(
-        {"dims": {n: [d["kind"], d["size"], d["group_size"], d["min_keep"], d["block"]] for n, d in summary["dimensions"].items()},
-         "blocks": sorted(summary["blocks"]), "model_type": summary["model_type"]},  # fmt: skip
+        {
+            "dims": {
+                n: [d["kind"], d["size"], d["group_size"], d["min_keep"], d["block"]]
+                for n, d in summary["dimensions"].items()
+            },
+            "blocks": sorted(summary["blocks"]),
+            "model_type": summary["model_type"],
+        },
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -155,7 +177,9 @@ class MeasuredTable:
         return ~np.isnan(self.values)
 
     def subgrid_cells(self) -> list[tuple[int, ...]]:
-        return [tuple(self.subgrid[a][i] for a, i in enumerate(idx)) for idx in np.ndindex(*[len(s) for s in self.subgrid])]
+        return [
+            tuple(self.subgrid[a][i] for a, i in enumerate(idx)) for idx in np.ndindex(*[len(s) for s in self.subgrid])
+        ]
 
     def cells_todo(self) -> list[tuple[int, ...]]:
         return [cell for cell in self.subgrid_cells() if np.isnan(self.values[cell])]
@@ -181,23 +205,39 @@ class MeasuredTable:
 
     def to_dict(self) -> dict:
         def nested(array):
-            return np.where(np.isnan(array), None, np.round(array, 6)).tolist() if array.ndim else (
-                None if np.isnan(array) else float(array))  # fmt: skip
+            return (
+                np.where(np.isnan(array), None, np.round(array, 6)).tolist()
+                if array.ndim
+                else (None if np.isnan(array) else float(array))
+            )
 
         return {
-            "kind": self.kind, "axis_names": self.axis_names, "axes": self.axes, "params": self.params,
-            "subgrid": self.subgrid, "values_ms": nested(self.values), "flops": nested(self.flops),
+            "kind": self.kind,
+            "axis_names": self.axis_names,
+            "axes": self.axes,
+            "params": self.params,
+            "subgrid": self.subgrid,
+            "values_ms": nested(self.values),
+            "flops": nested(self.flops),
             "param_counts": nested(self.param_counts),
-        }  # fmt: skip
+        }
 
     @classmethod
     def from_dict(cls, key: str, data: dict) -> MeasuredTable:
         def array(value):
             return np.array(value, dtype=np.float64) if value is not None else None  # None -> nan via dtype float
 
-        return cls(key=key, kind=data["kind"], axis_names=list(data["axis_names"]), axes=[list(map(int, a)) for a in data["axes"]],
-                   params=dict(data.get("params", {})), subgrid=[list(map(int, s)) for s in data["subgrid"]],
-                   values=array(data.get("values_ms")), flops=array(data.get("flops")), param_counts=array(data.get("param_counts")))  # fmt: skip
+        return cls(
+            key=key,
+            kind=data["kind"],
+            axis_names=list(data["axis_names"]),
+            axes=[list(map(int, a)) for a in data["axes"]],
+            params=dict(data.get("params", {})),
+            subgrid=[list(map(int, s)) for s in data["subgrid"]],
+            values=array(data.get("values_ms")),
+            flops=array(data.get("flops")),
+            param_counts=array(data.get("param_counts")),
+        )
 
 
 @dataclass
@@ -219,8 +259,14 @@ class TermDef:
     input_axes: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "table": self.table, "dims": self.dims, "block": self.block, "transform": self.transform,
-                "input_axes": list(self.input_axes)}  # fmt: skip
+        return {
+            "name": self.name,
+            "table": self.table,
+            "dims": self.dims,
+            "block": self.block,
+            "transform": self.transform,
+            "input_axes": list(self.input_axes),
+        }
 
 
 def apply_transform(values: np.ndarray, transform: str | None) -> np.ndarray:
@@ -276,8 +322,11 @@ class LatencyTable:
         for key in STRICT_FIELDS:
             if expect is not None and key in expect and key in self.metadata and expect[key] != self.metadata[key]:
                 differences[key] = (self.metadata[key], expect[key])
-        soft = {k: (self.metadata[k], expect[k]) for k in SOFT_FIELDS
-                if expect is not None and k in expect and k in self.metadata and expect[k] != self.metadata[k]}  # fmt: skip
+        soft = {
+            k: (self.metadata[k], expect[k])
+            for k in SOFT_FIELDS
+            if expect is not None and k in expect and k in self.metadata and expect[k] != self.metadata[k]
+        }
         if soft:
             warnings.warn("latency table measured with other library versions: " + _format(soft), stacklevel=3)
         if differences:
@@ -325,11 +374,17 @@ class LatencyTable:
             if term.table not in tables:
                 raise LatencyTableError(f"term {term.name!r} refers to missing table {term.table!r}")
             if len(term.dims) != len(tables[term.table].axes):
-                raise LatencyTableError(f"term {term.name!r} has {len(term.dims)} dims but its table has {len(tables[term.table].axes)} axes")
+                raise LatencyTableError(
+                    f"term {term.name!r} has {len(term.dims)} dims but its table has {len(tables[term.table].axes)} axes"
+                )
             for dim, axis in zip(term.dims, tables[term.table].axes):
                 if dim not in data["space"]["dimensions"] or data["space"]["dimensions"][dim]["widths"] != axis:
-                    raise LatencyTableError(f"term {term.name!r}: axis widths do not match dimension {dim!r} of the table's space")
-        return cls(data["metadata"], data["space"], tables, terms, data.get("reference", {}), data.get("validation", []))
+                    raise LatencyTableError(
+                        f"term {term.name!r}: axis widths do not match dimension {dim!r} of the table's space"
+                    )
+        return cls(
+            data["metadata"], data["space"], tables, terms, data.get("reference", {}), data.get("validation", [])
+        )
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file + rename): an interrupted write never corrupts the table."""
@@ -350,8 +405,9 @@ class LatencyTable:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, expect: dict | None = None, allow_mismatch: bool = False,
-             space=None) -> LatencyTable:  # fmt: skip
+    def load(
+        cls, path: str | os.PathLike, expect: dict | None = None, allow_mismatch: bool = False, space=None
+    ) -> LatencyTable:
         """Read a table; with ``expect`` (the run's metadata, see ``run_metadata``) check it matches."""
         try:
             with open(path, encoding="utf-8") as handle:
@@ -377,9 +433,15 @@ def _is_local_dir(repo_id) -> bool:
     return isinstance(repo_id, (str, os.PathLike)) and Path(repo_id).is_dir()
 
 
-def push_table(table: LatencyTable | str | os.PathLike, repo_id: str, filename: str = DEFAULT_FILENAME,
-               commit_message: str | None = None, token: str | None = None, repo_type: str = "model",
-               revision: str | None = None) -> str:  # fmt: skip
+def push_table(
+    table: LatencyTable | str | os.PathLike,
+    repo_id: str,
+    filename: str = DEFAULT_FILENAME,
+    commit_message: str | None = None,
+    token: str | None = None,
+    repo_type: str = "model",
+    revision: str | None = None,
+) -> str:
     """Upload a table to a Hub repository (``huggingface_hub.upload_file``) like any other artefact.
 
     ``repo_id`` may also be an existing local directory (the table is copied there). Returns the
@@ -399,15 +461,32 @@ def push_table(table: LatencyTable | str | os.PathLike, repo_id: str, filename: 
         import huggingface_hub
 
         meta = LatencyTable.load(source).metadata
-        message = commit_message or f"Add latency table ({meta.get('device_name')}, batch {meta.get('batch_size')}, {meta.get('dtype')})"
+        message = (
+            commit_message
+            or f"Add latency table ({meta.get('device_name')}, batch {meta.get('batch_size')}, {meta.get('dtype')})"
+        )
         huggingface_hub.create_repo(repo_id, repo_type=repo_type, token=token, exist_ok=True)
-        huggingface_hub.upload_file(path_or_fileobj=str(source), path_in_repo=filename, repo_id=repo_id,
-                                    repo_type=repo_type, token=token, revision=revision, commit_message=message)  # fmt: skip
+        huggingface_hub.upload_file(
+            path_or_fileobj=str(source),
+            path_in_repo=filename,
+            repo_id=repo_id,
+            repo_type=repo_type,
+            token=token,
+            revision=revision,
+            commit_message=message,
+        )
         return f"{repo_id}/{filename}"
 
 
-def pull_table(repo_id: str, filename: str = DEFAULT_FILENAME, revision: str | None = None, expect: dict | None = None,
-               allow_mismatch: bool = False, space=None, **download_kwargs) -> LatencyTable:  # fmt: skip
+def pull_table(
+    repo_id: str,
+    filename: str = DEFAULT_FILENAME,
+    revision: str | None = None,
+    expect: dict | None = None,
+    allow_mismatch: bool = False,
+    space=None,
+    **download_kwargs,
+) -> LatencyTable:
     """Download a table from a Hub repository (``huggingface_hub.hf_hub_download``) or a local directory,
     and check it against ``expect`` like ``LatencyTable.load``."""
     if _is_local_dir(repo_id):
@@ -422,7 +501,18 @@ def pull_table(repo_id: str, filename: str = DEFAULT_FILENAME, revision: str | N
 
 
 __all__ = [
-    "DEFAULT_FILENAME", "FORMAT", "FORMAT_VERSION", "IncompleteTableError", "LatencyTable", "LatencyTableError",
-    "LatencyTableMismatchError", "MeasuredTable", "TermDef", "interpolate_grid", "pull_table", "push_table",
-    "space_fingerprint", "space_summary",
-]  # fmt: skip
+    "DEFAULT_FILENAME",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "IncompleteTableError",
+    "LatencyTable",
+    "LatencyTableError",
+    "LatencyTableMismatchError",
+    "MeasuredTable",
+    "TermDef",
+    "interpolate_grid",
+    "pull_table",
+    "push_table",
+    "space_fingerprint",
+    "space_summary",
+]

@@ -18,8 +18,8 @@ import contextlib
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -157,8 +157,12 @@ def _model_input(model, settings: TimingSettings) -> torch.Tensor:
     return torch.randn(settings.batch_size, channels, *size, device=settings.device, dtype=settings.torch_dtype)
 
 
-def measure_latencies(models: Sequence[torch.nn.Module], settings: TimingSettings | None = None,
-                      inputs: torch.Tensor | None = None, **overrides) -> list[Measurement]:  # fmt: skip
+def measure_latencies(
+    models: Sequence[torch.nn.Module],
+    settings: TimingSettings | None = None,
+    inputs: torch.Tensor | None = None,
+    **overrides,
+) -> list[Measurement]:
     """Time several models (dense, gated or sliced) interleaved, with the protocol of ``settings``.
 
     Each model is moved to the settings' device and dtype and put in eval mode; ``inputs`` defaults to
@@ -173,8 +177,9 @@ def measure_latencies(models: Sequence[torch.nn.Module], settings: TimingSetting
         return time_interleaved(calls, settings.device, settings.warmup, settings.repeats, settings.statistic)
 
 
-def measure_latency(model: torch.nn.Module, settings: TimingSettings | None = None,
-                    inputs: torch.Tensor | None = None, **overrides) -> Measurement:  # fmt: skip
+def measure_latency(
+    model: torch.nn.Module, settings: TimingSettings | None = None, inputs: torch.Tensor | None = None, **overrides
+) -> Measurement:
     """Latency of one forward pass of ``model`` in ms (``.ms``: median of repeats by default).
 
     Works for dense, gated (hooks installed) and sliced models alike; keyword overrides are
@@ -184,6 +189,12 @@ def measure_latency(model: torch.nn.Module, settings: TimingSettings | None = No
 
 
 __all__ = [
-    "DTYPES", "Measurement", "TimingSettings", "device_name", "measure_latencies", "measure_latency",
-    "thread_count", "time_interleaved",
-]  # fmt: skip
+    "DTYPES",
+    "Measurement",
+    "TimingSettings",
+    "device_name",
+    "measure_latencies",
+    "measure_latency",
+    "thread_count",
+    "time_interleaved",
+]

@@ -53,14 +53,23 @@ class ViTBlocks:
         self.settings = settings
         dense = slice_model(model, space, space.full_choice())  # the deployed dense model (mdp_vit)
         self.base = dense.config.to_dict()
-        for key in ("per_layer_config", "architectures", "transformers_version", "auto_map", "_name_or_path", "model_type",
-                    "base_config"):  # fmt: skip
+        for key in (
+            "per_layer_config",
+            "architectures",
+            "transformers_version",
+            "auto_map",
+            "_name_or_path",
+            "model_type",
+            "base_config",
+        ):
             self.base.pop(key, None)
         image = settings.image_size or dense.config.image_size
         self.image_size = list(image) if isinstance(image, (list, tuple)) else [image, image]
         patch = dense.config.patch_size
         patch = list(patch) if isinstance(patch, (list, tuple)) else [patch, patch]
-        self.tokens = (self.image_size[0] // patch[0]) * (self.image_size[1] // patch[1]) + dense.config.num_extra_tokens
+        self.tokens = (self.image_size[0] // patch[0]) * (
+            self.image_size[1] // patch[1]
+        ) + dense.config.num_extra_tokens
         self.num_layers = dense.config.num_hidden_layers
         self._dense_config = dense.config
         del dense
@@ -69,11 +78,17 @@ class ViTBlocks:
     def model_shapes(self) -> dict:
         c = self._dense_config
         return {
-            "family": "vit", "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
-            "tokens": self.tokens, "image_size": self.image_size, "patch_size": c.patch_size,
-            "num_extra_tokens": c.num_extra_tokens, "num_labels": c.num_labels, "classifier_heads": c.classifier_heads,
+            "family": "vit",
+            "hidden_size": c.hidden_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "tokens": self.tokens,
+            "image_size": self.image_size,
+            "patch_size": c.patch_size,
+            "num_extra_tokens": c.num_extra_tokens,
+            "num_labels": c.num_labels,
+            "classifier_heads": c.classifier_heads,
             "hidden_act": c.hidden_act,
-        }  # fmt: skip
+        }
 
     # plan --------------------------------------------------------------------------------------------
     def plan(self) -> tuple[list[MeasuredTable], list[TermDef]]:
@@ -85,23 +100,39 @@ class ViTBlocks:
 
         def table(key, kind, axis_dims, params):
             if key not in tables:
-                tables[key] = MeasuredTable(key, kind, [d.kind for d in axis_dims], [d.widths() for d in axis_dims], params)
+                tables[key] = MeasuredTable(
+                    key, kind, [d.kind for d in axis_dims], [d.widths() for d in axis_dims], params
+                )
             return key
 
         for i in range(self.num_layers):
             block = f"layers.{i}.attention"
             if block in self.space.blocks:
                 H, Q, V = dims[f"layers.{i}.heads"], dims[f"layers.{i}.qk_dim"], dims[f"layers.{i}.v_dim"]
-                key = table(f"vit.attn_qk(H={_sig(H)},E={_sig(E)},QK={_sig(Q)},V={V.size},N={n})", "vit.attn_qk",
-                            [H, E, Q], {"v_head_dim": V.size, "tail_axes": [2]})  # fmt: skip
+                key = table(
+                    f"vit.attn_qk(H={_sig(H)},E={_sig(E)},QK={_sig(Q)},V={V.size},N={n})",
+                    "vit.attn_qk",
+                    [H, E, Q],
+                    {"v_head_dim": V.size, "tail_axes": [2]},
+                )
                 # q/k projections read the embedding: their input axis (HALP's linear model freezes it)
-                terms.append(TermDef(f"{block}.qk", key, [H.name, E.name, Q.name], block, "half_anchor", input_axes=[1]))
-                key = table(f"vit.attn_vo(H={_sig(H)},E={_sig(E)},V={_sig(V)},QK={Q.size},N={n})", "vit.attn_vo",
-                            [H, E, V], {"qk_head_dim": Q.size, "tail_axes": [2]})  # fmt: skip
+                terms.append(
+                    TermDef(f"{block}.qk", key, [H.name, E.name, Q.name], block, "half_anchor", input_axes=[1])
+                )
+                key = table(
+                    f"vit.attn_vo(H={_sig(H)},E={_sig(E)},V={_sig(V)},QK={Q.size},N={n})",
+                    "vit.attn_vo",
+                    [H, E, V],
+                    {"qk_head_dim": Q.size, "tail_axes": [2]},
+                )
                 terms.append(TermDef(f"{block}.vo", key, [H.name, E.name, V.name], block, "half_anchor"))
                 e0 = E.widths()[0]
-                key = table(f"vit.attn_core(H={_sig(H)},QK={_sig(Q)},V={_sig(V)},E0={e0},N={n})", "vit.attn_core",
-                            [H, Q, V], {"embed": e0, "full_axes": [1, 2]})  # fmt: skip
+                key = table(
+                    f"vit.attn_core(H={_sig(H)},QK={_sig(Q)},V={_sig(V)},E0={e0},N={n})",
+                    "vit.attn_core",
+                    [H, Q, V],
+                    {"embed": e0, "full_axes": [1, 2]},
+                )
                 terms.append(TermDef(f"{block}.qk_x_v", key, [H.name, Q.name, V.name], block, "interaction"))
             block = f"layers.{i}.mlp"
             if block in self.space.blocks:
@@ -114,8 +145,15 @@ class ViTBlocks:
 
     # cells -------------------------------------------------------------------------------------------
     def _config(self, hidden: int, num_layers: int, per_layer: dict) -> MDPViTConfig:
-        config = MDPViTConfig(**{**self.base, "hidden_size": hidden, "num_hidden_layers": num_layers,
-                                 "per_layer_config": per_layer, "image_size": self.image_size})  # fmt: skip
+        config = MDPViTConfig(
+            **{
+                **self.base,
+                "hidden_size": hidden,
+                "num_hidden_layers": num_layers,
+                "per_layer_config": per_layer,
+                "image_size": self.image_size,
+            }
+        )
         config._attn_implementation = self.settings.attn_implementation
         return config
 
@@ -154,7 +192,9 @@ class ViTBlocks:
         c = self._dense_config
         for i in range(self.num_layers):
             lc = c.per_layer_config[i]
-            per_layer[i] = {k: getattr(lc, k) for k in ("num_attention_heads", "qk_head_dim", "v_head_dim", "intermediate_size")}
+            per_layer[i] = {
+                k: getattr(lc, k) for k in ("num_attention_heads", "qk_head_dim", "v_head_dim", "intermediate_size")
+            }
             per_layer[i]["skip"] = list(getattr(lc, "skip", None) or [])
         return MDPViTForImageClassification(self._config(c.hidden_size, self.num_layers, per_layer))
 

@@ -72,7 +72,9 @@ class MDPResNetConfig(PreTrainedConfig):
         if len(self.layer_has_projection) != num_layers:
             raise ValueError(f"layer_has_projection must hold {num_layers} booleans")
         if any(not 0 <= i < num_layers for i in self.removed_layers):
-            raise ValueError(f"removed_layers must be flat layer indices in [0, {num_layers}), got {self.removed_layers}")
+            raise ValueError(
+                f"removed_layers must be flat layer indices in [0, {num_layers}), got {self.removed_layers}"
+            )
         super().__post_init__(**kwargs)
 
 

@@ -5,7 +5,6 @@ Self-contained (imports only torch and transformers): copied next to saved weigh
 (``resnet.encoder.stages.{s}.layers.{j}.layer.{k}.convolution`` ...).
 """
 
-import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN

@@ -41,9 +41,16 @@ def solve(problem: Problem, backend: str = "auto", time_limit_s: float | None = 
     choices, blocks = problem.dense_choices()
     objective, latency = problem.evaluate(choices, blocks)
     if problem.within_budget(latency) and problem.is_dense_optimal_when_feasible():
-        return make_solution(problem, choices, blocks, bound=objective, status="optimal", backend="dense",
-                             solve_time_s=time.perf_counter() - start,
-                             info={"reason": f"budget {problem.budget_ms:.6g} ms >= dense latency {latency:.6g} ms"})
+        return make_solution(
+            problem,
+            choices,
+            blocks,
+            bound=objective,
+            status="optimal",
+            backend="dense",
+            solve_time_s=time.perf_counter() - start,
+            info={"reason": f"budget {problem.budget_ms:.6g} ms >= dense latency {latency:.6g} ms"},
+        )
     if backend == "auto":
         try:
             from .chain_dp import ChainSolver
@@ -70,13 +77,22 @@ def _milp_fallback(problem: Problem, time_limit_s, reason: str, start: float, **
         try:
             greedy = _backend("greedy")(problem)
         except RuntimeError:
-            raise NoSolutionWithinTimeLimit(f"no solution within the time limit: {milp_error}; greedy found none "
-                                            f"either") from None
-        bound = problem.evaluate(*problem.dense_choices())[0] if problem.is_dense_optimal_when_feasible() else float("inf")
-        solution = make_solution(problem, greedy.choices, greedy.blocks, bound=bound, status="time_limit",
-                                 backend="greedy", solve_time_s=time.perf_counter() - start,
-                                 info={"milp": str(milp_error), "bound": "dense objective" if bound != float("inf")
-                                       else "none"})
+            raise NoSolutionWithinTimeLimit(
+                f"no solution within the time limit: {milp_error}; greedy found none either"
+            ) from None
+        bound = (
+            problem.evaluate(*problem.dense_choices())[0] if problem.is_dense_optimal_when_feasible() else float("inf")
+        )
+        solution = make_solution(
+            problem,
+            greedy.choices,
+            greedy.blocks,
+            bound=bound,
+            status="time_limit",
+            backend="greedy",
+            solve_time_s=time.perf_counter() - start,
+            info={"milp": str(milp_error), "bound": "dense objective" if bound != float("inf") else "none"},
+        )
     solution.info["auto_fallback"] = reason
     return solution
 

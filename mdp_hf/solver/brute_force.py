@@ -53,5 +53,13 @@ def solve_brute_force(problem: Problem, max_assignments: int = 4_000_000, **_ign
     masked = np.where(feasible, objective, -np.inf)
     choices, blocks = assignment(int(np.argmax(masked)))
     best = float(masked.max())
-    return make_solution(problem, choices, blocks, bound=best, status="optimal", backend="brute_force",
-                         solve_time_s=time.perf_counter() - start, info={"assignments": n_choice * n_bits})
+    return make_solution(
+        problem,
+        choices,
+        blocks,
+        bound=best,
+        status="optimal",
+        backend="brute_force",
+        solve_time_s=time.perf_counter() - start,
+        info={"assignments": n_choice * n_bits},
+    )

@@ -19,9 +19,15 @@ import time
 
 import numpy as np
 
-from .problem import (FEASIBILITY_RTOL, InfeasibleBudgetError, NoSolutionWithinTimeLimit, Problem, Solution,
-                      make_solution)
 from .prefilter import DEAD
+from .problem import (
+    FEASIBILITY_RTOL,
+    InfeasibleBudgetError,
+    NoSolutionWithinTimeLimit,
+    Problem,
+    Solution,
+    make_solution,
+)
 from .structure import Factor, Structure, decompose
 
 OPTIMALITY_RTOL = 1e-9
@@ -87,8 +93,13 @@ def _pareto_by_key(t, v, key) -> np.ndarray:
 
 
 class ChainSolver:
-    def __init__(self, problem: Problem, time_limit_s: float | None = None, structure: Structure | None = None,
-                 beam: int | None = 64):
+    def __init__(
+        self,
+        problem: Problem,
+        time_limit_s: float | None = None,
+        structure: Structure | None = None,
+        beam: int | None = 64,
+    ):
         self.start = time.perf_counter()
         self.problem = problem
         self.budget = float(problem.budget_ms)
@@ -98,8 +109,13 @@ class ChainSolver:
         self.S = structure or decompose(problem)
         self.m = len(self.S.positions)
         self.n = [self.S.position_size(j) for j in range(self.m)]
-        self.info: dict = {"positions": [list(p) for p in self.S.positions], "merged_hubs": self.S.merged_hubs,
-                           "rounding_error_ms": 0.0, "states_generated": 0, "max_states": 0}
+        self.info: dict = {
+            "positions": [list(p) for p in self.S.positions],
+            "merged_hubs": self.S.merged_hubs,
+            "rounding_error_ms": 0.0,
+            "states_generated": 0,
+            "max_states": 0,
+        }
         self.prefiltered = None
         if any(getattr(f, "implicit", False) for fs in self.S.node_factors + self.S.edge_factors for f in fs):
             from .prefilter import PrefilterTimeout, prefilter
@@ -159,10 +175,20 @@ class ChainSolver:
         if self.prefiltered is not None and self.prefiltered[0] == "time_limit":
             _, incumbent, bound = self.prefiltered
             if incumbent is None:
-                raise NoSolutionWithinTimeLimit("chain_dp found no feasible solution within the time limit "
-                                                "(pre-filtering of the large blocks was not finished)")
-            return make_solution(self.problem, incumbent[1], incumbent[2], bound=bound, status="time_limit",
-                                 backend="chain_dp", solve_time_s=time.perf_counter() - start, info=self.info)
+                raise NoSolutionWithinTimeLimit(
+                    "chain_dp found no feasible solution within the time limit "
+                    "(pre-filtering of the large blocks was not finished)"
+                )
+            return make_solution(
+                self.problem,
+                incumbent[1],
+                incumbent[2],
+                bound=bound,
+                status="time_limit",
+                backend="chain_dp",
+                solve_time_s=time.perf_counter() - start,
+                info=self.info,
+            )
         if self.prefiltered is not None:
             pre_incumbent = self.prefiltered[0]
 
@@ -175,11 +201,12 @@ class ChainSolver:
 
         # Lagrangian dual on a coarse, then a fine grid of multipliers.
         dense_t = max(self.problem.dense_latency(), 1e-12)
-        v_scale = max(float(sum(np.abs(f.v[np.abs(f.v) < DEAD]).max(initial=0.0) for f in self._factors))
-                      + abs(S.const_v), 1e-300)
+        v_scale = max(
+            float(sum(np.abs(f.v[np.abs(f.v) < DEAD]).max(initial=0.0) for f in self._factors)) + abs(S.const_v), 1e-300
+        )
         lam0 = v_scale / dense_t
         coarse = np.concatenate([[0.0], lam0 * np.geomspace(1e-4, 1e4, 25)])
-        lag = lambda lams: (lambda f: f.lagrangian(lams))
+        lag = lambda lams: lambda f: f.lagrangian(lams)
         suf_c = _Suffix(S, lag(coarse), np.max, np.zeros((len(coarse), 1)))
         dual_c = coarse * (B - S.const_t) + S.const_v + suf_c.node[0][0].max(axis=1)
         i = int(np.argmin(dual_c))
@@ -212,7 +239,7 @@ class ChainSolver:
         # (the optimum's hubs are almost always among them), then a narrow beam; the exact pass that
         # follows only has to prove optimality.
         allowed = [np.zeros(n[j], dtype=bool) for j in range(m)]
-        for row in np.argsort(dual)[:self.restrict_rows]:
+        for row in np.argsort(dual)[: self.restrict_rows]:
             keys, _ = self._decode_lagrangian(suffix, int(row), float(lams[row]))
             for j, k in enumerate(keys):
                 allowed[j][k] = True
@@ -228,15 +255,39 @@ class ChainSolver:
             bound = max(result["bound"], inc_v)
             if result["best"] is not None and result["best"][0] > inc_v:
                 inc_v, inc_choices, inc_blocks = result["best"]
-            return make_solution(self.problem, inc_choices, inc_blocks, bound=bound, status="time_limit",
-                                 backend="chain_dp", solve_time_s=elapsed, info=self.info)
+            return make_solution(
+                self.problem,
+                inc_choices,
+                inc_blocks,
+                bound=bound,
+                status="time_limit",
+                backend="chain_dp",
+                solve_time_s=elapsed,
+                info=self.info,
+            )
         if result["best"] is not None and result["best"][0] > inc_v:
             inc_v, inc_choices, inc_blocks = result["best"]
-        return make_solution(self.problem, inc_choices, inc_blocks, bound=inc_v, status="optimal",
-                             backend="chain_dp", solve_time_s=elapsed, info=self.info)
+        return make_solution(
+            self.problem,
+            inc_choices,
+            inc_blocks,
+            bound=inc_v,
+            status="optimal",
+            backend="chain_dp",
+            solve_time_s=elapsed,
+            info=self.info,
+        )
 
-    def _dp(self, suffix: _Suffix, min_suffix: _Suffix, lams, i_star, threshold, beam: int | None = None,
-            allowed: list[np.ndarray] | None = None):
+    def _dp(
+        self,
+        suffix: _Suffix,
+        min_suffix: _Suffix,
+        lams,
+        i_star,
+        threshold,
+        beam: int | None = None,
+        allowed: list[np.ndarray] | None = None,
+    ):
         """Exact when beam and allowed are None. A beam keeps only the best-bounded states; ``allowed`` restricts
         each hub to a few choices (exact within that restriction). Both serve as fast warm starts."""
         S, B, m, n = self.S, self.budget, self.m, self.n
@@ -392,22 +443,32 @@ def infeasible_budget_error(problem: Problem, choices: dict, blocks: dict) -> In
         if term.block is None or blocks.get(term.block, True):
             ms = float(term.table[tuple(int(choices[d]) for d in term.dims)])
             if ms > 0:
-                where = "outside blocks" if term.block is None else (
-                    f"block {term.block!r} ({'never removable' if not problem.blocks[problem.block_index[term.block]].removable else 'fixed kept' if problem.fixed_blocks.get(term.block) else 'kept: removing it does not lower latency'})")
+                where = (
+                    "outside blocks"
+                    if term.block is None
+                    else (
+                        f"block {term.block!r} ({'never removable' if not problem.blocks[problem.block_index[term.block]].removable else 'fixed kept' if problem.fixed_blocks.get(term.block) else 'kept: removing it does not lower latency'})"
+                    )
+                )
                 contributions.append((f"{term.name} [{where}]", ms))
     contributions.sort(key=lambda x: -x[1])
     top = ", ".join(f"{name} {ms:.4g} ms" for name, ms in contributions[:8])
     fixed = [d for d in problem.fixed_choices]
     at_min = [d.name for d in problem.dimensions if d.name not in problem.fixed_choices and choices[d.name] == 0]
     short = min_latency - problem.budget_ms
-    message = (f"budget {problem.budget_ms:.9g} ms is below the smallest reachable latency {min_latency:.9g} ms "
-               f"(short by {short:.3g} ms). "
-               f"At that minimum {len(at_min)} dimensions sit at their smallest allowed width (min-keep), "
-               f"{sum(1 for b in problem.blocks if not blocks[b.name])} blocks are removed"
-               + (f", {len(fixed)} choices are fixed ({', '.join(fixed[:5])}{'...' if len(fixed) > 5 else ''})"
-                  if fixed else "")
-               + f". Largest remaining latency terms: {top}. Raise the budget to at least {min_latency:.9g} ms, or "
-               f"lower min-keep / unfix choices or blocks.")
+    message = (
+        f"budget {problem.budget_ms:.9g} ms is below the smallest reachable latency {min_latency:.9g} ms "
+        f"(short by {short:.3g} ms). "
+        f"At that minimum {len(at_min)} dimensions sit at their smallest allowed width (min-keep), "
+        f"{sum(1 for b in problem.blocks if not blocks[b.name])} blocks are removed"
+        + (
+            f", {len(fixed)} choices are fixed ({', '.join(fixed[:5])}{'...' if len(fixed) > 5 else ''})"
+            if fixed
+            else ""
+        )
+        + f". Largest remaining latency terms: {top}. Raise the budget to at least {min_latency:.9g} ms, or "
+        f"lower min-keep / unfix choices or blocks."
+    )
     return InfeasibleBudgetError(message, min_latency, problem.budget_ms, contributions)
 
 

@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="solver backend (default: auto)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="S", help="time limit in seconds")
     parser.add_argument("--budget-ms", type=float, default=None, help="override the problem's latency budget")
-    parser.add_argument("--output", default=None, help="write the solution (choices, widths, blocks, certificate) as JSON")
+    parser.add_argument(
+        "--output", default=None, help="write the solution (choices, widths, blocks, certificate) as JSON"
+    )
     parser.add_argument("--show-choices", action="store_true", help="also print the width of every dimension")
 
 
@@ -42,19 +44,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: no solution within the time limit: {e}", file=sys.stderr)
         return 5
     except NotApplicable as e:
-        print(f"error: backend {args.backend!r} cannot solve this problem ({e}); --backend auto falls back to "
-              f"the MILP", file=sys.stderr)
+        print(
+            f"error: backend {args.backend!r} cannot solve this problem ({e}); --backend auto falls back to the MILP",
+            file=sys.stderr,
+        )
         return 6
     kept = sum(solution.blocks.values())
-    print(f"problem:     {args.problem} ({len(problem.dimensions)} dims, {len(problem.blocks)} blocks, "
-          f"{len(problem.latency_terms)} latency terms)")
+    print(
+        f"problem:     {args.problem} ({len(problem.dimensions)} dims, {len(problem.blocks)} blocks, "
+        f"{len(problem.latency_terms)} latency terms)"
+    )
     print(f"status:      {solution.status}")
     print(f"backend:     {solution.backend}")
     print(f"objective:   {solution.objective:.9g}")
     print(f"bound:       {solution.bound:.9g}")
     print(f"gap:         {solution.gap:.3g}")
-    print(f"latency_ms:  {solution.latency_ms:.6f} (budget {problem.budget_ms:.6f}, dense "
-          f"{problem.dense_latency():.6f})")
+    print(
+        f"latency_ms:  {solution.latency_ms:.6f} (budget {problem.budget_ms:.6f}, dense {problem.dense_latency():.6f})"
+    )
     print(f"time_s:      {solution.solve_time_s:.4f}")
     print(f"blocks kept: {kept}/{len(solution.blocks)}")
     if args.show_choices:

@@ -117,8 +117,16 @@ def solve_greedy(problem: Problem, time_limit_s: float | None = None, **_ignored
         latency += dt
     dense_obj = problem.evaluate(*problem.dense_choices())[0]
     bound = dense_obj if problem.is_dense_optimal_when_feasible() else float("inf")
-    solution = make_solution(problem, state.choices, state.blocks, bound=bound, status="feasible", backend="greedy",
-                             solve_time_s=time.perf_counter() - start, info={"bound_is": "dense objective"})
+    solution = make_solution(
+        problem,
+        state.choices,
+        state.blocks,
+        bound=bound,
+        status="feasible",
+        backend="greedy",
+        solve_time_s=time.perf_counter() - start,
+        info={"bound_is": "dense objective"},
+    )
     if not problem.within_budget(solution.latency_ms):  # accumulated float drift; should not happen
         raise RuntimeError(f"greedy ended at {solution.latency_ms} ms above budget {budget}; please report")
     return solution

@@ -71,8 +71,9 @@ class ImplicitFactor:
     def _elimination_order(self):
         """Greedy min-size order of the local dims, and a plan whose multiplier-free parts are pre-summed:
         each step's value is ``w_v * S_v - w_t * S_t + (messages of earlier steps)``, maximised over one dim."""
-        items = [(list(dims), "t", table) for dims, table in self.lat] + [([d], "v", vec)
-                                                                        for d, vec in self.v_local.items()]
+        items = [(list(dims), "t", table) for dims, table in self.lat] + [
+            ([d], "v", vec) for d, vec in self.v_local.items()
+        ]
         self.plan, order, largest, remaining = [], [], 1, list(self.local_dims)
 
         def union_of(group):
@@ -82,23 +83,33 @@ class ImplicitFactor:
             return union
 
         while remaining:
+
             def cost(d):
-                return int(np.prod([self.size[a] for a in union_of([x for x in items if d in x[0]])],
-                                   dtype=np.float64))
+                return int(np.prod([self.size[a] for a in union_of([x for x in items if d in x[0]])], dtype=np.float64))
 
             d = min(remaining, key=cost)
             largest = max(largest, cost(d))
             group = [x for x in items if d in x[0]]
             items = [x for x in items if d not in x[0]]
             union = union_of(group)
-            self.plan.append((union, union.index(d), self._static(group, union, "t"), self._static(group, union, "v"),
-                              [payload for dims, kind, payload in group if kind == "m"],
-                              [a for a in union if a != d]))
+            self.plan.append(
+                (
+                    union,
+                    union.index(d),
+                    self._static(group, union, "t"),
+                    self._static(group, union, "v"),
+                    [payload for dims, kind, payload in group if kind == "m"],
+                    [a for a in union if a != d],
+                )
+            )
             items.append((self.plan[-1][5], "m", len(self.plan) - 1))
             order.append(d)
             remaining.remove(d)
-        self.final = (self._static(items, self.scope_axes, "t"), self._static(items, self.scope_axes, "v"),
-                      [payload for dims, kind, payload in items if kind == "m"])
+        self.final = (
+            self._static(items, self.scope_axes, "t"),
+            self._static(items, self.scope_axes, "v"),
+            [payload for dims, kind, payload in items if kind == "m"],
+        )
         return order, largest
 
     def _static(self, group, union, kind):
@@ -137,8 +148,11 @@ class ImplicitFactor:
             messages.append(combine(union, S_t, S_v, inputs).max(axis=1 + axis))
         S_t, S_v, inputs = self.final
         if self.scope_axes:
-            out = combine(self.scope_axes, S_t, S_v, inputs) if (S_t is not None or S_v is not None or inputs) \
+            out = (
+                combine(self.scope_axes, S_t, S_v, inputs)
+                if (S_t is not None or S_v is not None or inputs)
                 else np.zeros((L,) + self.scope_shape)
+            )
         else:
             out = combine([], S_t, S_v, inputs) if (S_t is not None or S_v is not None or inputs) else np.zeros(L)
         out = np.asarray(out).reshape(L, self.n_keys) + w_v[:, None] * self.v_hub[None, :]
@@ -147,8 +161,9 @@ class ImplicitFactor:
     def lagrangian(self, lams: np.ndarray) -> np.ndarray:
         lams = np.asarray(lams, dtype=np.float64)
         step = max(1, _BATCH_CELLS // max(self.max_intermediate, 1))
-        return np.concatenate([self._values(np.ones(len(lams[i:i + step])), lams[i:i + step])
-                               for i in range(0, len(lams), step)])
+        return np.concatenate(
+            [self._values(np.ones(len(lams[i : i + step])), lams[i : i + step]) for i in range(0, len(lams), step)]
+        )
 
     def min_latency(self) -> np.ndarray:
         return -self._values(np.zeros(1), np.ones(1))[0]
@@ -165,8 +180,9 @@ class ImplicitFactor:
             if not dims:
                 t += float(arr)
                 continue
-            pick = tuple(idx[i] if arr.shape[i] > 1 else np.zeros(len(keys), dtype=np.int64)
-                         for i in range(len(self.scope_axes)))
+            pick = tuple(
+                idx[i] if arr.shape[i] > 1 else np.zeros(len(keys), dtype=np.int64) for i in range(len(self.scope_axes))
+            )
             t += arr[pick] if self.scope_axes else arr[None]
         return t.reshape(len(keys), self.n_local)
 
@@ -201,13 +217,14 @@ class ImplicitFactor:
         for lo in range(0, len(alive), chunk):
             if deadline is not None and time.perf_counter() > deadline:
                 raise PrefilterTimeout
-            keys = alive[lo:lo + chunk]
+            keys = alive[lo : lo + chunk]
             t = self.rows(keys)
             vh = self.v_hub[keys]
             thr = threshold[keys]
             allowed = (vh[:, None] + self.v_local_flat[None, :] - lam * t) >= thr[:, None]
-            ft, fv, code, row_start = _pareto_rows_separable(t, vh, self.v_local_flat, removable=self.removable,
-                                                             allowed=allowed, remove_allowed=thr <= 0.0)
+            ft, fv, code, row_start = _pareto_rows_separable(
+                t, vh, self.v_local_flat, removable=self.removable, allowed=allowed, remove_allowed=thr <= 0.0
+            )
             parts.append((ft, fv, code, row_start[1:] + offset))
             offset += int(row_start[-1])
         ft = np.concatenate([p[0] for p in parts] + [[DEAD]])
@@ -216,8 +233,19 @@ class ImplicitFactor:
         row_start = np.concatenate([[0]] + [p[3] for p in parts] + [[offset + 1]]).astype(np.int64)
         key_to_row = np.full(self.n_keys, len(alive), dtype=np.int64)
         key_to_row[alive] = np.arange(len(alive))
-        return Factor(self.name, self.block, self.scope, key_to_row, ft, fv, code, row_start, self.local_dims,
-                      self.local_domains, removable=self.removable)
+        return Factor(
+            self.name,
+            self.block,
+            self.scope,
+            key_to_row,
+            ft,
+            fv,
+            code,
+            row_start,
+            self.local_dims,
+            self.local_domains,
+            removable=self.removable,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- chain passes
@@ -324,9 +352,12 @@ def prefilter(problem, S, deadline=None, info=None):
 
     from types import SimpleNamespace
 
-    minS = SimpleNamespace(positions=S.positions, position_size=S.position_size,
-                           node_factors=[[_MinView(f) for f in fs] for fs in S.node_factors],
-                           edge_factors=[[_MinView(f) for f in fs] for fs in S.edge_factors])
+    minS = SimpleNamespace(
+        positions=S.positions,
+        position_size=S.position_size,
+        node_factors=[[_MinView(f) for f in fs] for fs in S.node_factors],
+        edge_factors=[[_MinView(f) for f in fs] for fs in S.edge_factors],
+    )
     nodes, edges, n = _potentials(minS, np.zeros(1))  # one cheap pass, not interrupted: a feasible answer
     alpha, beta = _forward_backward(nodes, edges, n)
     min_latency = S.const_t - float((alpha[-1][0]).max())
@@ -358,9 +389,16 @@ def prefilter(problem, S, deadline=None, info=None):
         return values
 
     dense_t = max(abs(problem.dense_latency()), 1e-12)
-    v_scale = max(sum(float(np.abs(f.v_hub).max(initial=0.0) + np.abs(f.v_local_flat).max(initial=0.0))
-                      if getattr(f, "implicit", False) else float(np.abs(f.v).max(initial=0.0))
-                      for f in _factors(S)) + abs(S.const_v), 1e-300)
+    v_scale = max(
+        sum(
+            float(np.abs(f.v_hub).max(initial=0.0) + np.abs(f.v_local_flat).max(initial=0.0))
+            if getattr(f, "implicit", False)
+            else float(np.abs(f.v).max(initial=0.0))
+            for f in _factors(S)
+        )
+        + abs(S.const_v),
+        1e-300,
+    )
     lam0 = v_scale / dense_t
     grid = np.concatenate([[0.0], lam0 * np.geomspace(1e-4, 1e4, 9)])
     values = np.array([dual([lam])[0] for lam in grid[::-1]])[::-1]  # one at a time: a bound after the first
@@ -405,8 +443,11 @@ def prefilter(problem, S, deadline=None, info=None):
                 if kind == "node":
                     marg = c + alpha[j][0] + beta[j][0]
                 else:
-                    marg = c + (alpha[j][0][:, None] + edges[j][0].reshape(n[j], n[j + 1])
-                                + (nodes[j + 1][0] + beta[j + 1][0])[None, :]).reshape(-1)
+                    marg = c + (
+                        alpha[j][0][:, None]
+                        + edges[j][0].reshape(n[j], n[j + 1])
+                        + (nodes[j + 1][0] + beta[j + 1][0])[None, :]
+                    ).reshape(-1)
                 own = f.lagrangian(np.array([lam_star]))[0]
                 alive = marg >= inc_v - tol
                 threshold = own - (marg - inc_v) - tol

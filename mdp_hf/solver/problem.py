@@ -125,7 +125,7 @@ class Problem:
         return "free"
 
     # ------------------------------------------------------------------ checks
-    def validate(self) -> "Problem":
+    def validate(self) -> Problem:
         """Raise ProblemError naming the first inconsistency and how to fix it; return self when valid."""
         dims = {}
         for d in self.dimensions:
@@ -135,8 +135,10 @@ class Problem:
             if not w:
                 raise ProblemError(f"dimension {d.name!r} has no widths; give at least one kept width")
             if any(int(x) != x or x <= 0 for x in w):
-                raise ProblemError(f"dimension {d.name!r}: widths must be positive integers (zero is never a width: "
-                                   f"remove the block instead), got {w}")
+                raise ProblemError(
+                    f"dimension {d.name!r}: widths must be positive integers (zero is never a width: "
+                    f"remove the block instead), got {w}"
+                )
             if any(b <= a for a, b in zip(w, w[1:])):
                 raise ProblemError(f"dimension {d.name!r}: widths must be strictly increasing, got {w}")
             dims[d.name] = len(w)
@@ -148,13 +150,17 @@ class Problem:
 
         def check_block(where: str, block):
             if block is not None and block not in blocks:
-                raise ProblemError(f"{where} refers to unknown block {block!r}; known blocks: {sorted(blocks)[:10]}"
-                                   f"{'...' if len(blocks) > 10 else ''} (use null for terms outside blocks)")
+                raise ProblemError(
+                    f"{where} refers to unknown block {block!r}; known blocks: {sorted(blocks)[:10]}"
+                    f"{'...' if len(blocks) > 10 else ''} (use null for terms outside blocks)"
+                )
 
         def check_dim(where: str, dim):
             if dim not in dims:
-                raise ProblemError(f"{where} refers to unknown dimension {dim!r}; known: {sorted(dims)[:10]}"
-                                   f"{'...' if len(dims) > 10 else ''}")
+                raise ProblemError(
+                    f"{where} refers to unknown dimension {dim!r}; known: {sorted(dims)[:10]}"
+                    f"{'...' if len(dims) > 10 else ''}"
+                )
 
         for i, term in enumerate(self.objective_terms):
             where = f"objective term #{i} (dim {term.dim!r}, block {term.block!r})"
@@ -162,8 +168,10 @@ class Problem:
             check_block(where, term.block)
             values = np.asarray(term.values, dtype=np.float64)
             if values.shape != (dims[term.dim],):
-                raise ProblemError(f"{where}: has {values.size} values but dimension {term.dim!r} has "
-                                   f"{dims[term.dim]} choices; give one importance value per choice")
+                raise ProblemError(
+                    f"{where}: has {values.size} values but dimension {term.dim!r} has "
+                    f"{dims[term.dim]} choices; give one importance value per choice"
+                )
             if not np.all(np.isfinite(values)):
                 raise ProblemError(f"{where}: values contain NaN or infinity")
         names = set()
@@ -174,8 +182,9 @@ class Problem:
             names.add(term.name)
             check_block(where, term.block)
             if len(term.dims) > 3:
-                raise ProblemError(f"{where}: tables over more than 3 dimensions are not supported "
-                                   f"(got {term.dims}); split the term")
+                raise ProblemError(
+                    f"{where}: tables over more than 3 dimensions are not supported (got {term.dims}); split the term"
+                )
             if len(set(term.dims)) != len(term.dims):
                 raise ProblemError(f"{where}: a dimension appears twice in {term.dims}")
             for dim in term.dims:
@@ -183,8 +192,10 @@ class Problem:
             expected = tuple(dims[d] for d in term.dims)
             table = np.asarray(term.table, dtype=np.float64)
             if table.shape != expected:
-                raise ProblemError(f"{where}: table shape {table.shape} does not match the choices of its dims "
-                                   f"{term.dims} -> expected {expected}")
+                raise ProblemError(
+                    f"{where}: table shape {table.shape} does not match the choices of its dims "
+                    f"{term.dims} -> expected {expected}"
+                )
             if not np.all(np.isfinite(table)):
                 raise ProblemError(f"{where}: table contains NaN or infinity (unmeasured cells?)")
             # Negative cells are allowed: a decomposed table (e.g. attention = T_qk + T_vo + an interaction
@@ -247,10 +258,18 @@ class Problem:
             "budget_ms": float(self.budget_ms),
             "dimensions": [{"name": d.name, "widths": [int(w) for w in d.widths]} for d in self.dimensions],
             "blocks": [{"name": b.name, "removable": bool(b.removable)} for b in self.blocks],
-            "objective_terms": [{"dim": t.dim, "block": t.block, "values": [float(v) for v in t.values]}
-                                for t in self.objective_terms],
-            "latency_terms": [{"name": t.name, "dims": list(t.dims), "block": t.block,
-                               "table": np.asarray(t.table, dtype=np.float64).tolist()} for t in self.latency_terms],
+            "objective_terms": [
+                {"dim": t.dim, "block": t.block, "values": [float(v) for v in t.values]} for t in self.objective_terms
+            ],
+            "latency_terms": [
+                {
+                    "name": t.name,
+                    "dims": list(t.dims),
+                    "block": t.block,
+                    "table": np.asarray(t.table, dtype=np.float64).tolist(),
+                }
+                for t in self.latency_terms
+            ],
             "fixed_choices": {k: int(v) for k, v in self.fixed_choices.items()},
             "fixed_blocks": {k: bool(v) for k, v in self.fixed_blocks.items()},
             "metadata": self.metadata,
@@ -265,31 +284,38 @@ class Problem:
         return text
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Problem":
+    def from_dict(cls, data: dict[str, Any]) -> Problem:
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            raise ProblemError(f"unsupported problem format_version {version!r}; this mdp_hf reads version "
-                               f"{FORMAT_VERSION} (see docs/problem_format.md)")
+            raise ProblemError(
+                f"unsupported problem format_version {version!r}; this mdp_hf reads version "
+                f"{FORMAT_VERSION} (see docs/problem_format.md)"
+            )
         try:
             problem = cls(
                 dimensions=[Dimension(d["name"], [int(w) for w in d["widths"]]) for d in data["dimensions"]],
                 blocks=[Block(b["name"], bool(b.get("removable", True))) for b in data.get("blocks", [])],
-                objective_terms=[ObjectiveTerm(t["dim"], [float(v) for v in t["values"]], t.get("block"))
-                                 for t in data.get("objective_terms", [])],
-                latency_terms=[LatencyTerm(t["name"], list(t["dims"]), np.asarray(t["table"], dtype=np.float64),
-                                           t.get("block")) for t in data.get("latency_terms", [])],
+                objective_terms=[
+                    ObjectiveTerm(t["dim"], [float(v) for v in t["values"]], t.get("block"))
+                    for t in data.get("objective_terms", [])
+                ],
+                latency_terms=[
+                    LatencyTerm(t["name"], list(t["dims"]), np.asarray(t["table"], dtype=np.float64), t.get("block"))
+                    for t in data.get("latency_terms", [])
+                ],
                 budget_ms=float(data["budget_ms"]),
                 fixed_choices={k: int(v) for k, v in data.get("fixed_choices", {}).items()},
                 fixed_blocks={k: bool(v) for k, v in data.get("fixed_blocks", {}).items()},
                 metadata=dict(data.get("metadata", {})),
             )
         except KeyError as e:
-            raise ProblemError(f"problem JSON is missing the required field {e.args[0]!r} "
-                               f"(see docs/problem_format.md)") from None
+            raise ProblemError(
+                f"problem JSON is missing the required field {e.args[0]!r} (see docs/problem_format.md)"
+            ) from None
         return problem.validate()
 
     @classmethod
-    def from_json(cls, path_or_text: str | os.PathLike) -> "Problem":
+    def from_json(cls, path_or_text: str | os.PathLike) -> Problem:
         """Load from a file path or from JSON text."""
         text = str(path_or_text)
         if not text.lstrip().startswith("{"):
@@ -324,12 +350,28 @@ class Solution:
     info: dict = field(default_factory=dict)
 
     def summary(self) -> str:
-        return (f"status={self.status} objective={self.objective:.6f} latency_ms={self.latency_ms:.6f} "
-                f"bound={self.bound:.6f} gap={self.gap:.3g} time_s={self.solve_time_s:.3f} backend={self.backend}")
+        return (
+            f"status={self.status} objective={self.objective:.6f} latency_ms={self.latency_ms:.6f} "
+            f"bound={self.bound:.6f} gap={self.gap:.3g} time_s={self.solve_time_s:.3f} backend={self.backend}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("choices", "widths", "blocks", "objective", "latency_ms", "bound",
-                                              "gap", "status", "backend", "solve_time_s", "info")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "choices",
+                "widths",
+                "blocks",
+                "objective",
+                "latency_ms",
+                "bound",
+                "gap",
+                "status",
+                "backend",
+                "solve_time_s",
+                "info",
+            )
+        }
 
 
 def relative_gap(objective: float, bound: float) -> float:
@@ -338,8 +380,17 @@ def relative_gap(objective: float, bound: float) -> float:
     return max(0.0, (bound - objective) / max(abs(bound), 1e-12))
 
 
-def make_solution(problem: Problem, choices: dict[str, int], blocks: dict[str, bool], *, bound: float, status: str,
-                  backend: str, solve_time_s: float, info: dict | None = None) -> Solution:
+def make_solution(
+    problem: Problem,
+    choices: dict[str, int],
+    blocks: dict[str, bool],
+    *,
+    bound: float,
+    status: str,
+    backend: str,
+    solve_time_s: float,
+    info: dict | None = None,
+) -> Solution:
     """Build a Solution whose objective and latency are re-evaluated exactly from the problem."""
     choices = {d.name: int(choices[d.name]) for d in problem.dimensions}
     blocks = {b.name: bool(blocks.get(b.name, True)) for b in problem.blocks}
@@ -349,5 +400,6 @@ def make_solution(problem: Problem, choices: dict[str, int], blocks: dict[str, b
     if status == "optimal":
         gap = 0.0 if gap <= 1e-9 else gap
     widths = {d.name: int(d.widths[choices[d.name]]) for d in problem.dimensions}
-    return Solution(choices, widths, blocks, objective, latency, bound, gap, status, backend, solve_time_s,
-                    dict(info or {}))
+    return Solution(
+        choices, widths, blocks, objective, latency, bound, gap, status, backend, solve_time_s, dict(info or {})
+    )

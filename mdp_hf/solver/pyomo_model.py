@@ -66,21 +66,28 @@ def build_milp(problem: Problem, objective: str = "importance", deadline: float 
     pairs = sorted(pairs)
     model.u = pyo.Var([(b, d, c) for b, d in pairs for c in allowed[d]], bounds=(0, 1))
     model.u_sum = pyo.Constraint(pairs, rule=lambda m, b, d: sum(m.u[b, d, c] for c in allowed[d]) == m.y[b])
-    model.u_le_x = pyo.Constraint([(b, d, c) for b, d in pairs for c in allowed[d]],
-                                  rule=lambda m, b, d, c: m.u[b, d, c] <= m.x[d, c])
+    model.u_le_x = pyo.Constraint(
+        [(b, d, c) for b, d in pairs for c in allowed[d]], rule=lambda m, b, d, c: m.u[b, d, c] <= m.x[d, c]
+    )
 
     def marginal(block, d, c):
         return model.u[block, d, c] if block is not None and state[block] == "free" else model.x[d, c]
 
-    importance = sum(float(term.values[c]) * marginal(term.block, term.dim, c)
-                     for term in problem.objective_terms if active(term.block) for c in allowed[term.dim])
+    importance = sum(
+        float(term.values[c]) * marginal(term.block, term.dim, c)
+        for term in problem.objective_terms
+        if active(term.block)
+        for c in allowed[term.dim]
+    )
     latency_parts = []
     model.z = pyo.VarList(bounds=(0, 1))
     model.cells = pyo.ConstraintList()
     for i, term in enumerate(problem.latency_terms):
         if deadline is not None and time.perf_counter() > deadline:
-            raise NoSolutionWithinTimeLimit(f"the time limit passed while building the MILP model ({i} of "
-                                            f"{len(problem.latency_terms)} latency tables done); no solution yet")
+            raise NoSolutionWithinTimeLimit(
+                f"the time limit passed while building the MILP model ({i} of "
+                f"{len(problem.latency_terms)} latency tables done); no solution yet"
+            )
         if not active(term.block):
             continue
         table = np.asarray(term.table, dtype=np.float64)
@@ -133,15 +140,25 @@ def _highs_solver():
     raise BackendUnavailable("Pyomo's HiGHS interface is not available: pip install highspy")
 
 
-HIGHS_OPTIONS = {"mip_rel_gap": 1e-9, "mip_abs_gap": 1e-12, "primal_feasibility_tolerance": 1e-9,
-                 "mip_feasibility_tolerance": 1e-9}
+HIGHS_OPTIONS = {
+    "mip_rel_gap": 1e-9,
+    "mip_abs_gap": 1e-12,
+    "primal_feasibility_tolerance": 1e-9,
+    "mip_feasibility_tolerance": 1e-9,
+}
 
 
 def solve_highs(model, time_limit_s: float | None, threads: int | None = None):
     """Solve a Pyomo model with HiGHS; returns the Pyomo results (solution loaded when one exists)."""
     solver = _highs_solver()
-    results = solver.solve(model, time_limit=time_limit_s, load_solutions=False, threads=threads,
-                           raise_exception_on_nonoptimal_result=False, solver_options=dict(HIGHS_OPTIONS))
+    results = solver.solve(
+        model,
+        time_limit=time_limit_s,
+        load_solutions=False,
+        threads=threads,
+        raise_exception_on_nonoptimal_result=False,
+        solver_options=dict(HIGHS_OPTIONS),
+    )
     if results.incumbent_objective is not None:
         results.solution_loader.load_vars()
     return results
@@ -169,23 +186,50 @@ def solve_milp(problem: Problem, time_limit_s: float | None = None, threads: int
     if tc in (TerminationCondition.provenInfeasible, TerminationCondition.infeasibleOrUnbounded):
         raise infeasible_budget_error(problem, *min_latency_assignment(problem))
     if results.incumbent_objective is None:
-        raise NoSolutionWithinTimeLimit(f"HiGHS found no feasible solution ({tc.name}) within {time_limit_s} s "
-                                        f"(model built in {build_s:.1f} s); raise the time limit, or use "
-                                        f"backend='greedy' for a heuristic answer without a useful bound")
+        raise NoSolutionWithinTimeLimit(
+            f"HiGHS found no feasible solution ({tc.name}) within {time_limit_s} s "
+            f"(model built in {build_s:.1f} s); raise the time limit, or use "
+            f"backend='greedy' for a heuristic answer without a useful bound"
+        )
     choices, blocks = _read_assignment(problem, model)
     bound = results.objective_bound if results.objective_bound is not None else float("inf")
-    status = "optimal" if tc == TerminationCondition.convergenceCriteriaSatisfied else (
-        "time_limit" if tc == TerminationCondition.maxTimeLimit else "feasible")
-    info = {"termination": tc.name, "build_s": build_s, "n_vars": model.nvariables(),
-            "n_constraints": model.nconstraints()}
-    solution = make_solution(problem, choices, blocks, bound=float(bound), status=status, backend="milp",
-                             solve_time_s=time.perf_counter() - start, info=info)
+    status = (
+        "optimal"
+        if tc == TerminationCondition.convergenceCriteriaSatisfied
+        else ("time_limit" if tc == TerminationCondition.maxTimeLimit else "feasible")
+    )
+    info = {
+        "termination": tc.name,
+        "build_s": build_s,
+        "n_vars": model.nvariables(),
+        "n_constraints": model.nconstraints(),
+    }
+    solution = make_solution(
+        problem,
+        choices,
+        blocks,
+        bound=float(bound),
+        status=status,
+        backend="milp",
+        solve_time_s=time.perf_counter() - start,
+        info=info,
+    )
     if not problem.within_budget(solution.latency_ms):
         # HiGHS accepts violations up to its feasibility tolerance: tighten the budget by the violation.
-        tightened = Problem(**{**problem.__dict__, "budget_ms": problem.budget_ms - 2 * (solution.latency_ms - problem.budget_ms)})
+        tightened = Problem(
+            **{**problem.__dict__, "budget_ms": problem.budget_ms - 2 * (solution.latency_ms - problem.budget_ms)}
+        )
         retry = solve_milp(tightened, time_limit_s, threads)
-        return make_solution(problem, retry.choices, retry.blocks, bound=solution.bound, status=retry.status,
-                             backend="milp", solve_time_s=time.perf_counter() - start, info={**retry.info, "retried": True})
+        return make_solution(
+            problem,
+            retry.choices,
+            retry.blocks,
+            bound=solution.bound,
+            status=retry.status,
+            backend="milp",
+            solve_time_s=time.perf_counter() - start,
+            info={**retry.info, "retried": True},
+        )
     return solution
 
 
@@ -193,14 +237,21 @@ def solve_milp(problem: Problem, time_limit_s: float | None = None, threads: int
 def mindtpy_solvers() -> tuple[str, str]:
     """(mip_solver, nlp_solver) MindtPy can use here, or raise BackendUnavailable saying what is missing."""
     pyo = _pyo()
-    mip = next((s for s in ("glpk", "appsi_highs", "cbc") if pyo.SolverFactory(s).available(exception_flag=False)), None)
+    mip = next(
+        (s for s in ("glpk", "appsi_highs", "cbc") if pyo.SolverFactory(s).available(exception_flag=False)), None
+    )
     nlp = next((s for s in ("ipopt", "appsi_ipopt") if pyo.SolverFactory(s).available(exception_flag=False)), None)
     if mip is None or nlp is None:
-        missing = [name for name, found in (("an MIP solver (glpk/highspy)", mip), ("an NLP solver (ipopt)", nlp))
-                   if found is None]
-        raise BackendUnavailable(f"MindtPy needs {' and '.join(missing)}; none is installed. Install the `ipopt` "
-                                 f"executable (e.g. conda install -c conda-forge ipopt) and glpk (apt install "
-                                 f"glpk-utils), or use backend='chain_dp' / 'milp', which are exact.")
+        missing = [
+            name
+            for name, found in (("an MIP solver (glpk/highspy)", mip), ("an NLP solver (ipopt)", nlp))
+            if found is None
+        ]
+        raise BackendUnavailable(
+            f"MindtPy needs {' and '.join(missing)}; none is installed. Install the `ipopt` "
+            f"executable (e.g. conda install -c conda-forge ipopt) and glpk (apt install "
+            f"glpk-utils), or use backend='chain_dp' / 'milp', which are exact."
+        )
     return mip, nlp
 
 
@@ -216,8 +267,11 @@ def build_minlp(problem: Problem):
     def active(block):
         return block is None or state[block] != "removed"
 
-    importance = sum(keep(t.block) * sum(float(t.values[c]) * model.x[t.dim, c] for c in allowed[t.dim])
-                     for t in problem.objective_terms if active(t.block))
+    importance = sum(
+        keep(t.block) * sum(float(t.values[c]) * model.x[t.dim, c] for c in allowed[t.dim])
+        for t in problem.objective_terms
+        if active(t.block)
+    )
     latency = 0
     for term in problem.latency_terms:
         if not active(term.block):
@@ -235,24 +289,41 @@ def build_minlp(problem: Problem):
     return model
 
 
-def solve_mindtpy(problem: Problem, time_limit_s: float | None = None, strategy: str = "OA",
-                  init_strategy: str = "FP", **_ignored) -> Solution:
+def solve_mindtpy(
+    problem: Problem, time_limit_s: float | None = None, strategy: str = "OA", init_strategy: str = "FP", **_ignored
+) -> Solution:
     """Paper-faithful MindtPy (OA + feasibility pump). Its bound is not trustworthy on this nonconvex
     model (the NLP subsolver is local), so the status is 'feasible' unless MindtPy claims optimality."""
     pyo = _pyo()
     mip, nlp = mindtpy_solvers()
     start = time.perf_counter()
     model = build_minlp(problem)
-    results = pyo.SolverFactory("mindtpy").solve(model, strategy=strategy, init_strategy=init_strategy,
-                                                  mip_solver=mip, nlp_solver=nlp,
-                                                  time_limit=time_limit_s or 1800)
+    results = pyo.SolverFactory("mindtpy").solve(
+        model,
+        strategy=strategy,
+        init_strategy=init_strategy,
+        mip_solver=mip,
+        nlp_solver=nlp,
+        time_limit=time_limit_s or 1800,
+    )
     choices, blocks = _read_assignment(problem, model)
     tc = str(results.solver.termination_condition)
     bound = results.problem.upper_bound
-    solution = make_solution(problem, choices, blocks, bound=float(bound) if bound is not None else float("inf"),
-                             status="feasible", backend="mindtpy", solve_time_s=time.perf_counter() - start,
-                             info={"termination": tc, "mip_solver": mip, "nlp_solver": nlp,
-                                   "note": "MindtPy's bound is only valid for convex models"})
+    solution = make_solution(
+        problem,
+        choices,
+        blocks,
+        bound=float(bound) if bound is not None else float("inf"),
+        status="feasible",
+        backend="mindtpy",
+        solve_time_s=time.perf_counter() - start,
+        info={
+            "termination": tc,
+            "mip_solver": mip,
+            "nlp_solver": nlp,
+            "note": "MindtPy's bound is only valid for convex models",
+        },
+    )
     if not problem.within_budget(solution.latency_ms):
         solution.status = "infeasible"
     return solution

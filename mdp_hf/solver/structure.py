@@ -76,10 +76,10 @@ class Factor:
 
 @dataclass
 class Structure:
-    positions: list[list[str]]            # hub dims at each chain position
-    domains: dict[str, np.ndarray]        # allowed choice indices per dim
+    positions: list[list[str]]  # hub dims at each chain position
+    domains: dict[str, np.ndarray]  # allowed choice indices per dim
     node_factors: list[list[Factor]]
-    edge_factors: list[list[Factor]]      # edge j joins positions j and j+1
+    edge_factors: list[list[Factor]]  # edge j joins positions j and j+1
     const_t: float
     const_v: float
     unused_dims: list[str]
@@ -96,9 +96,15 @@ class Structure:
         return {d: int(self.domains[d][i]) for d, i in zip(dims, idx)}
 
 
-def _pareto_rows_separable(t: np.ndarray, v_hub: np.ndarray, v_local: np.ndarray, removable: bool = True,
-                           allowed: np.ndarray | None = None, remove_allowed: np.ndarray | None = None,
-                           chunk_cells: int = 1 << 15):
+def _pareto_rows_separable(
+    t: np.ndarray,
+    v_hub: np.ndarray,
+    v_local: np.ndarray,
+    removable: bool = True,
+    allowed: np.ndarray | None = None,
+    remove_allowed: np.ndarray | None = None,
+    chunk_cells: int = 1 << 15,
+):
     """Per-row Pareto filter when importance is v_hub[row] + v_local[option]: options are ordered by v once,
     and an option survives when its latency is below that of every option with more importance (a reverse
     running minimum) -- no per-row sort. With ``removable`` every row also offers "remove" (0, 0): options it
@@ -112,9 +118,9 @@ def _pareto_rows_separable(t: np.ndarray, v_hub: np.ndarray, v_local: np.ndarray
     rows_per_chunk = max(1, chunk_cells // max(n_opts, 1))
     parts_t, parts_v, parts_c, counts, remove_kept, remove_pos = [], [], [], [], [], []
     for lo in range(0, n_rows, rows_per_chunk):
-        ts = t[lo:lo + rows_per_chunk][:, order]
+        ts = t[lo : lo + rows_per_chunk][:, order]
         if allowed is not None:
-            ok = allowed[lo:lo + rows_per_chunk][:, order]
+            ok = allowed[lo : lo + rows_per_chunk][:, order]
             ts = np.where(ok, ts, np.inf)
         keep = np.empty(ts.shape, dtype=bool)
         keep[:, -1] = True
@@ -123,13 +129,13 @@ def _pareto_rows_separable(t: np.ndarray, v_hub: np.ndarray, v_local: np.ndarray
             np.less(ts[:, :-1], later_min, out=keep[:, :-1])
         if allowed is not None:
             keep &= ok
-        vh = v_hub[lo:lo + rows_per_chunk]
+        vh = v_hub[lo : lo + rows_per_chunk]
         if removable:
             vs = v_sorted[None, :] + vh[:, None]
             keep &= ~((ts >= 0) & (vs <= 0))  # dominated by "remove"
             r_ok = ~np.any(keep & (ts <= 0) & (vs >= 0), axis=1)
             if remove_allowed is not None:
-                r_ok &= remove_allowed[lo:lo + rows_per_chunk]
+                r_ok &= remove_allowed[lo : lo + rows_per_chunk]
             remove_kept.append(r_ok)
             remove_pos.append(np.sum(keep & (ts < 0), axis=1))  # kept options cheaper than removing
         rows, cols = np.nonzero(keep)
@@ -188,8 +194,13 @@ def _chain_order(outer: list[str], edges: set[tuple[str, str]]) -> list[str] | N
     return order
 
 
-def decompose(problem: Problem, max_merged_hub_choices: int = 20000, max_factor_cells: int = 20_000_000,
-              threads: int | None = None, prefilter_cells: int = 1_000_000) -> Structure:
+def decompose(
+    problem: Problem,
+    max_merged_hub_choices: int = 20000,
+    max_factor_cells: int = 20_000_000,
+    threads: int | None = None,
+    prefilter_cells: int = 1_000_000,
+) -> Structure:
     """Split the problem into chain positions and factors (raises NotApplicable with the reason).
 
     Fixed dimensions (one allowed choice) are folded into the tables first. A dimension is local to a group
@@ -249,8 +260,9 @@ def decompose(problem: Problem, max_merged_hub_choices: int = 20000, max_factor_
     # Kept blocks: one factor ("component") per connected set of local dimensions; too large ones fall back
     # to hub dimensions (the old behaviour), their terms then being always-on.
     components = []  # (block, local dims, hub dims, lat terms, obj terms)
-    kept_groups = {g for _, _, _, g in lat_terms if isinstance(g, tuple)} | {g for _, _, g in obj_terms
-                                                                            if isinstance(g, tuple)}
+    kept_groups = {g for _, _, _, g in lat_terms if isinstance(g, tuple)} | {
+        g for _, _, g in obj_terms if isinstance(g, tuple)
+    }
     for kg in sorted(kept_groups, key=lambda g: g[1]):
         local = [d.name for d in problem.dimensions if local_of.get(d.name) == kg]
         parent = {d: d for d in local}
@@ -304,8 +316,10 @@ def decompose(problem: Problem, max_merged_hub_choices: int = 20000, max_factor_
     if order is None:
         total = n_choices(outer)
         if total > max_merged_hub_choices:
-            raise NotApplicable(f"the {len(outer)} shared (hub) dimensions do not form a chain and have {total} "
-                                f"joint choices (> {max_merged_hub_choices})")
+            raise NotApplicable(
+                f"the {len(outer)} shared (hub) dimensions do not form a chain and have {total} "
+                f"joint choices (> {max_merged_hub_choices})"
+            )
         positions = [outer]
         merged = True
     else:
@@ -363,8 +377,18 @@ def decompose(problem: Problem, max_merged_hub_choices: int = 20000, max_factor_
                 v = v + _broadcast_table(table, dims, axes, domains)
         n = scope_keys(scope)
         t, v = t.reshape(n), v.reshape(n)
-        add(Factor(f"always-on {scope[0]} {scope[1]}", None, scope, np.arange(n), t.astype(np.float64).copy(),
-                   v.astype(np.float64).copy(), np.zeros(n, dtype=np.int64), np.arange(n + 1, dtype=np.int64)))
+        add(
+            Factor(
+                f"always-on {scope[0]} {scope[1]}",
+                None,
+                scope,
+                np.arange(n),
+                t.astype(np.float64).copy(),
+                v.astype(np.float64).copy(),
+                np.zeros(n, dtype=np.int64),
+                np.arange(n + 1, dtype=np.int64),
+            )
+        )
 
     def options_factor(name, block, hub_dims, local, lats, objs, v_const, removable) -> Factor:
         """Pareto options (over the local dims) of a group's terms for every key of its scope."""
@@ -376,8 +400,10 @@ def decompose(problem: Problem, max_merged_hub_choices: int = 20000, max_factor_
 
             factor = ImplicitFactor(name, block, scope, axes, local, lats, objs, v_const, removable, domains)
             if factor.max_intermediate > max_factor_cells:
-                raise NotApplicable(f"block {block!r}: eliminating its {len(local)} local dimensions needs a "
-                                    f"{factor.max_intermediate}-cell table (> {max_factor_cells})")
+                raise NotApplicable(
+                    f"block {block!r}: eliminating its {len(local)} local dimensions needs a "
+                    f"{factor.max_intermediate}-cell table (> {max_factor_cells})"
+                )
             return factor
         all_axes = axes + local
         t = np.zeros([len(domains[d]) for d in all_axes])
@@ -391,18 +417,37 @@ def decompose(problem: Problem, max_merged_hub_choices: int = 20000, max_factor_
                 v_local += _broadcast_table(values, [dim], local, domains)
             else:
                 v_hub += _broadcast_table(values, [dim], axes, domains)
-        ft, fv, code, row_start = _pareto_rows_separable(t.reshape(n_keys, n_choices(local)), v_hub.reshape(n_keys),
-                                                         v_local.reshape(-1), removable=removable)
-        return Factor(name, block, scope, np.arange(n_keys), ft, fv, code, row_start, list(local),
-                      [domains[d] for d in local], removable=removable)
+        ft, fv, code, row_start = _pareto_rows_separable(
+            t.reshape(n_keys, n_choices(local)), v_hub.reshape(n_keys), v_local.reshape(-1), removable=removable
+        )
+        return Factor(
+            name,
+            block,
+            scope,
+            np.arange(n_keys),
+            ft,
+            fv,
+            code,
+            row_start,
+            list(local),
+            [domains[d] for d in local],
+            removable=removable,
+        )
 
     # Removable blocks: Pareto options per scope key, "remove" included.
     sizes = {g: scope_keys(scope_of(group_outer[g])) * n_choices(group_local[g]) for g in groups}
 
     def block_factor(g: str) -> Factor:
-        return options_factor(g, g, group_outer[g], group_local[g],
-                              [(dims, table) for _, dims, table, tg in lat_terms if tg == g],
-                              [(d, values) for d, values, tg in obj_terms if tg == g], group_const_v.get(g, 0.0), True)
+        return options_factor(
+            g,
+            g,
+            group_outer[g],
+            group_local[g],
+            [(dims, table) for _, dims, table, tg in lat_terms if tg == g],
+            [(d, values) for d, values, tg in obj_terms if tg == g],
+            group_const_v.get(g, 0.0),
+            True,
+        )
 
     if threads > 1 and sum(sizes.values()) > 200_000:
         with ThreadPoolExecutor(threads) as pool:
@@ -413,9 +458,18 @@ def decompose(problem: Problem, max_merged_hub_choices: int = 20000, max_factor_
         factors = [block_factor(g) for g in groups]
     for block, comp, hubs, lats in components:
         comp_set = set(comp)
-        factors.append(options_factor(f"{block} (kept) {'/'.join(comp)}", block, hubs, comp,
-                                      [(dims, table) for _, dims, table, _ in lats],
-                                      [(d, values) for d, values, g in obj_terms if d in comp_set], 0.0, False))
+        factors.append(
+            options_factor(
+                f"{block} (kept) {'/'.join(comp)}",
+                block,
+                hubs,
+                comp,
+                [(dims, table) for _, dims, table, _ in lats],
+                [(d, values) for d, values, g in obj_terms if d in comp_set],
+                0.0,
+                False,
+            )
+        )
     for factor in factors:
         add(factor)
 

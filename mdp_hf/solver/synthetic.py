@@ -40,8 +40,14 @@ def budget_between(problem: Problem, fraction: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- paper shapes
-def resnet(depth: int = 50, seed: int = 0, fraction: float = 0.5, hub_choices: int = 16, mid_choices: int = 32,
-           per_layer_groups: bool = False) -> Problem:
+def resnet(
+    depth: int = 50,
+    seed: int = 0,
+    fraction: float = 0.5,
+    hub_choices: int = 16,
+    mid_choices: int = 32,
+    per_layer_groups: bool = False,
+) -> Problem:
     """ResNet-50/101 bottlenecks at 224x224: hubs R_0..R_4, per layer C1/C2, one removable block per layer.
 
     Default groups: residual widths 64..2048 in groups of 4..128 (16 choices), bottleneck widths 64..512 in
@@ -70,16 +76,25 @@ def resnet(depth: int = 50, seed: int = 0, fraction: float = 0.5, hub_choices: i
     def w(name):
         return np.asarray(next(d for d in dims if d.name == name).widths, dtype=np.float64)
 
-    lat.append(LatencyTerm("stem", ["R0"], _lat(rng, 112 * 112 * 49 * 3 * _tile(w("R0"), 8), ms_per_gflop) + 0.05,
-                           "stem_and_shortcuts"))
+    lat.append(
+        LatencyTerm(
+            "stem", ["R0"], _lat(rng, 112 * 112 * 49 * 3 * _tile(w("R0"), 8), ms_per_gflop) + 0.05, "stem_and_shortcuts"
+        )
+    )
     obj.append(ObjectiveTerm("R0", list(_importance(rng, len(w("R0")), 0.5)), "stem_and_shortcuts"))
     for s, n_layers in enumerate(layers):
         r_in, r_out = f"R{s}", f"R{s + 1}"
         dims.append(_dim(r_out, out[s], hub_group[out[s]]))
         hw = spatial[s]
         hw_in = hw * 2 if s > 0 else hw
-        lat.append(LatencyTerm(f"shortcut{s + 1}", [r_out, r_in], _lat(
-            rng, hw * hw * np.outer(_tile(w(r_out), 8), _tile(w(r_in), 8)), ms_per_gflop), "stem_and_shortcuts"))
+        lat.append(
+            LatencyTerm(
+                f"shortcut{s + 1}",
+                [r_out, r_in],
+                _lat(rng, hw * hw * np.outer(_tile(w(r_out), 8), _tile(w(r_in), 8)), ms_per_gflop),
+                "stem_and_shortcuts",
+            )
+        )
         share = _importance(rng, len(w(r_out)), 1.0)
         obj.append(ObjectiveTerm(r_out, list(share * 0.3), "stem_and_shortcuts"))
         for i in range(n_layers):
@@ -89,20 +104,40 @@ def resnet(depth: int = 50, seed: int = 0, fraction: float = 0.5, hub_choices: i
             dims += [_dim(c1, mid[s], mid_group[mid[s]]), _dim(c2, mid[s], mid_group[mid[s]])]
             src = r_in if i == 0 else r_out
             hw1 = hw_in if i == 0 else hw
-            lat.append(LatencyTerm(f"{b}.conv1", [c1, src], _lat(
-                rng, hw1 * hw1 * np.outer(_tile(w(c1), 16), _tile(w(src), 16)), ms_per_gflop), b))
-            lat.append(LatencyTerm(f"{b}.conv2", [c2, c1], _lat(
-                rng, hw * hw * 9 * np.outer(_tile(w(c2), 16), _tile(w(c1), 16)), ms_per_gflop), b))
-            lat.append(LatencyTerm(f"{b}.conv3", [r_out, c2], _lat(
-                rng, hw * hw * np.outer(_tile(w(r_out), 16), _tile(w(c2), 16)), ms_per_gflop), b))
+            lat.append(
+                LatencyTerm(
+                    f"{b}.conv1",
+                    [c1, src],
+                    _lat(rng, hw1 * hw1 * np.outer(_tile(w(c1), 16), _tile(w(src), 16)), ms_per_gflop),
+                    b,
+                )
+            )
+            lat.append(
+                LatencyTerm(
+                    f"{b}.conv2",
+                    [c2, c1],
+                    _lat(rng, hw * hw * 9 * np.outer(_tile(w(c2), 16), _tile(w(c1), 16)), ms_per_gflop),
+                    b,
+                )
+            )
+            lat.append(
+                LatencyTerm(
+                    f"{b}.conv3",
+                    [r_out, c2],
+                    _lat(rng, hw * hw * np.outer(_tile(w(r_out), 16), _tile(w(c2), 16)), ms_per_gflop),
+                    b,
+                )
+            )
             scale = rng.uniform(0.5, 2.0)
             obj.append(ObjectiveTerm(c1, list(_importance(rng, len(w(c1)), scale)), b))
             obj.append(ObjectiveTerm(c2, list(_importance(rng, len(w(c2)), scale)), b))
             obj.append(ObjectiveTerm(r_out, list(share * 0.7 / n_layers), b))
-    lat.append(LatencyTerm("fc", ["R4"], _lat(rng, 1000 * _tile(w("R4"), 8), ms_per_gflop) + 0.01,
-                           "stem_and_shortcuts"))
-    problem = Problem(dims, blocks, obj, lat, budget_ms=0.0,
-                      metadata={"family": f"resnet{depth}", "seed": seed, "synthetic": True})
+    lat.append(
+        LatencyTerm("fc", ["R4"], _lat(rng, 1000 * _tile(w("R4"), 8), ms_per_gflop) + 0.01, "stem_and_shortcuts")
+    )
+    problem = Problem(
+        dims, blocks, obj, lat, budget_ms=0.0, metadata={"family": f"resnet{depth}", "seed": seed, "synthetic": True}
+    )
     problem.budget_ms = budget_between(problem, fraction)
     return problem.validate()
 
@@ -120,20 +155,36 @@ def mobilenet_v1(seed: int = 0, fraction: float = 0.5) -> Problem:
     lat = [LatencyTerm("stem", ["D0"], _lat(rng, hw * hw * 27 * _tile(w["D0"], 8), ms_per_gflop))]
     for i in range(1, len(widths)):
         hw = hw // strides[i]
-        lat.append(LatencyTerm(f"dw{i}", [f"D{i - 1}"], _lat(rng, hw * hw * 9 * _tile(w[f"D{i - 1}"], 32) * 4,
-                                                              ms_per_gflop)))
-        lat.append(LatencyTerm(f"pw{i}", [f"D{i}", f"D{i - 1}"], _lat(
-            rng, hw * hw * np.outer(_tile(w[f"D{i}"], 16), _tile(w[f"D{i - 1}"], 16)), ms_per_gflop)))
+        lat.append(
+            LatencyTerm(f"dw{i}", [f"D{i - 1}"], _lat(rng, hw * hw * 9 * _tile(w[f"D{i - 1}"], 32) * 4, ms_per_gflop))
+        )
+        lat.append(
+            LatencyTerm(
+                f"pw{i}",
+                [f"D{i}", f"D{i - 1}"],
+                _lat(rng, hw * hw * np.outer(_tile(w[f"D{i}"], 16), _tile(w[f"D{i - 1}"], 16)), ms_per_gflop),
+            )
+        )
     lat.append(LatencyTerm("fc", ["D13"], _lat(rng, 1000 * _tile(w["D13"], 8), ms_per_gflop)))
-    problem = Problem(dims, [], obj, lat, budget_ms=0.0, metadata={"family": "mobilenet_v1", "seed": seed,
-                                                                   "synthetic": True})
+    problem = Problem(
+        dims, [], obj, lat, budget_ms=0.0, metadata={"family": "mobilenet_v1", "seed": seed, "synthetic": True}
+    )
     problem.budget_ms = budget_between(problem, fraction)
     return problem.validate()
 
 
-def deit(seed: int = 0, fraction: float = 0.5, layers: int = 12, embed: int = 768, heads: int = 12,
-         head_dim: int = 64, mlp: int = 3072, groups=(16, 1, 2, 2, 32), tokens: int = 197,
-         per_layer_groups: bool = False) -> Problem:
+def deit(
+    seed: int = 0,
+    fraction: float = 0.5,
+    layers: int = 12,
+    embed: int = 768,
+    heads: int = 12,
+    head_dim: int = 64,
+    mlp: int = 3072,
+    groups=(16, 1, 2, 2, 32),
+    tokens: int = 197,
+    per_layer_groups: bool = False,
+) -> Problem:
     """DeiT-B: global E; per layer H, QK, V, M; blocks attn_i and mlp_i; T_qk[H,E,QK], T_vo[H,E,V], T_mlp[E,M].
     ``per_layer_groups``: each layer's QK, V and MLP dimensions draw their own group size (x0.5, x1 or x2)."""
     rng = np.random.default_rng(seed)
@@ -164,19 +215,27 @@ def deit(seed: int = 0, fraction: float = 0.5, layers: int = 12, embed: int = 76
         qk = _tile(dims[-3].widths, 8)[None, None, :]
         v = _tile(dims[-2].widths, 8)[None, None, :]
         e = E[None, :, None]
-        lat.append(LatencyTerm(f"{a}.qk", [H, "E", QK], _lat(rng, 2 * n * e * h * qk + n * n * h * qk, ms_per_gflop), a))
+        lat.append(
+            LatencyTerm(f"{a}.qk", [H, "E", QK], _lat(rng, 2 * n * e * h * qk + n * n * h * qk, ms_per_gflop), a)
+        )
         lat.append(LatencyTerm(f"{a}.vo", [H, "E", V], _lat(rng, 2 * n * e * h * v + n * n * h * v, ms_per_gflop), a))
-        lat.append(LatencyTerm(f"{m}.mlp", ["E", M], _lat(
-            rng, 2 * n * np.outer(E, _tile(dims[-1].widths, 32)), ms_per_gflop), m))
+        lat.append(
+            LatencyTerm(
+                f"{m}.mlp", ["E", M], _lat(rng, 2 * n * np.outer(E, _tile(dims[-1].widths, 32)), ms_per_gflop), m
+            )
+        )
         scale = rng.uniform(0.5, 2.0)
-        obj += [ObjectiveTerm(H, list(_importance(rng, len(dims[-4].widths), scale)), a),
-                ObjectiveTerm(QK, list(_importance(rng, len(dims[-3].widths), scale * 0.5)), a),
-                ObjectiveTerm(V, list(_importance(rng, len(dims[-2].widths), scale * 0.5)), a),
-                ObjectiveTerm(M, list(_importance(rng, len(dims[-1].widths), scale)), m),
-                ObjectiveTerm("E", list(e_share * 0.8 / (2 * layers)), a),
-                ObjectiveTerm("E", list(e_share * 0.8 / (2 * layers)), m)]
-    problem = Problem(dims, blocks, obj, lat, budget_ms=0.0, metadata={"family": "deit_b", "seed": seed,
-                                                                       "synthetic": True})
+        obj += [
+            ObjectiveTerm(H, list(_importance(rng, len(dims[-4].widths), scale)), a),
+            ObjectiveTerm(QK, list(_importance(rng, len(dims[-3].widths), scale * 0.5)), a),
+            ObjectiveTerm(V, list(_importance(rng, len(dims[-2].widths), scale * 0.5)), a),
+            ObjectiveTerm(M, list(_importance(rng, len(dims[-1].widths), scale)), m),
+            ObjectiveTerm("E", list(e_share * 0.8 / (2 * layers)), a),
+            ObjectiveTerm("E", list(e_share * 0.8 / (2 * layers)), m),
+        ]
+    problem = Problem(
+        dims, blocks, obj, lat, budget_ms=0.0, metadata={"family": "deit_b", "seed": seed, "synthetic": True}
+    )
     problem.budget_ms = budget_between(problem, fraction)
     return problem.validate()
 
@@ -287,13 +346,21 @@ def widths_only(problem: Problem) -> Problem:
     """The same problem with every removable block fixed kept (pruning without blocks; the paper's ablations)."""
     fixed = {b.name: True for b in problem.blocks if b.removable}
     fixed.update({b: k for b, k in problem.fixed_blocks.items() if not k})  # already removed stays removed
-    return Problem(problem.dimensions, problem.blocks, problem.objective_terms, problem.latency_terms,
-                   problem.budget_ms, dict(problem.fixed_choices), fixed,
-                   {**problem.metadata, "variant": "widths_only"}).validate()
+    return Problem(
+        problem.dimensions,
+        problem.blocks,
+        problem.objective_terms,
+        problem.latency_terms,
+        problem.budget_ms,
+        dict(problem.fixed_choices),
+        fixed,
+        {**problem.metadata, "variant": "widths_only"},
+    ).validate()
 
 
-def monotone_step(problem: Problem, seed: int = 0, shrink: float = 0.5, removed: float = 0.2,
-                  fixed: float = 0.0) -> Problem:
+def monotone_step(
+    problem: Problem, seed: int = 0, shrink: float = 0.5, removed: float = 0.2, fixed: float = 0.0
+) -> Problem:
     """A later step of monotone iterative pruning: each dimension's widths are truncated to the currently active
     units (its largest allowed width drops below the original size, by up to ``shrink`` of its choices), a
     ``removed`` fraction of the removable blocks is already removed (fixed removed), and a ``fixed`` fraction of
@@ -304,13 +371,13 @@ def monotone_step(problem: Problem, seed: int = 0, shrink: float = 0.5, removed:
     for d in problem.dimensions:
         k = len(d.widths)
         keep[d.name] = max(1, k - int(rng.integers(0, int(shrink * k) + 1)))
-        dims.append(Dimension(d.name, list(d.widths[:keep[d.name]])))
+        dims.append(Dimension(d.name, list(d.widths[: keep[d.name]])))
 
     def sliced(table, term_dims):
         return np.asarray(table)[tuple(slice(0, keep[d]) for d in term_dims)]
 
     lat = [LatencyTerm(t.name, t.dims, sliced(t.table, t.dims), t.block) for t in problem.latency_terms]
-    obj = [ObjectiveTerm(t.dim, list(np.asarray(t.values)[:keep[t.dim]]), t.block) for t in problem.objective_terms]
+    obj = [ObjectiveTerm(t.dim, list(np.asarray(t.values)[: keep[t.dim]]), t.block) for t in problem.objective_terms]
     fixed_blocks = {b: k for b, k in problem.fixed_blocks.items()}
     for b in problem.blocks:
         if b.removable and b.name not in fixed_blocks and rng.random() < removed:
@@ -319,5 +386,13 @@ def monotone_step(problem: Problem, seed: int = 0, shrink: float = 0.5, removed:
     for d in dims:
         if d.name not in fixed_choices and rng.random() < fixed:
             fixed_choices[d.name] = int(rng.integers(len(d.widths)))
-    return Problem(dims, problem.blocks, obj, lat, problem.budget_ms, fixed_choices, fixed_blocks,
-                   {**problem.metadata, "variant": "monotone_step"}).validate()
+    return Problem(
+        dims,
+        problem.blocks,
+        obj,
+        lat,
+        problem.budget_ms,
+        fixed_choices,
+        fixed_blocks,
+        {**problem.metadata, "variant": "monotone_step"},
+    ).validate()
