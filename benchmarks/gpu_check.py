@@ -69,12 +69,9 @@ from mdp_hf.latency import (  # noqa: E402
     build_table,
     interpolation_report,
     measure_latencies,
-    register_latency_family,
 )
 from mdp_hf.latency import profiler as _profiler  # noqa: E402
-from mdp_hf.latency import resnet_blocks as _resnet_blocks  # noqa: E402
 from mdp_hf.latency import timing as _timing  # noqa: E402
-from mdp_hf.latency import vit_blocks as _vit_blocks  # noqa: E402
 from mdp_hf.latency.profiler import subgrid_indices  # noqa: E402
 from mdp_hf.masks import build_problem, choice_from_solution, kept_fraction_by_kind  # noqa: E402
 from mdp_hf.solver import InfeasibleBudgetError, solve  # noqa: E402
@@ -259,7 +256,7 @@ def _wrap_blocks(base, ctx: Context):
 
     class Blocks(base):
         def __init__(self, model, space, settings):
-            with _no_init():  # ViTBlocks slices the model only to read the deployed config: skip weight init
+            with _no_init():  # ViTCells slices the model only to read the deployed config: skip weight init
                 super().__init__(model, space, settings)
 
         def plan(self):
@@ -293,14 +290,24 @@ def _wrap_blocks(base, ctx: Context):
     return Blocks
 
 
+_LIBRARY_FAMILY_CELLS = _profiler.family_cells
+
+
 def install_hooks(ctx: Context):
-    register_latency_family(_vit_blocks.MODEL_TYPES, _wrap_blocks(_vit_blocks.ViTBlocks, ctx))
-    register_latency_family(_resnet_blocks.MODEL_TYPES, _wrap_blocks(_resnet_blocks.ResNetBlocks, ctx))
+    """Every family's latency cells wrapped by _wrap_blocks (the profiler looks family_cells up per call)."""
+    wrapped = {}
+
+    def family_cells(model, space, settings):
+        cells_cls = mdp_hf.get_family(space.model_type).latency_cells
+        if cells_cls not in wrapped:
+            wrapped[cells_cls] = _wrap_blocks(cells_cls, ctx)
+        return wrapped[cells_cls](model, space, settings)
+
+    _profiler.family_cells = family_cells
 
 
 def remove_hooks():
-    register_latency_family(_vit_blocks.MODEL_TYPES, _vit_blocks.ViTBlocks)
-    register_latency_family(_resnet_blocks.MODEL_TYPES, _resnet_blocks.ResNetBlocks)
+    _profiler.family_cells = _LIBRARY_FAMILY_CELLS
 
 
 _LIBRARY_TIME_INTERLEAVED = _timing.time_interleaved
@@ -614,8 +621,8 @@ def sliced(prepared: dict, choice):
 def probe(ctx: Context, model, space, settings: TimingSettings) -> dict:
     """Wall time per cell (build, FLOP count, warm-up, repeats) of a few cells of every table, and the dense
     model's forward time: the basis of the sub-grid choice."""
-    blocks = _profiler.family_blocks(model, space, settings)
-    tables, _ = blocks.plan()
+    blocks = _profiler.family_cells(model, space, settings)
+    tables, _ = _profiler._planned(blocks)
     count = getattr(_profiler, "_count", None)
     rng = random.Random(0)
     device = torch.device(settings.device)

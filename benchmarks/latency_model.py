@@ -110,11 +110,11 @@ def random_structures(space, model: TableLatencyModel, count: int, rng: random.R
 def attention_decomposition_error(model, space, settings, rng, samples=16):
     """Decomposition error alone: time attention-only layers with QK and V both pruned *and*, interleaved in
     the same run, the seven cells the decomposition combines; compare (no interpolation involved)."""
-    from mdp_hf.latency.profiler import family_blocks
+    from mdp_hf.latency.profiler import family_cells
     from mdp_hf.latency.timing import thread_count, time_interleaved
     from mdp_hf.modeling.modeling_mdp_vit import MDPViTLayer
 
-    blocks = family_blocks(model, space, settings)
+    blocks = family_cells(model, space, settings)
     dims = space.dimensions
     H, E, Q, V = (dims[n].widths() for n in ("layers.0.heads", "embed", "layers.0.qk_dim", "layers.0.v_dim"))
     e0, q_dense, v_dense = E[0], Q[-1], V[-1]

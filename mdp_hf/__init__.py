@@ -5,10 +5,10 @@ public name (``mdp_hf.build_space``, ``mdp_hf.PrunableConfig``, ...) or submodul
 ``mdp_hf.hub``, ...) is imported on first access. That is what lets ``mdp-hf solve`` start in a fraction of
 a second.
 
-Auto API registration: the pruned-model classes (``mdp_vit``, ``mdp_resnet``) are registered with
+Auto API registration: the pruned-model classes (``mdp_vit``, ``mdp_resnet``, ...) are registered with
 transformers' ``AutoConfig`` / ``AutoModel`` / ``AutoModelForImageClassification`` as soon as
-``mdp_hf.modeling`` is imported, which every model-facing module does (``build_space``, ``slice_model``,
-``mdp_hf.hub``, the trainer). After ``import mdp_hf`` they are also registered when transformers itself is
+``mdp_hf.adapters`` is imported (each family registers its format), which every model-facing module does
+(``build_space``, ``slice_model``, ``mdp_hf.hub``, the trainer). After ``import mdp_hf`` they are also registered when transformers itself is
 imported later (a one-shot post-import hook), or right away when transformers is already imported; so
 ``import mdp_hf`` followed by ``AutoModelForImageClassification.from_pretrained(pruned_dir)`` keeps working
 without ``trust_remote_code``.
@@ -25,13 +25,16 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it
 _LAZY_ATTRIBUTES = {
     "PrunableConfig": "config",
+    "ModelFamily": "adapters",
     "PruningChoice": "adapters",
     "PruningSpace": "adapters",
+    "build_space": "adapters",
     "get_adapter": "adapters",
-    "register_adapter": "adapters",
+    "get_family": "adapters",
+    "register_family": "adapters",
+    "registered_families": "adapters",
     "supported_model_types": "adapters",
-    "build_space": "surgery",
-    "gate_model": "surgery",
+    "gate_model": "masks",
     "slice_model": "surgery",
 }
 _SUBMODULES = {
@@ -58,9 +61,20 @@ _SUBMODULES = {
 __all__ = sorted(_LAZY_ATTRIBUTES)
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the eager names
-    from .adapters import PruningChoice, PruningSpace, get_adapter, register_adapter, supported_model_types
+    from .adapters import (
+        ModelFamily,
+        PruningChoice,
+        PruningSpace,
+        build_space,
+        get_adapter,
+        get_family,
+        register_family,
+        registered_families,
+        supported_model_types,
+    )
     from .config import PrunableConfig
-    from .surgery import build_space, gate_model, slice_model
+    from .masks import gate_model
+    from .surgery import slice_model
 
 
 def __getattr__(name: str):
@@ -78,17 +92,17 @@ def __dir__():
 
 
 def _register_auto_classes() -> None:
-    """Import mdp_hf.modeling (which registers the Auto classes) unless it is already being imported."""
-    if f"{__name__}.modeling" in sys.modules:
+    """Import mdp_hf.adapters (whose families register the Auto classes) unless it is already being imported."""
+    if f"{__name__}.adapters" in sys.modules:
         return
     try:
-        importlib.import_module(f"{__name__}.modeling")
+        importlib.import_module(f"{__name__}.adapters")
     except Exception as e:  # never break the caller's `import transformers`
         import warnings
 
         warnings.warn(
             f"mdp_hf could not register its pruned-model classes with transformers' Auto API ({e!r}); "
-            "import mdp_hf.modeling to see the error",
+            "import mdp_hf.adapters to see the error",
             stacklevel=2,
         )
 

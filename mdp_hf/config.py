@@ -18,8 +18,15 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "pruning_config.json"
 CONFIG_VERSION = 1
 
-# dimension kinds a user can switch on/off; "blocks" is whole residual branches.
-PRUNABLE_KINDS = ("embed", "heads", "qk", "v", "mlp", "channels", "residual", "blocks")
+
+def prunable_kinds() -> tuple[str, ...]:
+    """What ``prune`` may list: "all", every dimension kind of a registered family, and "blocks" (whole
+    residual branches)."""
+    from .adapters import registered_kinds
+
+    return ("all", *registered_kinds(), "blocks")
+
+
 # "taylor": each family's official score; "taylor_gates": gate gradients (ablation); "magnitude": weights only
 IMPORTANCE_KINDS = ("taylor", "taylor_gates", "magnitude")
 SCHEDULES = ("one_shot", "iterative")
@@ -33,13 +40,14 @@ class PrunableConfig:
     Budget: give exactly one of ``budget_ms`` (absolute, on the latency table's device and settings)
     or ``budget_fraction`` (of the dense model's latency under the same latency model).
 
-    Ablations from the paper are configurations: channels/widths only = ``prune`` without "blocks";
+    Ablations from the paper are configurations: widths only = ``prune`` listing the kinds without "blocks";
     HALP's linear latency model = ``latency_model="linear"``.
     """
 
     budget_ms: float | None = None
     budget_fraction: float | None = None
-    prune: list[str] = field(default_factory=lambda: list(PRUNABLE_KINDS))
+    # "all": every kind the model declares, and blocks; or a list of kinds (+ "blocks"), see prunable_kinds()
+    prune: list[str] = field(default_factory=lambda: ["all"])
     # keys: a kind ("mlp"), a dimension name ("layers.3.mlp_dim") or a glob ("stages.*.conv1"); or a preset name
     # (mdp_hf.presets.GROUP_SIZE_PRESETS, e.g. "resnet50_official", "deit_base_paper"). Empty -> the adapter's
     # defaults. On a command line: '{"embed": 16}', embed=16,mlp=32 or resnet50_official
@@ -90,14 +98,15 @@ class PrunableConfig:
             bad("budget_ms", f"must be > 0 ms, got {self.budget_ms}")
         if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
             bad("budget_fraction", f"must be in (0, 1], got {self.budget_fraction}")
-        unknown = sorted(set(self.prune) - set(PRUNABLE_KINDS))
+        kinds = prunable_kinds()
+        unknown = sorted(set(self.prune) - set(kinds))
         if unknown:
-            bad("prune", f"unknown kinds {unknown}; choose from {list(PRUNABLE_KINDS)}")
+            bad("prune", f"unknown kinds {unknown}; choose from {list(kinds)}")
         if not self.prune:
             bad("prune", "is empty: nothing would be pruned")
-        unknown = sorted(set(self.min_keep) - set(PRUNABLE_KINDS))
+        unknown = sorted(set(self.min_keep) - set(kinds[1:-1]))
         if unknown:
-            bad("min_keep", f"unknown kinds {unknown}; choose from {list(PRUNABLE_KINDS[:-1])}")
+            bad("min_keep", f"unknown kinds {unknown}; choose from {list(kinds[1:-1])}")
         # group-size keys may also be dimension names or globs: they are checked against the model's space
         for name in ("group_sizes", "min_keep"):
             mapping = getattr(self, name)

@@ -18,8 +18,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 from transformers.utils import cached_file
 
-from .adapters import get_adapter
-from .modeling import register_auto_classes
+from .adapters import get_adapter, registered_families
 
 PUSH_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "_*", "runs/**", "*.pt", "*.pth", "*.pkl", "*.bin"]
 
@@ -41,16 +40,16 @@ def save_pruned_model(
     target = Path(save_directory)
     if (target / "model.safetensors").exists() and not overwrite:
         raise FileExistsError(f"{target} already holds a model; pass overwrite=True or choose another directory")
-    if not model.config.model_type.startswith("mdp_"):
+    formats = {f.pruned_classes[0].model_type: f.pruned_classes[0] for f in registered_families() if f.pruned_classes}
+    if not isinstance(model.config, tuple(formats.values())):
         raise ValueError(
-            f"save_pruned_model expects a sliced model (mdp_vit / mdp_resnet), got model_type "
+            f"save_pruned_model expects a sliced model ({' / '.join(formats)}), got model_type "
             f"{model.config.model_type!r}; call mdp_hf.slice_model(model, space, choice) first"
         )
     expected = get_adapter(model).expected_num_parameters(model.config)
     actual = sum(p.numel() for p in model.parameters())
     if expected != actual:
         raise ValueError(f"refusing to save: the model has {actual} parameters but its config implies {expected}")
-    register_auto_classes()
     target.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -104,7 +103,6 @@ def load_pruned_model(path_or_repo_id: str | os.PathLike, **kwargs):
 
     Raises CheckpointError with the reason when the file is corrupt or shapes disagree with config.json.
     """
-    register_auto_classes()
     try:
         config = AutoConfig.from_pretrained(path_or_repo_id, **kwargs)
         auto_cls = (

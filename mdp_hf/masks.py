@@ -11,19 +11,22 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from .adapters import PruningChoice, PruningSpace
+from .adapters import GateSet, PruningChoice, PruningSpace, get_adapter
 from .solver.problem import Block, Dimension, LatencyTerm, ObjectiveTerm, Problem, Solution
 
-# dimension kinds that a prune-list entry switches on
-_KIND_SWITCH = {
-    "embed": "embed",
-    "heads": "heads",
-    "qk": "qk",
-    "v": "v",
-    "mlp": "mlp",
-    "channels": "channels",
-    "residual": "residual",
-}
+
+def gate_model(model, space: PruningSpace, choice: PruningChoice | None = None) -> GateSet:
+    """Install gates on ``model`` (shapes unchanged); optionally set them to ``choice``. Call ``.remove()`` to undo."""
+    gates = get_adapter(model).install_gates(model, space)
+    if choice is not None:
+        gates.apply_choice(choice)
+    return gates
+
+
+def prunes(prune: Iterable[str], kind: str) -> bool:
+    """Whether a ``PrunableConfig.prune`` list switches on ``kind`` ("all": every kind the space declares, and blocks)."""
+    prune = set(prune)
+    return "all" in prune or kind in prune
 
 
 def ranked_units(scores: np.ndarray) -> np.ndarray:
@@ -37,7 +40,7 @@ def build_problem(
     scores: dict[str, np.ndarray],
     latency_terms: Iterable,
     budget_ms: float,
-    prune: Iterable[str] = ("embed", "heads", "qk", "v", "mlp", "channels", "residual", "blocks"),
+    prune: Iterable[str] = ("all",),
     metadata: dict | None = None,
     shares: dict[str, list[tuple[str | None, np.ndarray]]] | None = None,
     active: PruningChoice | None = None,
@@ -48,7 +51,8 @@ def build_problem(
 
     ``scores[d]`` holds one importance value per unit of dimension d. ``latency_terms`` are objects with
     ``name, dims, table, block`` (the latency model's solver terms). A dimension whose kind is not in
-    ``prune`` is fixed at full width; blocks are removable only if "blocks" is in ``prune``.
+    ``prune`` is fixed at full width; blocks are removable only if "blocks" is in ``prune``; "all" (the
+    default) prunes every kind the space declares, and blocks.
 
     ``shares[d]`` splits a shared dimension's importance among its member layers (the official CNN rule:
     each unit's score in proportion to each member's own score, see mdp_hf.importance): a list of
@@ -79,7 +83,7 @@ def build_problem(
     for name, dim in space.dimensions.items():
         widths = [w for w in dim.widths() if w <= len(candidates[name])]
         dimensions.append(Dimension(name, widths))
-        if _KIND_SWITCH.get(dim.kind) not in prune or name in keep_full:
+        if not prunes(prune, dim.kind) or name in keep_full:
             fixed[name] = len(widths) - 1
         unit_scores = np.asarray(scores[name], dtype=np.float64)
         if unit_scores.shape != (dim.size,):
@@ -102,7 +106,7 @@ def build_problem(
     for name, block in space.blocks.items():
         members.setdefault(owner(name), []).append(block)
     blocks = [
-        Block(name, removable=all(b.removable for b in group) and ("blocks" in prune or name in removed_before))
+        Block(name, removable=all(b.removable for b in group) and (prunes(prune, "blocks") or name in removed_before))
         for name, group in members.items()
     ]
     fixed_blocks = {name: False for name in removed_before}

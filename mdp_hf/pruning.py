@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .adapters import ModelAdapter, PruningChoice, get_adapter
+from .adapters import ModelAdapter, PruningChoice, build_space, get_adapter
 from .config import PrunableConfig
 from .distributed import mean_across_ranks, run_on_main_and_broadcast, world_size
 from .importance import ImportanceAccumulator
 from .latency.models import dense_latency_ms
-from .masks import build_problem, choice_from_solution, kept_fraction_by_kind
+from .masks import build_problem, choice_from_solution, gate_model, kept_fraction_by_kind
 from .solver import solve
-from .surgery import build_space, gate_model, slice_model
+from .surgery import slice_model
 
 logger = logging.getLogger(__name__)
 

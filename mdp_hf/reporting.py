@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .adapters import PruningChoice, PruningSpace
+from .adapters import PruningChoice, PruningSpace, find_family
 
 
 def kept_dims(space: PruningSpace, choice: PruningChoice) -> list[dict]:
@@ -42,20 +42,16 @@ def latency_breakdown(space: PruningSpace, choice: PruningChoice, latency_terms)
     """Predicted ms per group of terms (per layer/block, and 'outside blocks'), dense vs pruned."""
     indices = choice_indices(space, choice)
     removed = set(choice.removed_blocks)
+    family = find_family(space.model_type)
+    layer_of = family.adapter.layer_blocks(space) if family is not None else {}  # ViT: sub-blocks -> their layer
     out: dict[str, dict[str, float]] = defaultdict(lambda: {"dense": 0.0, "pruned": 0.0})
     for term in latency_terms:
         table = np.asarray(term.table)
-        group = _layer_of(term.block) if term.block else "outside blocks"
+        group = layer_of.get(term.block, term.block) if term.block else "outside blocks"
         out[group]["dense"] += float(table[(-1,) * len(term.dims)])
         if term.block not in removed:
             out[group]["pruned"] += float(table[tuple(indices[d] for d in term.dims)])
     return dict(out)
-
-
-def _layer_of(block: str) -> str:
-    # "layers.3.attention" -> "layers.3"; "stages.1.layers.0" stays
-    parts = block.split(".")
-    return ".".join(parts[:2]) if parts[0] == "layers" else block
 
 
 def plot_report(path, space: PruningSpace, choice: PruningChoice, latency_terms, title: str = "") -> str:

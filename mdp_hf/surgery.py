@@ -28,7 +28,7 @@ def gate_model(model, space: PruningSpace, choice: PruningChoice | None = None) 
 
 
 def slice_model(model, space: PruningSpace, choice: PruningChoice):
-    """A new, physically smaller model (mdp_vit / mdp_resnet) for ``choice``; ``model`` is left untouched."""
+    """A new, physically smaller model (the family's pruned format) for ``choice``; ``model`` is left untouched."""
     adapter = get_adapter(model)
     pruned = adapter.slice(model, space, choice)
     expected = adapter.expected_num_parameters(pruned.config)

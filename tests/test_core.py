@@ -8,16 +8,14 @@ import textwrap
 
 import pytest
 import torch
+from conftest import FAMILY_OF, GROUPS, IMAGE_SIZE, VARIANTS, build, logits_of
 from safetensors.torch import save_file
-from tiny_models import FAMILIES, GROUPS, IMAGE_SIZE, build, logits_of
 from transformers import BertConfig, BertModel
 
 from mdp_hf import PruningChoice, build_space, gate_model, slice_model
-from mdp_hf.adapters import PruningSpaceError, UnsupportedModelError, get_adapter
+from mdp_hf.adapters import PruningSpaceError, UnsupportedModelError, get_adapter, get_family
+from mdp_hf.adapters.base import has_classifier
 from mdp_hf.hub import CheckpointError, load_pruned_model, save_pruned_model
-
-VIT_SCENARIOS = ["embed", "heads", "qk", "v", "mlp", "blocks", "all"]
-RESNET_SCENARIOS = ["channels", "residual", "blocks", "all"]
 
 
 def random_choice(space, rng, kinds, remove_blocks):
@@ -31,15 +29,19 @@ def random_choice(space, rng, kinds, remove_blocks):
     return PruningChoice(kept, removed)
 
 
+ALL_KINDS = {kind for family in set(FAMILY_OF.values()) for kind in get_family(family).kinds}
+
+
 def scenario_kinds(scenario):
     if scenario == "all":
-        return {"embed", "heads", "qk", "v", "mlp", "channels", "residual"}, True
+        return ALL_KINDS, True
     if scenario == "blocks":
         return set(), True
     return {scenario}, False
 
 
-MATRIX = [(f, s) for f in FAMILIES for s in (RESNET_SCENARIOS if f.startswith("resnet") else VIT_SCENARIOS)]
+# every registered tiny variant x (each kind its family declares, blocks only, everything at once)
+MATRIX = [(v, s) for f, v in VARIANTS for s in (*get_family(f).kinds, "blocks", "all")]
 
 
 @pytest.mark.parametrize("family,scenario", MATRIX)
@@ -80,24 +82,26 @@ def test_qk_width_differs_from_v_width_and_scaling_is_kept():
     assert pruned.config.per_layer_config[1].num_attention_heads == 4
 
 
-@pytest.mark.parametrize("family", ["vit", "deit_distilled", "resnet_bottleneck", "resnet_basic"])
+@pytest.mark.parametrize("family", [v for _, v in VARIANTS])
 def test_pruned_model_can_be_pruned_again(family):
     model = build(family)
     space = build_space(model, group_sizes=GROUPS)
     rng = random.Random(1)
-    first = random_choice(space, rng, {"embed", "heads", "qk", "v", "mlp", "channels", "residual"}, True)
+    first = random_choice(space, rng, ALL_KINDS, True)
     pruned = slice_model(model, space, first)
     space2 = build_space(pruned, group_sizes=GROUPS)
     assert set(space2.blocks) == set(space.blocks) - set(first.removed_blocks)
-    second = random_choice(space2, rng, {"embed", "heads", "qk", "v", "mlp", "channels", "residual"}, True)
+    second = random_choice(space2, rng, ALL_KINDS, True)
     x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     with gate_model(pruned, space2, second), torch.no_grad():
         gated = logits_of(pruned, x)
     twice = slice_model(pruned, space2, second)
     with torch.no_grad():
         assert (gated - logits_of(twice, x)).abs().max().item() < 1e-5
-    assert twice.config.base_model_type == model.config.model_type
-    assert twice.config.base_config["model_type"] == model.config.model_type
+    assert twice.config.base_model_type == pruned.config.base_model_type  # the source stays recorded
+    if hasattr(model, "config"):  # a transformers source (timm sources record their own name)
+        assert twice.config.base_model_type == model.config.model_type
+        assert twice.config.base_config["model_type"] == model.config.model_type
 
 
 def test_gates_carry_taylor_scores_and_stay_out_of_the_optimizer():
@@ -118,14 +122,14 @@ def test_gates_carry_taylor_scores_and_stay_out_of_the_optimizer():
     gates.remove()
 
 
-@pytest.mark.parametrize("family", ["vit", "deit_distilled", "resnet_bottleneck", "vit_base_model"])
+@pytest.mark.parametrize("family", [v for _, v in VARIANTS])
 def test_save_load_same_and_fresh_process(family, tmp_path):
     model = build(family)
     space = build_space(model, group_sizes=GROUPS)
     pruned = slice_model(
         model,
         space,
-        random_choice(space, random.Random(3), {"embed", "heads", "qk", "v", "mlp", "channels", "residual"}, True),
+        random_choice(space, random.Random(3), ALL_KINDS, True),
     )
     x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
@@ -152,11 +156,11 @@ def test_save_load_same_and_fresh_process(family, tmp_path):
         from safetensors.torch import load_file
         from transformers import AutoModel, AutoModelForImageClassification
         io = load_file({str(tmp_path / "io.safetensors")!r})
-        cls = AutoModel if {family!r} == "vit_base_model" else AutoModelForImageClassification
+        cls = AutoModelForImageClassification if {has_classifier(pruned.config)!r} else AutoModel
         model = cls.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
         with torch.no_grad():
             out = model(io["x"])
-        got = out.pooler_output if {family!r} == "vit_base_model" else out.logits
+        got = out.logits if {has_classifier(pruned.config)!r} else out.pooler_output
         assert torch.equal(got, io["expected"]), (got - io["expected"]).abs().max()
         assert not any(m.startswith("mdp_hf") for m in sys.modules)
         print("FRESH_OK", sum(p.numel() for p in model.parameters()))
@@ -169,7 +173,7 @@ def test_save_load_same_and_fresh_process(family, tmp_path):
 # --- bad input ---------------------------------------------------------------------------------------
 def test_unknown_architecture_names_supported_families():
     bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))
-    with pytest.raises(UnsupportedModelError, match=r"'bert'.*Supported: .*deit.*resnet.*vit.*register_adapter"):
+    with pytest.raises(UnsupportedModelError, match=r"'bert'.*Supported: .*deit.*resnet.*vit.*register_family"):
         build_space(bert)
 
 

@@ -7,7 +7,7 @@ differs from ours, and compares it with mdp_hf. See docs/fidelity.md for the fil
 import numpy as np
 import pytest
 import torch
-from tiny_models import GROUPS, IMAGE_SIZE, build
+from conftest import GROUPS, IMAGE_SIZE, build
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from mdp_hf import build_space, get_adapter

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import GROUPS, IMAGE_SIZE, build, logits_of
 from hub_standin import HubStandin
 from safetensors.torch import save_file
-from tiny_models import GROUPS, IMAGE_SIZE, build, logits_of
 
 from mdp_hf import PruningChoice, build_space, slice_model
 from mdp_hf.hub import save_pruned_model
@@ -222,7 +222,7 @@ def test_load_pruned_model_from_the_hub(hub, tmp_path):
         f"""
         import torch
         from safetensors.torch import load_file
-        from tiny_models import logits_of
+        from conftest import logits_of
         from mdp_hf.hub import CheckpointError, load_pruned_model
         io = load_file("io.safetensors")
         for revision, key in ((None, "second"), ({old!r}, "first")):

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from tiny_models import GROUPS, IMAGE_SIZE, build, logits_of
+from conftest import GROUPS, IMAGE_SIZE, VARIANTS, build, logits_of
 from torch.utils.data import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
@@ -135,7 +135,7 @@ def test_one_shot_prune_meets_budget_and_leaves_model_intact(vit_latency):
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("family", ["vit", "deit_distilled", "resnet_bottleneck", "resnet_basic"])
+@pytest.mark.parametrize("family", [v for _, v in VARIANTS])
 def test_magnitude_scores_follow_the_weights(family):
     from mdp_hf import build_space, get_adapter
 
@@ -294,7 +294,7 @@ TWO_RANK_SCRIPT = textwrap.dedent("""
     from mdp_hf.config import PrunableConfig
     from mdp_hf.trainer import MDPTrainer
     from test_trainer import RandomImages
-    from tiny_models import GROUPS, build
+    from conftest import GROUPS, build
     out, per_device = sys.argv[1], int(sys.argv[2])
     cfg = PrunableConfig(budget_fraction=0.5, group_sizes=GROUPS, accumulation_steps=2, latency_table=sys.argv[3])
     # one batch per step = the whole dataset, whatever the sampler order: ranks and one process see the same data
@@ -425,7 +425,7 @@ def test_deit_with_teacher_head_trains_with_hard_distillation(tmp_path):
 
 
 def test_teacher_with_another_label_space_is_refused_before_training(tmp_path, vit_latency):
-    from tiny_models import VIT_KW
+    from conftest import VIT_KW
     from transformers import ViTConfig, ViTForImageClassification
 
     from mdp_hf.losses import DistillationSettings

@@ -1,60 +1,76 @@
-"""Model adapters: one file per family, looked up by ``config.model_type``.
+"""Model families: one adapter file each, registered with :func:`register_family`.
 
-To support a new family, subclass :class:`ModelAdapter` and call :func:`register_adapter`.
+Importing this package imports every module in it, so each family file registers itself (a new family is
+a new file here, plus its pruned-model files in ``mdp_hf/modeling/`` if it defines a format of its own).
+Family files import neither timm nor other optional packages at import time.
 """
 
-from .base import Block, Dimension, GateSet, ModelAdapter, PruningChoice, PruningSpace, PruningSpaceError
-from .resnet import ResNetAdapter
-from .vit import ViTAdapter
+import importlib
+import pkgutil
 
-_ADAPTERS: dict[str, ModelAdapter] = {}
+from .base import (
+    Block,
+    Dimension,
+    GateSet,
+    LatencyCells,
+    ModelAdapter,
+    PruningChoice,
+    PruningSpace,
+    PruningSpaceError,
+    TimingGrid,
+    TimingTerm,
+    check_group_size_keys,
+)
+from .registry import (
+    ModelFamily,
+    UnsupportedModelError,
+    find_family,
+    get_adapter,
+    get_family,
+    register_family,
+    registered_families,
+    registered_kinds,
+    supported_model_types,
+)
 
-
-class UnsupportedModelError(PruningSpaceError):
-    """No adapter is registered for the model's ``model_type``."""
-
-
-def register_adapter(adapter: ModelAdapter, model_types: tuple[str, ...] | None = None) -> None:
-    """Register ``adapter`` for each ``config.model_type`` it handles."""
-    for model_type in model_types or adapter.model_types:
-        _ADAPTERS[model_type] = adapter
-
-
-def supported_model_types() -> list[str]:
-    return sorted(_ADAPTERS)
-
-
-def get_adapter(model_or_type) -> ModelAdapter:
-    """The adapter for a model, a config, or a ``model_type`` string."""
-    if isinstance(model_or_type, str):
-        model_type = model_or_type
-    else:
-        config = getattr(model_or_type, "config", model_or_type)
-        model_type = getattr(config, "model_type", None)
-    if model_type not in _ADAPTERS:
-        raise UnsupportedModelError(
-            f"mdp_hf has no adapter for model_type {model_type!r}. Supported: {', '.join(supported_model_types())}. "
-            "To add a family, subclass mdp_hf.adapters.ModelAdapter (build_space, install_gates, slice, "
-            "expected_num_parameters) and call mdp_hf.adapters.register_adapter(MyAdapter())."
-        )
-    return _ADAPTERS[model_type]
+_INFRASTRUCTURE = {"base", "registry"}
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module not in _INFRASTRUCTURE and not _module.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module}")
 
 
-register_adapter(ViTAdapter())
-register_adapter(ResNetAdapter())
+def build_space(
+    model, group_sizes: dict[str, int] | None = None, min_keep: dict[str, int] | None = None
+) -> PruningSpace:
+    """The model's pruning space: dimensions (size, group, minimum, coupling) and removable blocks."""
+    family = get_family(model)
+    space = family.adapter.build_space(model, group_sizes, min_keep)
+    undeclared = sorted({d.kind for d in space.dimensions.values()} - set(family.kinds))
+    if undeclared:  # a family bug: such a kind could never be switched on or off by PrunableConfig.prune
+        raise AssertionError(f"family {family.name!r} built dimensions of undeclared kinds {undeclared}")
+    check_group_size_keys(space, group_sizes)
+    return space
+
 
 __all__ = [
     "Block",
     "Dimension",
     "GateSet",
+    "LatencyCells",
     "ModelAdapter",
+    "ModelFamily",
     "PruningChoice",
     "PruningSpace",
     "PruningSpaceError",
-    "ResNetAdapter",
+    "TimingGrid",
+    "TimingTerm",
     "UnsupportedModelError",
-    "ViTAdapter",
+    "build_space",
+    "find_family",
     "get_adapter",
-    "register_adapter",
+    "get_family",
+    "register_family",
+    "registered_families",
+    "registered_kinds",
     "supported_model_types",
 ]

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 
 import torch
-
-# every family's dimension kinds: a kind-level group size for another family's kind is not an error
-DIMENSION_KINDS = ("embed", "heads", "qk", "v", "mlp", "channels", "residual")
 
 
 class PruningSpaceError(ValueError):
@@ -226,24 +224,28 @@ def has_classifier(config) -> bool:
     return bool(config.architectures) and config.architectures[0].endswith("ForImageClassification")
 
 
-class ModelAdapter:
-    """Model-family knowledge: subclasses implement the four methods below for one family."""
+class ModelAdapter(ABC):
+    """Model-family knowledge: what can be pruned, where to gate it, how to score and slice it.
 
-    #: config.model_type values this adapter handles
-    model_types: tuple[str, ...] = ()
+    Subclasses implement the abstract methods; the others have defaults that fit most families.
+    """
+
     #: default group size per dimension kind
     default_group_sizes: dict[str, int] = {}
     #: how a gate gradient becomes a score: "square" (paper, ViT) or "abs" (paper, CNN BN-Taylor)
     default_score_kind: str = "square"
 
+    @abstractmethod
     def build_space(
         self, model, group_sizes: dict[str, int] | None = None, min_keep: dict[str, int] | None = None
     ) -> PruningSpace:
         raise NotImplementedError
 
+    @abstractmethod
     def install_gates(self, model, space: PruningSpace) -> GateSet:
         raise NotImplementedError
 
+    @abstractmethod
     def slice(self, model, space: PruningSpace, choice: PruningChoice):
         """Return a new, physically smaller model (a pruned-model class) computing what the gated model computes."""
         raise NotImplementedError
@@ -270,11 +272,13 @@ class ModelAdapter:
         Always the same members in the same order. Default: none (shared widths are not charged to blocks)."""
         return {}
 
+    @abstractmethod
     def unit_magnitudes(self, model, space: PruningSpace) -> dict[str, torch.Tensor]:
         """Magnitude baseline: per unit of every dimension, the squared L2 norm of the weights that
         produce it (summed over coupled layers). Not used by MDP's default Taylor importance."""
         raise NotImplementedError
 
+    @abstractmethod
     def expected_num_parameters(self, config) -> int:
         """Parameter count implied by a pruned model's config (checks that weights match the structure)."""
         raise NotImplementedError
@@ -309,9 +313,12 @@ def group_size_for(name: str, kind: str, group_sizes: dict | None, default: int)
 
 def check_group_size_keys(space: PruningSpace, group_sizes: dict | None) -> None:
     """Every group-size key must name a kind, a dimension or a glob matching one; else a clear error."""
+    from .registry import registered_kinds
+
     kinds = {dim.kind for dim in space.dimensions.values()}
     for key in group_sizes or {}:
-        if key in kinds or key in DIMENSION_KINDS or key in space.dimensions:
+        # a kind of another family is not an error: one group-size mapping may serve several families
+        if key in kinds or key in registered_kinds() or key in space.dimensions:
             continue
         if any(fnmatch.fnmatchcase(name, key) for name in space.dimensions):
             continue
@@ -321,3 +328,77 @@ def check_group_size_keys(space: PruningSpace, group_sizes: dict | None) -> None
             f"({', '.join(sorted(kinds))}), dimension names or globs over them (dimensions: {sample}, ...; "
             "print(build_space(model).describe()) lists them all)"
         )
+
+
+@dataclass
+class TimingGrid:
+    """One grid of cells to time: ``axes[k]`` lists the widths of axis k (a dimension's ``widths()``),
+    ``axis_kinds[k]`` its dimension kind. Identical blocks share a grid (same ``key``). ``params`` are what
+    :meth:`LatencyCells.build_cell` needs beyond the widths; the profiler also reads ``full_axes`` (never
+    sub-sampled) and ``tail_axes`` (the width below dense is always measured) from it."""
+
+    key: str
+    kind: str
+    axis_kinds: list[str]
+    axes: list[list[int]]
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class TimingTerm:
+    """One additive latency term: grid ``grid`` read at the widths of dimensions ``dims`` (one per axis), paid
+    while ``block`` is kept (None: always). ``transform`` (``"half_anchor"``, ``"interaction"``) and
+    ``input_axes`` are explained in mdp_hf.latency.table.TermDef."""
+
+    name: str
+    grid: str
+    dims: list[str]
+    block: str | None = None
+    transform: str | None = None
+    input_axes: list[int] = field(default_factory=list)
+
+
+class LatencyCells(ABC):
+    """How a family's blocks are timed for a latency lookup table (mdp_hf.latency knows no family).
+
+    ``plan()`` names the grids and the terms that read them; ``build_cell(grid, widths)`` returns the
+    deployed module of one cell and its example input. Cells should time the pruned format's own modules,
+    so a table predicts what ``slice_model`` produces.
+    """
+
+    #: whether ``TimingSettings.attn_implementation`` changes the timed code (recorded in table metadata)
+    uses_attention: bool = False
+
+    def __init__(self, model, space: PruningSpace, settings):
+        self.model, self.space, self.settings = model, space, settings
+
+    #: input image size (height, width) the cells are timed at; set by ``__init__``
+    image_size: list[int]
+
+    @abstractmethod
+    def model_shapes(self) -> dict:
+        """The model's shape facts a table must match (recorded in its metadata)."""
+
+    @abstractmethod
+    def plan(self) -> tuple[list[TimingGrid], list[TimingTerm]]:
+        """The grids to measure and the additive terms that read them."""
+
+    @abstractmethod
+    def build_cell(self, grid, widths: tuple[int, ...]):
+        """(module on the settings' device and dtype, example input or tuple of inputs) for one cell of
+        ``grid`` (anything with the grid's ``kind``, ``key`` and ``params``)."""
+
+    @abstractmethod
+    def dense_model(self):
+        """The dense deployed model at the settings' image size (random weights: timing only)."""
+
+    @abstractmethod
+    def example_input(self):
+        """An input batch for :meth:`dense_model`."""
+
+    def place(self, module, *inputs):
+        """``module`` in eval mode and its inputs on the settings' device and dtype."""
+        dtype, device = self.settings.torch_dtype, self.settings.device
+        module = module.to(device=device, dtype=dtype).eval()
+        inputs = tuple(x.to(device=device, dtype=dtype) for x in inputs)
+        return module, inputs[0] if len(inputs) == 1 else inputs

@@ -12,23 +12,34 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 from transformers.initialization import no_init_weights
 
-from ..modeling import MDPResNetConfig, MDPResNetForImageClassification, MDPResNetModel
+from ..modeling.configuration_mdp_resnet import MDPResNetConfig
+from ..modeling.modeling_mdp_resnet import (
+    MDPResNetConvLayer,
+    MDPResNetEmbeddings,
+    MDPResNetForImageClassification,
+    MDPResNetModel,
+    MDPResNetShortCut,
+)
 from .base import (
     Block,
     Dimension,
     GateSet,
+    LatencyCells,
     ModelAdapter,
     PruningChoice,
     PruningSpace,
     PruningSpaceError,
+    TimingGrid,
+    TimingTerm,
     has_classifier,
 )
+from .registry import ModelFamily, register_family
 
 
 class ResNetAdapter(ModelAdapter):
-    model_types = ("resnet", "mdp_resnet")
     default_group_sizes = {"channels": 8, "residual": 8}
     default_score_kind = "abs"
 
@@ -332,3 +343,288 @@ class ResNetAdapter(ModelAdapter):
         if has_classifier(config) and config.num_labels > 0:
             total += cin * config.num_labels + config.num_labels
         return total
+
+
+# latency cells ---------------------------------------------------------------------------------------
+"""Cells time the deployed modules of ``modeling_mdp_resnet`` at the input resolution each conv sees in
+the model (recorded with forward hooks at the table's image size). One table per distinct conv shape
+(kind, kernel, stride, input resolution, width grids); identical convs share it.
+
+- ``resnet.conv`` [own out channels, producer channels]: an inner conv + BN + activation of a layer
+  (conv1's producer is the stage input residual width, conv2's is conv1);
+- ``resnet.conv_add`` [stage residual, previous inner conv]: the last conv + BN, plus the residual add;
+- ``resnet.shortcut`` [stage residual, stage input residual]: a projection shortcut (conv 1x1 + BN),
+  outside every block (a removed layer keeps it);
+- ``resnet.relu`` [stage residual]: the activation after the add (paid even when the branch is removed);
+- ``resnet.stem`` [stem]: conv 7x7 + BN + ReLU + max-pool;
+- ``resnet.head`` [last residual]: global average pool + flatten + linear classifier.
+"""
+
+
+def _sig(dim) -> str:
+    return f"{dim.size}/{dim.group_size}/{dim.min_keep}"
+
+
+class _ConvAdd(nn.Module):
+    """Last conv of a residual branch + BN, then the residual add (as MDPResNetLayer computes it)."""
+
+    def __init__(self, cin, cout, kernel, stride):
+        super().__init__()
+        self.conv = MDPResNetConvLayer(cin, cout, kernel_size=kernel, stride=stride, activation=None)
+
+    def forward(self, hidden_states, residual):
+        return self.conv(hidden_states) + residual
+
+
+class _Head(nn.Module):
+    """Pool + classifier exactly as MDPResNetModel.pooler and MDPResNetForImageClassification.classifier."""
+
+    def __init__(self, width, num_labels):
+        super().__init__()
+        self.pooler = nn.AdaptiveAvgPool2d((1, 1))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(width, num_labels) if num_labels > 0 else nn.Identity())
+
+    def forward(self, hidden_states):
+        return self.classifier(self.pooler(hidden_states))
+
+
+class _Act(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.act = ACT2FN[act]
+
+    def forward(self, hidden_states):
+        return self.act(hidden_states)
+
+
+class ResNetCells(LatencyCells):
+    def __init__(self, model, space, settings):
+        super().__init__(model, space, settings)
+        self.adapter = ResNetAdapter()
+        self.base, _, self.linear = self.adapter._parts(model)
+        self.config = model.config
+        self.act = model.config.hidden_act
+        size = settings.image_size or getattr(model.config, "image_size", None) or 224
+        self.image_size = list(size) if isinstance(size, (list, tuple)) else [size, size]
+        self.num_channels = model.config.num_channels
+        self.num_labels = self.linear.out_features if self.linear is not None else 0
+        self._record_shapes(model)
+
+    def _record_shapes(self, model) -> None:
+        """Input / output shapes of every conv layer, layer and the encoder at the table's image size."""
+        shapes: dict[int, tuple] = {}
+        handles = []
+
+        def hook(module, args, output):
+            out = output if torch.is_tensor(output) else output[0]
+            shapes[id(module)] = (tuple(args[0].shape), tuple(out.shape))
+
+        modules = [self.base.embedder, self.base.encoder]
+        for _, _, _, layer in self.adapter._layers(self.base):
+            modules.append(layer)
+            modules += list(layer.layer) if layer.layer is not None else []
+            if self.adapter._has_projection(layer):
+                modules.append(layer.shortcut)
+        for module in modules:
+            handles.append(module.register_forward_hook(hook))
+        try:
+            param = next(model.parameters())
+            x = torch.zeros(1, self.num_channels, *self.image_size, dtype=param.dtype, device=param.device)
+            with torch.inference_mode():
+                model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.shapes = shapes
+
+    def model_shapes(self) -> dict:
+        return {
+            "family": "resnet",
+            "layer_type": self.config.layer_type,
+            "depths": list(self.config.depths),
+            "image_size": self.image_size,
+            "num_labels": self.num_labels,
+            "hidden_act": self.act,
+            "downsample_in_bottleneck": bool(getattr(self.config, "downsample_in_bottleneck", False)),
+        }
+
+    # plan --------------------------------------------------------------------------------------------
+    def plan(self) -> tuple[list[TimingGrid], list[TimingTerm]]:
+        dims = self.space.dimensions
+        tables: dict[str, TimingGrid] = {}
+        terms: list[TimingTerm] = []
+        stem_name, stage_names = self.adapter._residual_names(self.base)
+
+        def table(kind, axis_dims, params):
+            spec = ",".join(f"{k}={v}" for k, v in params.items())
+            key = f"{kind}({spec},dims={'x'.join(_sig(d) for d in axis_dims)})"
+            if key not in tables:
+                tables[key] = TimingGrid(
+                    key, kind, [d.kind for d in axis_dims], [d.widths() for d in axis_dims], params
+                )
+            return key
+
+        def hw(shape):
+            return f"{shape[2]}x{shape[3]}"
+
+        stem_in, stem_out = self.shapes[id(self.base.embedder)]
+        key = table("resnet.stem", [dims[stem_name]], {"in": hw(stem_in)})
+        terms.append(TimingTerm("stem", key, [stem_name], None))
+        producer = stem_name
+        for s, j, flat, layer in self.adapter._layers(self.base):
+            residual = stage_names[s]
+            block = f"stages.{s}.layers.{j}"
+            layer_in, layer_out = self.shapes[id(layer)]
+            if self.adapter._has_projection(layer):
+                conv = layer.shortcut.convolution
+                params = {"k": conv.kernel_size[0], "s": conv.stride[0], "in": hw(layer_in)}
+                if residual == producer:  # cannot happen with transformers' ResNet; keep a 1-D diagonal table
+                    key = table("resnet.shortcut_tied", [dims[residual]], params)
+                    terms.append(TimingTerm(f"{block}.shortcut", key, [residual], None))
+                else:
+                    key = table("resnet.shortcut", [dims[residual], dims[producer]], params)
+                    terms.append(TimingTerm(f"{block}.shortcut", key, [residual, producer], None, input_axes=[1]))
+            if block in self.space.blocks and layer.layer is not None:
+                convs = list(layer.layer)
+                previous = producer
+                for k, conv_layer in enumerate(convs, start=1):
+                    conv = conv_layer.convolution
+                    conv_in, _ = self.shapes[id(conv_layer)]
+                    params = {"k": conv.kernel_size[0], "s": conv.stride[0], "in": hw(conv_in)}
+                    if k < len(convs):
+                        own, kind = f"{block}.conv{k}", "resnet.conv"
+                        params["act"] = self.act
+                    else:
+                        own, kind = residual, "resnet.conv_add"
+                    key = table(kind, [dims[own], dims[previous]], params)
+                    terms.append(TimingTerm(f"{block}.conv{k}", key, [own, previous], block, input_axes=[1]))
+                    previous = own
+            key = table("resnet.relu", [dims[residual]], {"at": hw(layer_out), "act": self.act})
+            terms.append(TimingTerm(f"{block}.activation", key, [residual], None))
+            producer = residual
+        _, encoder_out = self.shapes[id(self.base.encoder)]
+        key = table("resnet.head", [dims[producer]], {"at": hw(encoder_out), "labels": self.num_labels})
+        terms.append(TimingTerm("pool+classifier", key, [producer], None))
+        return list(tables.values()), terms
+
+    # cells -------------------------------------------------------------------------------------------
+    def build_cell(self, table, widths: tuple[int, ...]):
+        B, p = self.settings.batch_size, table.params
+
+        def res(text):
+            return [int(v) for v in text.split("x")]
+
+        if table.kind in ("resnet.conv", "resnet.conv_add", "resnet.shortcut", "resnet.shortcut_tied"):
+            cout, cin = (widths[0], widths[0]) if table.kind == "resnet.shortcut_tied" else widths
+            x = torch.randn(B, cin, *res(p["in"]))
+            if table.kind == "resnet.conv":
+                module = MDPResNetConvLayer(cin, cout, kernel_size=p["k"], stride=p["s"], activation=p["act"])
+            elif table.kind == "resnet.conv_add":
+                module = _ConvAdd(cin, cout, p["k"], p["s"])
+                with torch.no_grad():
+                    residual = module(x, 0)
+                args = (x, torch.randn_like(residual))
+                return self._place(module, args)
+            else:
+                module = MDPResNetShortCut(cin, cout, p["s"])
+            return self._place(module, (x,))
+        if table.kind == "resnet.relu":
+            return self._place(_Act(p["act"]), (torch.randn(B, widths[0], *res(p["at"])),))
+        if table.kind == "resnet.stem":
+            config = MDPResNetConfig(num_channels=self.num_channels, embedding_size=widths[0], hidden_act=self.act)
+            return self._place(MDPResNetEmbeddings(config), (torch.randn(B, self.num_channels, *res(p["in"])),))
+        if table.kind == "resnet.head":
+            return self._place(_Head(widths[0], p["labels"]), (torch.randn(B, widths[0], *res(p["at"])),))
+        raise ValueError(f"unknown ResNet table kind {table.kind!r}")
+
+    def _place(self, module, args):
+        dtype, device = self.settings.torch_dtype, self.settings.device
+        module = module.to(device=device, dtype=dtype).eval()
+        with torch.no_grad():  # realistic BN statistics (never exactly identity)
+            for m in module.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_var.uniform_(0.5, 1.5)
+        return module, tuple(a.to(device=device, dtype=dtype) for a in args)
+
+    def dense_model(self):
+        """The dense deployed model (mdp_resnet) with the same structure; random weights (timing only)."""
+        return _dense_from(self)
+
+    def example_input(self):
+        return torch.randn(self.settings.batch_size, self.num_channels, *self.image_size)
+
+
+def _dense_from(blocks: ResNetCells):
+    base, config = blocks.base, blocks.config
+    inner, projection, removed = [], [], []
+    for s, j, flat, layer in blocks.adapter._layers(base):
+        projection.append(blocks.adapter._has_projection(layer))
+        if layer.layer is None:
+            removed.append(flat)
+            inner.append([1] * (2 if config.layer_type == "bottleneck" else 1))
+        else:
+            inner.append([c.convolution.out_channels for c in list(layer.layer)[:-1]])
+    hidden = []
+    for stage in base.encoder.stages:
+        first = stage.layers[0]
+        hidden.append(
+            first.layer[-1].convolution.out_channels
+            if first.layer is not None
+            else first.shortcut.convolution.out_channels
+        )
+    mdp_config = MDPResNetConfig(
+        num_channels=config.num_channels,
+        embedding_size=base.embedder.embedder.convolution.out_channels,
+        hidden_sizes=hidden,
+        depths=[len(s.layers) for s in base.encoder.stages],
+        layer_type=config.layer_type,
+        hidden_act=config.hidden_act,
+        downsample_in_first_stage=config.downsample_in_first_stage,
+        downsample_in_bottleneck=getattr(config, "downsample_in_bottleneck", False),
+        layer_inner_widths=inner,
+        layer_has_projection=projection,
+        removed_layers=removed,
+        num_labels=blocks.num_labels or 2,
+    )
+    return MDPResNetForImageClassification(mdp_config)
+
+
+# registration ----------------------------------------------------------------------------------------
+def _resnet(embedding_size, hidden_sizes, depths, layer_type, num_labels):
+    """A builder of a randomly initialised transformers ResNet (imported only when called)."""
+
+    def build():
+        from transformers import ResNetConfig, ResNetForImageClassification
+
+        config = ResNetConfig(
+            embedding_size=embedding_size,
+            hidden_sizes=hidden_sizes,
+            depths=depths,
+            layer_type=layer_type,
+            num_labels=num_labels,
+        )
+        return ResNetForImageClassification(config)
+
+    return build
+
+
+register_family(
+    ModelFamily(
+        name="resnet",
+        adapter=ResNetAdapter(),
+        kinds=("channels", "residual"),
+        model_types=("resnet", "mdp_resnet"),
+        pruned_classes=(MDPResNetConfig, MDPResNetModel, MDPResNetForImageClassification),
+        latency_cells=ResNetCells,
+        test_models={
+            "resnet_bottleneck": _resnet(8, [16, 24, 32], [2, 2, 1], "bottleneck", 5),
+            # stage 0 has an identity shortcut: stem and stage-0 widths are coupled
+            "resnet_basic": _resnet(8, [8, 16], [2, 2], "basic", 5),
+        },
+        presets={
+            "tiny-resnet": _resnet(8, [16, 24, 32], [2, 2, 1], "bottleneck", 5),
+            "resnet18": _resnet(64, [64, 128, 256, 512], [2, 2, 2, 2], "basic", 1000),
+            "resnet50": _resnet(64, [256, 512, 1024, 2048], [3, 4, 6, 3], "bottleneck", 1000),
+        },
+    )
+)

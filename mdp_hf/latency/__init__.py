@@ -21,7 +21,7 @@ from .models import (
     TableLatencyModel,
     as_structure,
 )
-from .profiler import build_table, interpolation_report, register_latency_family, run_metadata
+from .profiler import build_table, interpolation_report, run_metadata
 from .table import (
     IncompleteTableError,
     LatencyTable,
@@ -56,6 +56,5 @@ __all__ = [
     "measure_latency",
     "pull_table",
     "push_table",
-    "register_latency_family",
     "run_metadata",
 ]

@@ -22,96 +22,40 @@ import json
 import sys
 from pathlib import Path
 
-PRESETS = {
-    "tiny-vit": (
-        "vit",
-        dict(
-            hidden_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            intermediate_size=64,
-            image_size=32,
-            patch_size=8,
-            num_labels=5,
-        ),
-    ),
-    "tiny-deit": (
-        "deit",
-        dict(
-            hidden_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            intermediate_size=64,
-            image_size=32,
-            patch_size=8,
-            num_labels=5,
-        ),
-    ),
-    "tiny-resnet": (
-        "resnet",
-        dict(embedding_size=8, hidden_sizes=[16, 24, 32], depths=[2, 2, 1], layer_type="bottleneck", num_labels=5),
-    ),
-    "deit-tiny": (
-        "deit",
-        dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, num_labels=1000),
-    ),
-    "deit-small": (
-        "deit",
-        dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, num_labels=1000),
-    ),
-    "deit-base": (
-        "deit",
-        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, num_labels=1000),
-    ),
-    "vit-base": (
-        "vit",
-        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, num_labels=1000),
-    ),
-    "resnet18": (
-        "resnet",
-        dict(
-            embedding_size=64,
-            hidden_sizes=[64, 128, 256, 512],
-            depths=[2, 2, 2, 2],
-            layer_type="basic",
-            num_labels=1000,
-        ),
-    ),
-    "resnet50": (
-        "resnet",
-        dict(
-            embedding_size=64,
-            hidden_sizes=[256, 512, 1024, 2048],
-            depths=[3, 4, 6, 3],
-            layer_type="bottleneck",
-            num_labels=1000,
-        ),
-    ),
-}
+
+def presets() -> dict:
+    """Named model shapes every registered family offers (``ModelFamily.presets``): name -> builder."""
+    from ..adapters import registered_families
+
+    return {name: builder for family in registered_families() for name, builder in family.presets.items()}
 
 
 def load_config(spec: str):
-    """The config of a preset or of a directory with config.json."""
+    """What ``predict`` reads widths from: a preset's model skeleton on the meta device, or a directory's config."""
+    import torch
     from transformers import AutoConfig
 
-    import mdp_hf.modeling  # noqa: F401  (registers the mdp_* classes with the Auto API)
-
-    if spec in PRESETS:
-        model_type, kwargs = PRESETS[spec]
-        return AutoConfig.for_model(model_type, **kwargs)
+    available = presets()
+    if spec in available:
+        with torch.device("meta"):
+            return available[spec]()
     if Path(spec, "config.json").exists():
         return AutoConfig.from_pretrained(spec)
-    raise SystemExit(f"error: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json")
+    raise SystemExit(f"error: {spec!r} is neither a preset ({', '.join(available)}) nor a directory with config.json")
 
 
 def load_model(spec: str):
     """A model for timing: a preset name, or a directory with config.json (random weights)."""
     import torch
-    from transformers import AutoModelForImageClassification
+    from transformers import AutoConfig, AutoModelForImageClassification
 
-    config = load_config(spec)
+    available = presets()
     torch.manual_seed(0)
-    return AutoModelForImageClassification.from_config(config).eval()
+    if spec in available:
+        return available[spec]().eval()
+    if Path(spec, "config.json").exists():
+        return AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(spec)).eval()
+    raise SystemExit(f"error: {spec!r} is neither a preset ({', '.join(available)}) nor a directory with config.json")
 
 
 def _key_values(text: str | None, cast=int) -> dict | None:
@@ -147,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--statistic", default="median", choices=["median", "min"])
 
     b = sub.add_parser("build", help="measure a latency table for a model")
-    b.add_argument("model", help="directory with config.json, or a preset (" + ", ".join(PRESETS) + ")")
+    b.add_argument("model", help="directory with config.json, or a family preset (e.g. deit-small, resnet50)")
     b.add_argument("-o", "--output", required=True, help="table file (JSON); resumed if it exists")
     timing_args(b)
     b.add_argument("--group-sizes", default=None, help="per dimension kind, e.g. embed=16,heads=1,qk=2,v=2,mlp=32")

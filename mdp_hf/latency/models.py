@@ -1,10 +1,10 @@
 """Latency models with one interface: ``model.predict(structure) -> ms``.
 
 ``structure`` may be
-- a model: a sliced ``mdp_vit`` / ``mdp_resnet`` model, or the dense model it came from (widths are read
-  from the model's own pruning space; a sub-block missing from it counts as removed);
-- a config of such a model (``MDPViTConfig`` / ``MDPResNetConfig`` / the dense config): a skeleton is
-  built on the meta device, nothing is allocated;
+- a model of a registered family: a sliced (pruned-format) model, or the dense model it came from (widths
+  are read from the model's own pruning space; a block missing from it counts as removed);
+- a transformers config of such a model (pruned or dense): a skeleton is built on the meta device, nothing
+  is allocated;
 - a ``(space, choice)`` pair (``PruningSpace``, ``PruningChoice``), as the trainer holds them;
 - a :class:`Structure` (``widths`` per dimension name, ``removed_blocks``).
 
@@ -52,7 +52,7 @@ class Structure:
 
 
 def _space_of(obj):
-    from ..surgery import build_space
+    from ..adapters import build_space
 
     return build_space(obj)
 
@@ -71,33 +71,13 @@ def as_structure(structure, blocks: dict | None = None) -> Structure:
             choice.validate(space)
             widths = {name: len(choice.kept_indices(space, name)) for name in space.dimensions}
             return Structure(widths, set(choice.removed_blocks))
-    config = getattr(structure, "config", structure)
-    model_type = getattr(config, "model_type", None)
-    if model_type in ("mdp_vit", "mdp_resnet"):  # read the per-layer sizes directly from the config
-        from . import resnet_blocks, vit_blocks
-
-        family = vit_blocks if model_type == "mdp_vit" else resnet_blocks
-        widths, removed = family.structure_from_config(config)
-        return Structure(widths, removed | {b for b in (blocks or {}) if _block_absent(b, widths, blocks)})
-    if hasattr(structure, "model_type") and not hasattr(structure, "forward"):  # a dense config
+    if hasattr(structure, "model_type") and not hasattr(structure, "forward"):  # a config: a skeleton on meta
         import torch
         from transformers import AutoModel
 
-        from ..modeling import (
-            MDPResNetConfig,
-            MDPResNetForImageClassification,
-            MDPViTConfig,
-            MDPViTForImageClassification,
-        )
-
         with torch.device("meta"):
-            if isinstance(structure, MDPViTConfig):
-                structure = MDPViTForImageClassification(structure)
-            elif isinstance(structure, MDPResNetConfig):
-                structure = MDPResNetForImageClassification(structure)
-            else:  # the base model is enough to read widths
-                structure = AutoModel.from_config(structure)
-    if hasattr(structure, "forward") and hasattr(structure, "config"):
+            structure = AutoModel.from_config(structure)  # the base model is enough to read widths
+    if hasattr(structure, "forward"):
         own = _space_of(structure)
         widths = {name: d.size for name, d in own.dimensions.items()}
         removed = {b for b in (blocks or {}) if b not in own.blocks}
@@ -106,12 +86,6 @@ def as_structure(structure, blocks: dict | None = None) -> Structure:
         "structure must be a sliced/dense model, its config, a (PruningSpace, PruningChoice) pair or a "
         f"mdp_hf.latency.Structure; got {type(structure).__name__}"
     )
-
-
-def _block_absent(block: str, widths: dict, blocks: dict) -> bool:
-    """A block of the table's space whose dimensions the structure does not have at all (already removed)."""
-    dims = blocks[block].get("dims", [])
-    return bool(dims) and all(d not in widths for d in dims)
 
 
 def _lookup(grid: np.ndarray, axes: list[list[int]], widths: list[int], term_name: str) -> float:

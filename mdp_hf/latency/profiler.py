@@ -1,7 +1,7 @@
 """Profiler: time the building blocks of a model at the widths the solver can choose.
 
-``build_table(model, path, ...)`` plans the grids (family files ``vit_blocks.py`` / ``resnet_blocks.py``),
-then measures the cells of each grid's sub-grid in shuffled chunks. Within a chunk every cell is
+``build_table(model, path, ...)`` asks the model's family for its latency cells (``ModelFamily.latency_cells``
+in ``mdp_hf/adapters/``: which grids to time and how to build a cell), then measures the cells of each grid's sub-grid in shuffled chunks. Within a chunk every cell is
 warmed up and then timed interleaved (round r times every cell once), the median of the repeats is
 stored, and the table file is rewritten atomically after every chunk: an interrupted build resumes
 where it stopped when the same command runs again (same settings and space, otherwise an error).
@@ -20,32 +20,29 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import resnet_blocks, vit_blocks
-from .table import LatencyTable, LatencyTableError, MeasuredTable, space_fingerprint, space_summary
+from ..adapters import get_family
+from .table import LatencyTable, LatencyTableError, MeasuredTable, TermDef, space_fingerprint, space_summary
 from .timing import TimingSettings, device_name, measure_latency, thread_count, time_interleaved
 
-_FAMILIES: dict[str, type] = {}
 
-
-def register_latency_family(model_types, blocks_cls) -> None:
-    """Register a profiling class (``__init__(model, space, settings)``, ``model_shapes()``, ``plan()``,
-    ``build_cell(table, widths)``, ``dense_model()``, ``example_input()``) for some model types."""
-    for model_type in model_types:
-        _FAMILIES[model_type] = blocks_cls
-
-
-register_latency_family(vit_blocks.MODEL_TYPES, vit_blocks.ViTBlocks)
-register_latency_family(resnet_blocks.MODEL_TYPES, resnet_blocks.ResNetBlocks)
-
-
-def family_blocks(model, space, settings):
-    try:
-        cls = _FAMILIES[space.model_type]
-    except KeyError:
+def family_cells(model, space, settings):
+    """The latency cells of the family that built ``space``."""
+    cells_cls = get_family(space.model_type).latency_cells
+    if cells_cls is None:
         raise LatencyTableError(
-            f"no latency profiler for model_type {space.model_type!r}; supported: {', '.join(sorted(_FAMILIES))}"
-        ) from None
-    return cls(model, space, settings)
+            f"the {space.model_type!r} family registers no latency cells, so no table can be built for it; "
+            "use latency_model='flops' or register LatencyCells with the family"
+        )
+    return cells_cls(model, space, settings)
+
+
+def _planned(cells) -> tuple[list[MeasuredTable], list[TermDef]]:
+    grids, terms = cells.plan()
+    tables = [
+        MeasuredTable(g.key, g.kind, list(g.axis_kinds), [list(a) for a in g.axes], dict(g.params)) for g in grids
+    ]
+    defs = [TermDef(t.name, t.grid, list(t.dims), t.block, t.transform, list(t.input_axes)) for t in terms]
+    return tables, defs
 
 
 def _parse_subgrid(subgrid) -> Callable[[str], int]:
@@ -71,7 +68,7 @@ def run_metadata(model, space, settings: TimingSettings, blocks=None) -> dict:
 
     from .. import __version__
 
-    blocks = blocks or family_blocks(model, space, settings)
+    blocks = blocks or family_cells(model, space, settings)
     summary = space_summary(space)
     return {
         "device": torch.device(settings.device).type,
@@ -80,7 +77,7 @@ def run_metadata(model, space, settings: TimingSettings, blocks=None) -> dict:
         "image_size": blocks.image_size,
         "dtype": settings.dtype,
         "threads": settings.threads if torch.device(settings.device).type == "cpu" else None,
-        "attn_implementation": settings.attn_implementation if space.model_type in vit_blocks.MODEL_TYPES else None,
+        "attn_implementation": settings.attn_implementation if blocks.uses_attention else None,
         "model_type": space.model_type,
         "model_shapes": blocks.model_shapes(),
         "space_fingerprint": space_fingerprint(summary),
@@ -133,14 +130,14 @@ def build_table(
     - ``path``: the file is rewritten after every chunk; if it exists, the build resumes from it.
     - ``timer``: replaces real timing by ``timer(table, widths) -> ms`` (tests, synthetic studies).
     """
-    from ..surgery import build_space
+    from ..adapters import build_space
 
     settings = TimingSettings(**{**(settings.to_dict() if settings else {}), **setting_overrides})
     space = space or build_space(model, group_sizes, min_keep)
     model = model.eval()
-    blocks = family_blocks(model, space, settings)
+    blocks = family_cells(model, space, settings)
     metadata = run_metadata(model, space, settings, blocks)
-    tables, terms = blocks.plan()
+    tables, terms = _planned(blocks)
     stride_of = _parse_subgrid(subgrid)
     for t in tables:
         full = set(t.params.get("full_axes", []))  # axes with a discontinuity are never sub-sampled
@@ -314,10 +311,9 @@ def interpolation_report(table: LatencyTable) -> dict:
 
 __all__ = [
     "build_table",
-    "family_blocks",
+    "family_cells",
     "interpolation_report",
     "outlier_cells",
-    "register_latency_family",
     "run_metadata",
     "subgrid_indices",
 ]

@@ -246,7 +246,7 @@ class TermDef:
 
     ``transform`` = ``"half_anchor"`` subtracts half of the grid's last slice along its last axis (the
     shared part of an attention block); ``"interaction"`` keeps the mixed difference over the last two
-    axes (the q x v interaction of attention). See ``vit_blocks.py`` and docs/latency.md.
+    axes (the q x v interaction of attention). See the ViT family's latency cells (mdp_hf/adapters/vit.py) and docs/latency.md.
     ``input_axes``: axes that are the timed module's input width (a conv's input channels); HALP's linear
     model charges a layer's cost to its output channels only, with its input frozen.
     """

@@ -1,0 +1,68 @@
+"""Shared test helpers: the registry's tiny model variants, their inputs and outputs.
+
+Every family registers tiny variants (``ModelFamily.test_models``; 32x32 RGB input, 5 labels) next to its
+adapter, timm style; the contract tests parametrise over :data:`VARIANTS`, so a new family is tested by
+registering it, without editing tests.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # subprocess scripts import this module as `conftest`
+
+from mdp_hf.adapters import registered_families  # noqa: E402
+
+IMAGE_SIZE = 32
+NUM_LABELS = 5
+VIT_KW = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+    image_size=IMAGE_SIZE,
+    patch_size=8,
+    num_labels=NUM_LABELS,
+)
+# small groups so random choices cover many widths in tiny models (kinds of any family; unknown ones are fine)
+GROUPS = {"embed": 4, "heads": 1, "qk": 2, "v": 2, "mlp": 8, "channels": 2, "residual": 2}
+
+# (family name, variant name) for every registered tiny variant
+VARIANTS = [(family.name, variant) for family in registered_families() for variant in family.test_models]
+_BUILDERS = {variant: family.test_models[variant] for family in registered_families() for variant in family.test_models}
+FAMILY_OF = dict((variant, family) for family, variant in VARIANTS)
+assert len(_BUILDERS) == len(VARIANTS), "test variant names must be unique across families"
+
+
+def build(variant: str, seed: int = 0):
+    """A registered tiny variant with random weights and non-trivial norm statistics (so slicing mistakes show)."""
+    torch.manual_seed(seed)
+    model = _BUILDERS[variant]()
+    with torch.no_grad():
+        for module in model.modules():
+            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+            is_norm = isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm))
+            if is_norm and weight is not None and bias is not None:
+                weight.uniform_(0.5, 1.5)
+                bias.uniform_(-0.5, 0.5)
+            if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.running_mean is not None:
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+            gamma = getattr(module, "gamma", None)  # timm LayerScale
+            if isinstance(gamma, torch.nn.Parameter):
+                gamma.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def logits_of(model, x):
+    """The model's main output: logits (HF heads, timm models return a tensor) or a headless model's pooler output."""
+    out = model(x)
+    if torch.is_tensor(out):
+        return out
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.pooler_output
+
+
+def example_images(batch: int = 3):
+    return torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE)
