@@ -28,9 +28,16 @@ class CheckpointError(ValueError):
 
 
 def save_pruned_model(
-    model, save_directory: str | os.PathLike, extra_files: dict[str, str] | None = None, overwrite: bool = True
+    model,
+    save_directory: str | os.PathLike,
+    extra_files: dict[str, str] | None = None,
+    overwrite: bool = True,
+    image_processor=None,
 ) -> Path:
     """Write ``model`` (an mdp_* model) into ``save_directory``, all files or none.
+
+    ``image_processor`` (an HF image processor) is saved with it so ``pipeline`` works; without one, a
+    model pruned from timm gets one built from the timm preprocessing its config records.
 
     Everything is written to a temporary sibling folder first and each file is then renamed into
     place, so an error half-way (disk full, bad model) never leaves a half-written or mixed checkpoint
@@ -54,6 +61,9 @@ def save_pruned_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(staging)  # safetensors + config.json + modeling files + auto_map
+        image_processor = image_processor or image_processor_from_preprocessing(model.config)
+        if image_processor is not None:
+            image_processor.save_pretrained(staging)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text, encoding="utf-8")
         _check_saved(staging)
@@ -64,6 +74,31 @@ def save_pruned_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1}
+
+
+def image_processor_from_preprocessing(config):
+    """An HF image processor reproducing timm's eval transform (resize the short side to size / crop_pct,
+    centre crop, normalise) from ``config.preprocessing`` (recorded when a timm model is sliced); None if the
+    config records none. ``ConvNextImageProcessor`` is transformers' processor with exactly that crop_pct rule."""
+    pre = getattr(config, "preprocessing", None)
+    if not pre:
+        return None
+    from transformers import ConvNextImageProcessor
+
+    size = int(pre["input_size"][-1])
+    interpolation = pre.get("interpolation", "bicubic")
+    if interpolation not in _RESAMPLE:
+        raise ValueError(f"config.preprocessing: unknown interpolation {interpolation!r}; one of {sorted(_RESAMPLE)}")
+    return ConvNextImageProcessor(
+        size={"shortest_edge": size},
+        crop_pct=float(pre.get("crop_pct") or 1.0),
+        resample=_RESAMPLE[interpolation],
+        image_mean=list(pre["mean"]),
+        image_std=list(pre["std"]),
+    )
 
 
 def _check_saved(folder: Path) -> None:

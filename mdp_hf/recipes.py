@@ -29,10 +29,10 @@ from .adapters import get_adapter
 from .config import PrunableConfig
 from .data import build_transforms, collate, label_names, load_image_classification, train_collator, with_transforms
 from .distributed import use_cpu_ranks_without_gpu
-from .losses import DistillationSettings
+from .losses import DistillationSettings, MDPLoss
 from .metrics import ACCURACY_PATH
 from .presets import get_preset
-from .pruning import check_budget, latency_model_for
+from .pruning import _returns_own_loss, check_budget, latency_model_for
 from .trainer import LATENCY_TABLE_NAME, REPORT_NAME, MDPTrainer
 
 logger = logging.getLogger("mdp_hf.recipes")
@@ -60,7 +60,19 @@ class ScriptArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Hub id or local folder of the model to prune (e.g. facebook/deit-base-distilled-patch16-224). Default: the recipe's tiny model, trained from scratch."
+            "help": "The model to prune: a transformers Hub id or local folder (facebook/deit-base-distilled-patch16-224), or a timm model: timm/<name> or hf-hub:timm/<name> on the Hub (timm/deit_small_patch16_224.fb_in1k), timm:<architecture> by name (timm:resnet50). Default: the recipe's tiny model, trained from scratch."
+        },
+    )
+    pretrained: bool = field(
+        default=True,
+        metadata={
+            "help": "Load --model_name_or_path's weights. false builds its architecture with random weights (offline tests, or training from scratch)."
+        },
+    )
+    model_kwargs: str | None = field(
+        default=None,
+        metadata={
+            "help": 'JSON keyword arguments for timm.create_model (e.g. \'{"img_size": 384, "drop_path_rate": 0.1}\').'
         },
     )
     model_config: str | None = field(
@@ -181,10 +193,46 @@ def check_output_dir(args: ScriptArguments, training_args: TrainingArguments) ->
             shutil.rmtree(out)
 
 
+TIMM_PREFIXES = ("timm/", "hf-hub:", "timm:")
+
+
+def is_timm_name(name: str | None) -> bool:
+    """Whether ``--model_name_or_path`` names a timm model (timm/..., hf-hub:..., timm:<architecture>)."""
+    return bool(name) and name.startswith(TIMM_PREFIXES)
+
+
+def create_timm_model(name: str, pretrained: bool, num_labels: int, kwargs: dict | None = None):
+    """A timm model with a ``num_labels`` head: from the Hub (``timm/x``, ``hf-hub:timm/x``) or by architecture
+    name (``timm:x``); ``pretrained=False`` builds the architecture (its tag stripped) with random weights."""
+    import timm
+
+    if name.startswith("timm:"):
+        source = name[len("timm:") :]
+    elif pretrained:
+        source = name if name.startswith("hf-hub:") else f"hf-hub:{name}"
+    else:
+        source = name[len("hf-hub:") :] if name.startswith("hf-hub:") else name
+        source = source.split("/", 1)[1] if source.startswith("timm/") else source
+    if not pretrained and not timm.is_model(source.split(".", 1)[0]):
+        raise ValueError(f"--model_name_or_path {name!r}: timm has no architecture {source!r} (timm.list_models())")
+    return timm.create_model(source, pretrained=pretrained, num_classes=num_labels, **(kwargs or {}))
+
+
 def build_model(args: ScriptArguments, default_config, labels: list[str]):
     """(model, from_scratch). A Hub id / local folder is loaded; otherwise a config is instantiated."""
     id2label = dict(enumerate(labels))
     label2id = {v: k for k, v in id2label.items()}
+    if is_timm_name(args.model_name_or_path):
+        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+        model = create_timm_model(args.model_name_or_path, args.pretrained, len(labels), kwargs)
+        return model, not args.pretrained
+    if args.model_kwargs:
+        raise ValueError("--model_kwargs applies to timm models only; for a transformers model use --model_config")
+    if args.model_name_or_path and not args.pretrained:
+        config = AutoConfig.from_pretrained(
+            args.model_name_or_path, num_labels=len(labels), id2label=id2label, label2id=label2id
+        )
+        return AutoModelForImageClassification.from_config(config), True
     if args.model_name_or_path:
         model = AutoModelForImageClassification.from_pretrained(
             args.model_name_or_path,
@@ -197,6 +245,19 @@ def build_model(args: ScriptArguments, default_config, labels: list[str]):
     config = AutoConfig.from_pretrained(args.model_config) if args.model_config else default_config
     config.num_labels, config.id2label, config.label2id = len(labels), id2label, label2id
     return AutoModelForImageClassification.from_config(config), True
+
+
+class DenseTrainer(Trainer):
+    """Plain Trainer for the optional dense training; models without a loss of their own (timm models, DeiT
+    with its distillation head) get cross-entropy on the labels, as MDPTrainer gives them."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if _returns_own_loss(self.accelerator.unwrap_model(model)):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not hasattr(self, "_cross_entropy"):
+            self._cross_entropy = MDPLoss(DistillationSettings(label_smoothing=self.args.label_smoothing_factor))
+        loss, outputs = self._cross_entropy(model, inputs)
+        return (loss, outputs) if return_outputs else loss
 
 
 def accuracy_metric():
@@ -222,17 +283,27 @@ def prepare_data(args: ScriptArguments, seed: int):
 
 
 def input_size(model, args: ScriptArguments) -> int:
-    configured = getattr(model.config, "image_size", None)
+    timm_cfg = getattr(model, "pretrained_cfg", None)
+    if timm_cfg and "input_size" in timm_cfg and not hasattr(model, "config"):
+        configured = timm_cfg["input_size"][-1]
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)  # a ViT built at another size
+        configured = img_size[-1] if img_size else configured
+    else:
+        configured = getattr(getattr(model, "config", None), "image_size", None)
     return args.image_size or (configured if isinstance(configured, int) else 224)
 
 
 def attach_transforms(data, model, args: ScriptArguments, augment: dict | None = None):
     """Train/eval transforms: the preset's augmentation (timm RandAugment, random erasing; or random-resized
     crop + flip) and the model's own image processor for mean/std and the eval resize/crop."""
-    config = model.config
     size = input_size(model, args)
     mean, std, processor = [0.5] * 3, [0.5] * 3, None
-    if args.model_name_or_path:
+    channels = getattr(getattr(model, "config", None), "num_channels", 3)
+    if is_timm_name(args.model_name_or_path):  # the timm model's own preprocessing
+        timm_cfg = getattr(model, "pretrained_cfg", None) or {}
+        mean, std = list(timm_cfg.get("mean", mean)), list(timm_cfg.get("std", std))
+        channels = timm_cfg.get("input_size", (channels,))[0]
+    elif args.model_name_or_path:
         try:
             from transformers import AutoImageProcessor
 
@@ -242,7 +313,6 @@ def attach_transforms(data, model, args: ScriptArguments, augment: dict | None =
             size = args.image_size or (crop.get("height", size) if isinstance(crop, dict) else size)
         except (OSError, ValueError):
             logger.warning("no image processor for %s: using mean/std 0.5", args.model_name_or_path)
-    channels = getattr(config, "num_channels", 3)
     train_tf, eval_tf = build_transforms(size, channels, mean, std, augment, processor)
     return with_transforms(data, train_tf, eval_tf, args.image_column, args.label_column)
 
@@ -305,7 +375,7 @@ def run(defaults: dict, default_model_config, default_preset: str) -> dict:
             }
         )
         logger.info("training the dense model for %s epochs", args.dense_epochs)
-        Trainer(model=model, args=dense_args, train_dataset=data["train"], data_collator=collate).train()
+        DenseTrainer(model=model, args=dense_args, train_dataset=data["train"], data_collator=collate).train()
         shutil.rmtree(dense_args.output_dir, ignore_errors=True)
 
     trainer = MDPTrainer(

@@ -26,6 +26,7 @@ from .hub import push_folder_to_hub, render_model_card, save_pruned_model
 from .losses import DistillationSettings, MDPLoss
 from .pruning import PruningSession, _returns_own_loss, latency_model_for
 from .reporting import kept_dims, kept_dims_markdown, latency_breakdown, plot_report
+from .surgery import slice_model
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +270,10 @@ class MDPTrainer(Trainer):
         session, config = self.mdp, self.prunable_config
         model = self.accelerator.unwrap_model(self.model)
         pruned = session.export()
-        dense = type(model)(model.config)  # a clean copy (no gates): latency does not depend on weight values
+        if hasattr(model, "config"):  # a clean copy (no gates): latency does not depend on weight values
+            dense = type(model)(model.config)
+        else:  # a plain module (timm): the dense model in the pruned format, sliced without gates
+            dense = slice_model(model, session.space, session.space.full_choice())
         # the table's own protocol and settings, dense and pruned interleaved in one process: comparable
         metadata = self.latency_model.table.metadata
         settings = TimingSettings(**{**metadata["timing"], "repeats": max(30, metadata["timing"]["repeats"])})
@@ -294,7 +298,7 @@ class MDPTrainer(Trainer):
             "dense_accuracy": _accuracy(self.dense_metrics),
             "pruned_accuracy": _accuracy(pruned_metrics),
             "world_size": world_size(),
-            "base_model": model.config.name_or_path or model.config.model_type,
+            "base_model": source_name(model),
             "latency_model": config.latency_model,
             "distillation": None
             if self.mdp_loss is None
@@ -316,9 +320,11 @@ class MDPTrainer(Trainer):
         card = render_model_card(
             report, kept_dims_markdown(session.space, result.choice), repo_or_path=self.args.hub_model_id or output_dir
         )
+        processor = self.processing_class if hasattr(self.processing_class, "image_mean") else None
         save_pruned_model(
             pruned,
             output_dir,
+            image_processor=processor,
             extra_files={
                 REPORT_NAME: json.dumps(report, indent=1),
                 "pruning_config.json": config.to_json_string(),
@@ -343,6 +349,15 @@ class MDPTrainer(Trainer):
             private=self.args.hub_private_repo,
             commit_message=commit_message,
         )
+
+
+def source_name(model) -> str:
+    """What a model was loaded from: its Hub id / folder, else its type (timm: hub id or architecture)."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        return config.name_or_path or config.model_type
+    timm_cfg = getattr(model, "pretrained_cfg", None) or {}
+    return timm_cfg.get("hf_hub_id") or timm_cfg.get("architecture") or type(model).__name__
 
 
 def _accuracy(metrics: dict | None):

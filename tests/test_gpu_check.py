@@ -146,12 +146,12 @@ def test_wallclock_fallback_and_cell_counts(gpu_check):
 
     import mdp_hf
     from mdp_hf.latency import TimingSettings
-    from mdp_hf.latency.profiler import family_cells, subgrid_indices
+    from mdp_hf.latency.profiler import _planned, family_cells, subgrid_indices
 
     tiny = gpu_check.model_specs(True)["deit"]
     model = tiny.build()
     space = mdp_hf.build_space(model, group_sizes=tiny.groups)
-    tables, _ = family_cells(model, space, TimingSettings()).plan()
+    tables, _ = _planned(family_cells(model, space, TimingSettings()))
     full = gpu_check.subgrid_sizes(tables, None)
     assert sum(full.values()) == sum(int(np.prod(t.shape)) for t in tables)
     strides = {"embed": 3, "heads": 3, "qk": 3, "v": 3, "mlp": 3}
