@@ -5,7 +5,9 @@ of a basic layer), and one residual width per group of coupled tensors: every co
 stage's residual stream (each layer's last conv, the stage's projection shortcut) shares it, and an
 identity shortcut couples a stage to its producer (the stem, or the previous stage). Blocks: each
 layer's residual branch; removing it keeps a projection shortcut (``out = relu(shortcut(x))``), so
-the stem and the projections sit outside every block and are never removed.
+the stem and the projections sit outside every block and are never removed. A deep stem (three 3x3
+convs, mdp_resnet's ``stem_inner_widths``, e.g. from timm's ResNet-C/D) adds the widths of its first two
+convs, ``stem.conv1`` and ``stem.conv2``; the third outputs ``stem``.
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ class ResNetAdapter(ModelAdapter):
                 flat += 1
 
     @staticmethod
+    def _stem_convs(base) -> list:
+        """The conv layers of a deep stem before the one that outputs the stem width (none for a 7x7 stem)."""
+        stem = getattr(base.embedder, "stem", None)
+        return list(stem) if stem is not None else []
+
+    @staticmethod
     def _has_projection(layer) -> bool:
         return not isinstance(layer.shortcut, nn.Identity)
 
@@ -99,6 +107,11 @@ class ResNetAdapter(ModelAdapter):
         stem_name, stage_names = self._residual_names(base)
         stem_channels = base.embedder.embedder.convolution.out_channels
         coupled: dict[str, list[str]] = {stem_name: [f"{p}embedder.embedder"]}
+        stem_convs = self._stem_convs(base)
+        for k, conv in enumerate(stem_convs, start=1):
+            add_dim(f"stem.conv{k}", "channels", conv.convolution.out_channels, None, [f"{p}embedder.stem.{k - 1}"])
+        if stem_convs:
+            aliases[f"stem.conv{len(stem_convs) + 1}"] = stem_name
         for s, j, flat, layer in self._layers(base):
             lp = f"{p}encoder.stages.{s}.layers.{j}"
             if self._has_projection(layer):
@@ -150,6 +163,8 @@ class ResNetAdapter(ModelAdapter):
 
             gates.add_hook(norm.register_forward_hook(hook))
 
+        for k, conv in enumerate(self._stem_convs(base), start=1):
+            gate_output(conv.normalization, lambda dtype, n=f"stem.conv{k}": gates.dim(n, dtype))
         gate_output(base.embedder.embedder.normalization, lambda dtype: gates.dim(stem_name, dtype))
         for s, j, flat, layer in self._layers(base):
             residual = stage_names[s]
@@ -186,7 +201,11 @@ class ResNetAdapter(ModelAdapter):
                 state[f"{name}.normalization.{attr}"] = getattr(norm, attr)[out_idx].detach().clone()
             state[f"{name}.normalization.num_batches_tracked"] = norm.num_batches_tracked.detach().clone()
 
-        put_conv_layer(f"{bp}embedder.embedder", base.embedder.embedder, kept[stem_name], None)
+        stem_convs, previous = self._stem_convs(base), None
+        for k, conv in enumerate(stem_convs, start=1):
+            put_conv_layer(f"{bp}embedder.stem.{k - 1}", conv, kept[f"stem.conv{k}"], previous)
+            previous = kept[f"stem.conv{k}"]
+        put_conv_layer(f"{bp}embedder.embedder", base.embedder.embedder, kept[stem_name], previous)
         inner_widths, has_projection, removed_layers = [], [], []
         producer = stem_name
         for s, j, flat, layer in self._layers(base):
@@ -232,6 +251,9 @@ class ResNetAdapter(ModelAdapter):
             layer_inner_widths=inner_widths,
             layer_has_projection=has_projection,
             removed_layers=removed_layers,
+            stem_inner_widths=[len(kept[f"stem.conv{k}"]) for k in range(1, len(stem_convs) + 1)] or None,
+            avg_down=bool(getattr(source, "avg_down", False)),
+            preprocessing=getattr(source, "preprocessing", None),
             base_model_type=base_info[0],
             base_model_name_or_path=base_info[1],
             base_config=base_info[2],
@@ -256,12 +278,13 @@ class ResNetAdapter(ModelAdapter):
     # members (the BNs writing into it: each branch's last conv, the projection shortcuts, the stem) are summed
     # before |.|, and that combined score is split among the members in proportion to each member's own |.|.
     scores_from_gates = False
-    stem_dimensions = ("stem",)
+    stem_dimensions = ("stem", "stem.conv1", "stem.conv2")
 
     def _members(self, base) -> dict[str, list[tuple[str | None, nn.BatchNorm2d]]]:
         """Per dimension: (block or None, BatchNorm) of every layer whose output channels are the dimension's."""
         stem_name, stage_names = self._residual_names(base)
-        members = {stem_name: [(None, base.embedder.embedder.normalization)]}
+        members = {f"stem.conv{k}": [(None, c.normalization)] for k, c in enumerate(self._stem_convs(base), start=1)}
+        members[stem_name] = [(None, base.embedder.embedder.normalization)]
         for s, j, flat, layer in self._layers(base):
             if self._has_projection(layer):
                 members.setdefault(stage_names[s], []).append((None, layer.shortcut.normalization))
@@ -308,6 +331,8 @@ class ResNetAdapter(ModelAdapter):
         def add(name, conv):  # squared L2 norm of each output filter
             out[name] += conv.weight.detach().double().square().flatten(1).sum(1).cpu()
 
+        for k, conv in enumerate(self._stem_convs(base), start=1):
+            add(f"stem.conv{k}", conv.convolution)
         add(stem_name, base.embedder.embedder.convolution)
         for s, j, flat, layer in self._layers(base):
             if self._has_projection(layer):
@@ -324,7 +349,15 @@ class ResNetAdapter(ModelAdapter):
         def conv_bn(cin, cout, k):
             return cin * cout * k * k + 2 * cout
 
-        total = conv_bn(config.num_channels, config.embedding_size, 7)
+        inner = config.stem_inner_widths
+        if inner:  # deep stem: three 3x3 convs
+            total = (
+                conv_bn(config.num_channels, inner[0], 3)
+                + conv_bn(inner[0], inner[1], 3)
+                + conv_bn(inner[1], config.embedding_size, 3)
+            )
+        else:
+            total = conv_bn(config.num_channels, config.embedding_size, 7)
         removed = set(config.removed_layers)
         cin, flat = config.embedding_size, 0
         for width, depth in zip(config.hidden_sizes, config.depths):
@@ -353,10 +386,12 @@ the model (recorded with forward hooks at the table's image size). One table per
 - ``resnet.conv`` [own out channels, producer channels]: an inner conv + BN + activation of a layer
   (conv1's producer is the stage input residual width, conv2's is conv1);
 - ``resnet.conv_add`` [stage residual, previous inner conv]: the last conv + BN, plus the residual add;
-- ``resnet.shortcut`` [stage residual, stage input residual]: a projection shortcut (conv 1x1 + BN),
-  outside every block (a removed layer keeps it);
+- ``resnet.shortcut`` [stage residual, stage input residual]: a projection shortcut (conv 1x1 + BN; with
+  ``pool=avg`` the ResNet-D average pool before it), outside every block (a removed layer keeps it);
 - ``resnet.relu`` [stage residual]: the activation after the add (paid even when the branch is removed);
-- ``resnet.stem`` [stem]: conv 7x7 + BN + ReLU + max-pool;
+- ``resnet.stem`` [stem]: conv 7x7 + BN + ReLU + max-pool; a deep stem is instead ``resnet.stem_conv``
+  [stem.conv1] (first 3x3 conv + BN + activation, fixed input channels), ``resnet.conv`` [stem.conv2,
+  stem.conv1] and [stem, stem.conv2], and ``resnet.maxpool`` [stem];
 - ``resnet.head`` [last residual]: global average pool + flatten + linear classifier.
 """
 
@@ -419,7 +454,8 @@ class ResNetCells(LatencyCells):
             out = output if torch.is_tensor(output) else output[0]
             shapes[id(module)] = (tuple(args[0].shape), tuple(out.shape))
 
-        modules = [self.base.embedder, self.base.encoder]
+        modules = [self.base.embedder, self.base.encoder, self.base.embedder.embedder]
+        modules += self.adapter._stem_convs(self.base)
         for _, _, _, layer in self.adapter._layers(self.base):
             modules.append(layer)
             modules += list(layer.layer) if layer.layer is not None else []
@@ -446,6 +482,9 @@ class ResNetCells(LatencyCells):
             "num_labels": self.num_labels,
             "hidden_act": self.act,
             "downsample_in_bottleneck": bool(getattr(self.config, "downsample_in_bottleneck", False)),
+            # ResNet-C/D options, recorded only when set (tables of transformers' ResNet keep their metadata)
+            **({"deep_stem": True} if getattr(self.config, "stem_inner_widths", None) else {}),
+            **({"avg_down": True} if getattr(self.config, "avg_down", False) else {}),
         }
 
     # plan --------------------------------------------------------------------------------------------
@@ -468,16 +507,36 @@ class ResNetCells(LatencyCells):
             return f"{shape[2]}x{shape[3]}"
 
         stem_in, stem_out = self.shapes[id(self.base.embedder)]
-        key = table("resnet.stem", [dims[stem_name]], {"in": hw(stem_in)})
-        terms.append(TimingTerm("stem", key, [stem_name], None))
+        stem_convs = self.adapter._stem_convs(self.base)
+        if not stem_convs:
+            key = table("resnet.stem", [dims[stem_name]], {"in": hw(stem_in)})
+            terms.append(TimingTerm("stem", key, [stem_name], None))
+        else:  # deep stem: each conv on its own (the first reads the fixed input channels), then the pool
+            previous = None
+            for k, conv_layer in enumerate(stem_convs + [self.base.embedder.embedder], start=1):
+                own = f"stem.conv{k}" if k <= len(stem_convs) else stem_name
+                conv = conv_layer.convolution
+                conv_in, conv_out = self.shapes[id(conv_layer)]
+                params = {"k": conv.kernel_size[0], "s": conv.stride[0], "in": hw(conv_in), "act": self.act}
+                if previous is None:
+                    key = table("resnet.stem_conv", [dims[own]], {**params, "cin": conv.in_channels})
+                    terms.append(TimingTerm(f"stem.conv{k}", key, [own], None))
+                else:
+                    key = table("resnet.conv", [dims[own], dims[previous]], params)
+                    terms.append(TimingTerm(f"stem.conv{k}", key, [own, previous], None, input_axes=[1]))
+                previous = own
+            key = table("resnet.maxpool", [dims[stem_name]], {"in": hw(conv_out)})
+            terms.append(TimingTerm("stem.pool", key, [stem_name], None))
         producer = stem_name
         for s, j, flat, layer in self.adapter._layers(self.base):
             residual = stage_names[s]
             block = f"stages.{s}.layers.{j}"
             layer_in, layer_out = self.shapes[id(layer)]
             if self.adapter._has_projection(layer):
-                conv = layer.shortcut.convolution
+                conv, pool = layer.shortcut.convolution, getattr(layer.shortcut, "pool", None)
                 params = {"k": conv.kernel_size[0], "s": conv.stride[0], "in": hw(layer_in)}
+                if isinstance(pool, nn.AvgPool2d):  # ResNet-D: the pool strides, the conv does not
+                    params.update(s=pool.stride, pool="avg")
                 if residual == producer:  # cannot happen with transformers' ResNet; keep a 1-D diagonal table
                     key = table("resnet.shortcut_tied", [dims[residual]], params)
                     terms.append(TimingTerm(f"{block}.shortcut", key, [residual], None))
@@ -521,13 +580,19 @@ class ResNetCells(LatencyCells):
                 module = MDPResNetConvLayer(cin, cout, kernel_size=p["k"], stride=p["s"], activation=p["act"])
             elif table.kind == "resnet.conv_add":
                 module = _ConvAdd(cin, cout, p["k"], p["s"])
-                with torch.no_grad():
-                    residual = module(x, 0)
+                with torch.no_grad():  # eval: BN in training mode refuses a 1x1 map at batch 1 (last stage)
+                    residual = module.eval()(x, 0)
                 args = (x, torch.randn_like(residual))
                 return self._place(module, args)
             else:
-                module = MDPResNetShortCut(cin, cout, p["s"])
+                module = MDPResNetShortCut(cin, cout, p["s"], avg_down=p.get("pool") == "avg")
             return self._place(module, (x,))
+        if table.kind == "resnet.stem_conv":
+            module = MDPResNetConvLayer(p["cin"], widths[0], kernel_size=p["k"], stride=p["s"], activation=p["act"])
+            return self._place(module, (torch.randn(B, p["cin"], *res(p["in"])),))
+        if table.kind == "resnet.maxpool":
+            module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)  # as MDPResNetEmbeddings.pooler
+            return self._place(module, (torch.randn(B, widths[0], *res(p["in"])),))
         if table.kind == "resnet.relu":
             return self._place(_Act(p["act"]), (torch.randn(B, widths[0], *res(p["at"])),))
         if table.kind == "resnet.stem":
@@ -572,9 +637,12 @@ def _dense_from(blocks: ResNetCells):
             if first.layer is not None
             else first.shortcut.convolution.out_channels
         )
+    stem_convs = blocks.adapter._stem_convs(base)
     mdp_config = MDPResNetConfig(
         num_channels=config.num_channels,
         embedding_size=base.embedder.embedder.convolution.out_channels,
+        stem_inner_widths=[c.convolution.out_channels for c in stem_convs] or None,
+        avg_down=bool(getattr(config, "avg_down", False)),
         hidden_sizes=hidden,
         depths=[len(s.layers) for s in base.encoder.stages],
         layer_type=config.layer_type,

@@ -21,6 +21,13 @@ class MDPResNetConfig(PreTrainedConfig):
         layer_has_projection: per flat layer, whether its shortcut is a 1x1 conv + BN (fixed by the unpruned
             architecture: pruning may make widths equal without removing the projection's weights).
         removed_layers: flat indices of layers whose residual branch was removed (a projection shortcut stays).
+        stem_inner_widths: output channels of the first two convs of a deep stem (three 3x3 convs, the first with
+            stride 2, e.g. timm's ``stem_type="deep"`` of ResNet-C/D); the third outputs ``embedding_size``.
+            None: transformers' single 7x7 stride-2 conv.
+        avg_down: projection shortcuts average-pool (2x2, stride of the layer, ceil mode, padding not counted)
+            before a stride-1 1x1 conv (ResNet-D, timm's ``avg_down=True``) instead of a strided 1x1 conv.
+        preprocessing: how the source model expects its input (``mean``, ``std``, ``input_size``,
+            ``interpolation``, ``crop_pct``; from a timm model's ``pretrained_cfg``); None when unknown.
     """
 
     model_type = "mdp_resnet"
@@ -36,6 +43,9 @@ class MDPResNetConfig(PreTrainedConfig):
     layer_inner_widths: list[list[int]] | None = None
     layer_has_projection: list[bool] | None = None
     removed_layers: list[int] | None = None
+    stem_inner_widths: list[int] | None = None
+    avg_down: bool = False
+    preprocessing: dict | None = None
     base_model_type: str | None = None
     base_model_name_or_path: str | None = None
     base_config: dict | None = None
@@ -75,6 +85,13 @@ class MDPResNetConfig(PreTrainedConfig):
             raise ValueError(
                 f"removed_layers must be flat layer indices in [0, {num_layers}), got {self.removed_layers}"
             )
+        if self.stem_inner_widths is not None:
+            self.stem_inner_widths = [int(w) for w in self.stem_inner_widths]
+            if len(self.stem_inner_widths) != 2 or min(self.stem_inner_widths) < 1:
+                raise ValueError(
+                    "stem_inner_widths must be None (7x7 stem) or the two positive widths of a deep stem's first "
+                    f"convs, got {self.stem_inner_widths}"
+                )
         super().__post_init__(**kwargs)
 
 

@@ -27,13 +27,21 @@ class MDPResNetConvLayer(nn.Module):
 
 
 class MDPResNetShortCut(nn.Module):
-    def __init__(self, in_channels, out_channels, stride):
+    """Projection shortcut: a strided 1x1 conv + BN, or with ``avg_down`` (ResNet-D) a 2x2 average pool
+    (ceil mode, padding not counted, as timm's) that does the striding, then a stride-1 1x1 conv + BN."""
+
+    def __init__(self, in_channels, out_channels, stride, avg_down=False):
         super().__init__()
-        self.convolution = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
+        if avg_down and stride > 1:
+            self.pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)
+        else:
+            self.pool = nn.Identity()
+        conv_stride = 1 if avg_down else stride
+        self.convolution = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=conv_stride, bias=False)
         self.normalization = nn.BatchNorm2d(out_channels)
 
     def forward(self, hidden_states):
-        return self.normalization(self.convolution(hidden_states))
+        return self.normalization(self.convolution(self.pool(hidden_states)))
 
 
 class MDPResNetLayer(nn.Module):
@@ -41,7 +49,9 @@ class MDPResNetLayer(nn.Module):
 
     def __init__(self, config, in_channels, out_channels, inner_widths, stride, has_projection, removed):
         super().__init__()
-        self.shortcut = MDPResNetShortCut(in_channels, out_channels, stride) if has_projection else nn.Identity()
+        self.shortcut = (
+            MDPResNetShortCut(in_channels, out_channels, stride, config.avg_down) if has_projection else nn.Identity()
+        )
         act = config.hidden_act
         if removed:
             self.layer = None
@@ -78,18 +88,34 @@ class MDPResNetStage(nn.Module):
 
 
 class MDPResNetEmbeddings(nn.Module):
+    """Stem: a 7x7 stride-2 conv (transformers' ResNet), or with ``stem_inner_widths`` a deep stem of three
+    3x3 convs (stride 2, 1, 1; ResNet-C/D), each + BN + activation; then a 3x3 stride-2 max-pool.
+    ``embedder`` is always the conv that outputs ``embedding_size``; a deep stem's first two are ``stem``."""
+
     def __init__(self, config):
         super().__init__()
-        self.embedder = MDPResNetConvLayer(
-            config.num_channels, config.embedding_size, kernel_size=7, stride=2, activation=config.hidden_act
-        )
+        act = config.hidden_act
+        inner = config.stem_inner_widths
+        if inner:
+            c1, c2 = inner
+            self.stem = nn.Sequential(
+                MDPResNetConvLayer(config.num_channels, c1, kernel_size=3, stride=2, activation=act),
+                MDPResNetConvLayer(c1, c2, kernel_size=3, stride=1, activation=act),
+            )
+            self.embedder = MDPResNetConvLayer(c2, config.embedding_size, kernel_size=3, stride=1, activation=act)
+        else:
+            self.stem = None
+            self.embedder = MDPResNetConvLayer(
+                config.num_channels, config.embedding_size, kernel_size=7, stride=2, activation=act
+            )
         self.pooler = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.num_channels = config.num_channels
 
     def forward(self, pixel_values):
         if pixel_values.shape[1] != self.num_channels:
             raise ValueError(f"Expected {self.num_channels} input channels, got {pixel_values.shape[1]}.")
-        return self.pooler(self.embedder(pixel_values))
+        hidden_states = pixel_values if self.stem is None else self.stem(pixel_values)
+        return self.pooler(self.embedder(hidden_states))
 
 
 class MDPResNetEncoder(nn.Module):
