@@ -46,6 +46,17 @@ _COPIED_FIELDS = (
     "id2label",
     "label2id",
 )
+# mdp_vit's timm-layout fields (defaults for transformers sources), copied when an mdp_vit model is pruned again
+_MDP_VIT_FIELDS = (
+    "layer_scale",
+    "pooling",
+    "fc_norm",
+    "no_embed_class",
+    "pre_norm",
+    "patch_bias",
+    "classifier_dropout_prob",
+    "preprocessing",
+)
 
 
 class ViTAdapter(ModelAdapter):
@@ -70,6 +81,14 @@ class ViTAdapter(ModelAdapter):
         raise PruningSpaceError(f"{type(model).__name__} does not have the ViT layout (embeddings + layers)")
 
     @staticmethod
+    def _norms(model, base) -> dict:
+        """LayerNorms over the embedding outside the layers, by name: ``pre_layernorm`` and ``layernorm`` of the base
+        model, ``fc_norm`` of the classification model (the last two: whichever the config has)."""
+        norms = {name: getattr(base, name, None) for name in ("pre_layernorm", "layernorm")}
+        norms["fc_norm"] = getattr(model, "fc_norm", None) if model is not base else None
+        return {name: norm for name, norm in norms.items() if isinstance(norm, torch.nn.LayerNorm)}
+
+    @staticmethod
     def _layer_shape(layer) -> dict:
         shape = {"attention": layer.attention is not None, "mlp": layer.mlp is not None}
         if layer.attention is not None:
@@ -91,14 +110,13 @@ class ViTAdapter(ModelAdapter):
             group, minimum = self._group_and_min(name, kind, size, group_sizes, min_keep)
             dims[name] = Dimension(name, kind, size, group, minimum, block, coupled=list(coupled))
 
-        embed_coupled = [
-            f"{p}embeddings.patch_embeddings.projection",
-            f"{p}embeddings.cls_token",
-            f"{p}embeddings.position_embeddings",
-            f"{p}layernorm",
-        ] + [f"{name}.weight[:, in]" for name in heads]
-        if getattr(base.embeddings, "distillation_token", None) is not None:
-            embed_coupled.append(f"{p}embeddings.distillation_token")
+        embed_coupled = [f"{p}embeddings.patch_embeddings.projection", f"{p}embeddings.position_embeddings"]
+        for name in ("cls_token", "distillation_token"):
+            if getattr(base.embeddings, name, None) is not None:
+                embed_coupled.append(f"{p}embeddings.{name}")
+        for name, norm in self._norms(model, base).items():
+            embed_coupled.append(f"{p}{name}" if name != "fc_norm" else name)
+        embed_coupled += [f"{name}.weight[:, in]" for name in heads]
         add_dim("embed", "embed", hidden, coupled=embed_coupled)
         for i, layer in enumerate(base.layers):
             shape = self._layer_shape(layer)
@@ -118,6 +136,8 @@ class ViTAdapter(ModelAdapter):
                     block, "attention", [f"layers.{i}.heads", f"layers.{i}.qk_dim", f"layers.{i}.v_dim"]
                 )
                 embed_coupled += [f"{lp}.layernorm_before", f"{lp}.attention.o_proj (out)"]
+                if getattr(layer, "layer_scale_attention", None) is not None:
+                    embed_coupled.append(f"{lp}.layer_scale_attention")
                 for name in ("q_proj", "k_proj"):
                     aliases[f"layers.{i}.attention.{name}"] = f"layers.{i}.qk_dim"
             if shape["mlp"]:
@@ -125,6 +145,8 @@ class ViTAdapter(ModelAdapter):
                 add_dim(f"layers.{i}.mlp_dim", "mlp", shape["mlp_dim"], block, [f"{lp}.mlp.fc1", f"{lp}.mlp.fc2"])
                 blocks[block] = Block(block, "mlp", [f"layers.{i}.mlp_dim"])
                 embed_coupled += [f"{lp}.layernorm_after", f"{lp}.mlp.fc2 (out)"]
+                if getattr(layer, "layer_scale_mlp", None) is not None:
+                    embed_coupled.append(f"{lp}.layer_scale_mlp")
         dims["embed"].shared_by = list(blocks)
         dims["embed"].coupled = embed_coupled
         for name in ("patch_embeddings", "cls_token", "position_embeddings", "layernorm", "classifier", "hidden_size"):
@@ -154,7 +176,8 @@ class ViTAdapter(ModelAdapter):
 
         embed = lambda dtype: gates.dim("embed", dtype)  # noqa: E731
         gates.add_hook(base.embeddings.register_forward_hook(scale_output(embed)))
-        gates.add_hook(base.layernorm.register_forward_hook(masked_layernorm))
+        for norm in self._norms(model, base).values():
+            gates.add_hook(norm.register_forward_hook(masked_layernorm))
         for i, layer in enumerate(base.layers):
             if layer.attention is not None:
                 attn, block = layer.attention, f"layers.{i}.attention"
@@ -225,13 +248,17 @@ class ViTAdapter(ModelAdapter):
             put(f"{name}.bias", norm.bias[E])
 
         emb = base.embeddings
-        put("vit.embeddings.cls_token", emb.cls_token[..., E])
-        distillation = getattr(emb, "distillation_token", None)
-        if distillation is not None:
-            put("vit.embeddings.distillation_token", distillation[..., E])
+        for name in ("cls_token", "distillation_token"):
+            token = getattr(emb, name, None)
+            if token is not None:
+                put(f"vit.embeddings.{name}", token[..., E])
         put("vit.embeddings.position_embeddings", emb.position_embeddings[..., E])
-        put("vit.embeddings.patch_embeddings.projection.weight", emb.patch_embeddings.projection.weight[E])
-        put("vit.embeddings.patch_embeddings.projection.bias", emb.patch_embeddings.projection.bias[E])
+        projection = emb.patch_embeddings.projection
+        put("vit.embeddings.patch_embeddings.projection.weight", projection.weight[E])
+        if projection.bias is not None:
+            put("vit.embeddings.patch_embeddings.projection.bias", projection.bias[E])
+        for name, norm in self._norms(model, base).items():
+            put_layernorm(name if name == "fc_norm" else f"vit.{name}", norm)
 
         per_layer: dict[int, dict] = {}
         for i, layer in enumerate(base.layers):
@@ -250,6 +277,8 @@ class ViTAdapter(ModelAdapter):
                 put_linear(f"{lp}.attention.k_proj", attn.k_proj, qk_rows, E)
                 put_linear(f"{lp}.attention.v_proj", attn.v_proj, v_rows, E)
                 put_linear(f"{lp}.attention.o_proj", attn.o_proj, E, v_rows)
+                if getattr(layer, "layer_scale_attention", None) is not None:
+                    put(f"{lp}.layer_scale_attention.gamma", layer.layer_scale_attention.gamma[E])
                 overrides.update(num_attention_heads=len(H), qk_head_dim=len(QK), v_head_dim=len(V))
             else:
                 overrides["skip"].append("attention")
@@ -258,11 +287,12 @@ class ViTAdapter(ModelAdapter):
                 put_layernorm(f"{lp}.layernorm_after", layer.layernorm_after)
                 put_linear(f"{lp}.mlp.fc1", layer.mlp.fc1, M, E)
                 put_linear(f"{lp}.mlp.fc2", layer.mlp.fc2, E, M)
+                if getattr(layer, "layer_scale_mlp", None) is not None:
+                    put(f"{lp}.layer_scale_mlp.gamma", layer.layer_scale_mlp.gamma[E])
                 overrides["intermediate_size"] = len(M)
             else:
                 overrides["skip"].append("mlp")
             per_layer[i] = overrides
-        put_layernorm("vit.layernorm", base.layernorm)
         pooler = getattr(base, "pooler", None)
         if pooler is not None:
             put_linear("vit.pooler.dense", pooler.dense, None, E)
@@ -272,7 +302,7 @@ class ViTAdapter(ModelAdapter):
         config = self._pruned_config(model, base, heads, len(E), per_layer)
         with no_init_weights():  # every parameter is overwritten below (strict load): skip the random init
             if prefix is None:  # a bare ViTModel / DeiTModel
-                state = {k.removeprefix("vit."): v for k, v in state.items()}
+                state = {k.removeprefix("vit."): v for k, v in state.items() if k.startswith("vit.")}
                 pruned = MDPViTModel(config, add_pooling_layer=pooler is not None)
             else:
                 pruned = MDPViTForImageClassification(config)
@@ -281,7 +311,9 @@ class ViTAdapter(ModelAdapter):
 
     def _pruned_config(self, model, base, heads, hidden, per_layer) -> MDPViTConfig:
         source = model.config
+        fields = {k: getattr(source, k) for k in _COPIED_FIELDS if hasattr(source, k)}
         if source.model_type == "mdp_vit":
+            fields.update({k: getattr(source, k) for k in _MDP_VIT_FIELDS})
             scaling = source.attention_scaling
             base_type, base_path, base_config = (
                 source.base_model_type,
@@ -315,8 +347,7 @@ class ViTAdapter(ModelAdapter):
             if diff:
                 sparse[i] = diff
         classifier_heads = "cls+distillation" if "distillation_classifier" in heads else "cls"
-        extra_tokens = 2 if getattr(base.embeddings, "distillation_token", None) is not None else 1
-        fields = {k: getattr(source, k) for k in _COPIED_FIELDS if hasattr(source, k)}
+        extra_tokens = sum(getattr(base.embeddings, t, None) is not None for t in ("cls_token", "distillation_token"))
         pooler = getattr(base, "pooler", None)
         return MDPViTConfig(
             hidden_size=hidden,
@@ -426,18 +457,26 @@ class ViTAdapter(ModelAdapter):
         channels = config.num_channels
         ph, pw = (config.patch_size, config.patch_size) if isinstance(config.patch_size, int) else config.patch_size
         ih, iw = (config.image_size, config.image_size) if isinstance(config.image_size, int) else config.image_size
-        tokens = (ih // ph) * (iw // pw) + config.num_extra_tokens
-        total = E * channels * ph * pw + E + config.num_extra_tokens * E + tokens * E + 2 * E  # + final LayerNorm
+        patches = (ih // ph) * (iw // pw)
+        positions = patches + (0 if getattr(config, "no_embed_class", False) else config.num_extra_tokens)
+        patch_bias = E if getattr(config, "patch_bias", True) else 0
+        total = E * channels * ph * pw + patch_bias + config.num_extra_tokens * E + positions * E
+        # final LayerNorm: over every token (base model), or over the pooled feature (fc_norm, classification model)
+        if not getattr(config, "fc_norm", False) or has_classifier(config):
+            total += 2 * E
+        if getattr(config, "pre_norm", False):
+            total += 2 * E
+        scale = E if getattr(config, "layer_scale", None) is not None else 0  # LayerScale per kept sub-block
         bias = 1 if config.qkv_bias else 0
         for i in range(config.num_hidden_layers):
             lc = config.per_layer_config[i]
             skip = set(getattr(lc, "skip", None) or [])
             if "attention" not in skip:
                 qk, v = lc.num_attention_heads * lc.qk_head_dim, lc.num_attention_heads * lc.v_head_dim
-                total += 2 * E + 2 * (qk * E + bias * qk) + (v * E + bias * v) + (v * E + E)
+                total += 2 * E + 2 * (qk * E + bias * qk) + (v * E + bias * v) + (v * E + E) + scale
             if "mlp" not in skip:
                 M = lc.intermediate_size
-                total += 2 * E + M * E + M + M * E + E
+                total += 2 * E + M * E + M + M * E + E + scale
         if config.add_pooling_layer:
             out = config.pooler_output_size or E
             total += E * out + out
@@ -476,16 +515,29 @@ interpolation spans the fast dense cell.
 """
 
 
+# mdp_vit fields that change the deployed code (so the cells' cost) and their transformers-layout defaults
+_TIMM_LAYOUT_DEFAULTS = {
+    "layer_scale": None,
+    "pooling": "token",
+    "fc_norm": False,
+    "no_embed_class": False,
+    "pre_norm": False,
+    "patch_bias": True,
+}
+
+
 def _sig(dim) -> str:
     return f"{dim.size}/{dim.group_size}/{dim.min_keep}"
 
 
 class ViTCells(LatencyCells):
     uses_attention = True
+    #: the adapter that slices the source model into its deployed mdp_vit model (timm_vit's cells use theirs)
+    adapter_class: type = ViTAdapter
 
     def __init__(self, model, space, settings):
         super().__init__(model, space, settings)
-        dense = ViTAdapter().slice(model, space, space.full_choice())  # the deployed dense model (mdp_vit)
+        dense = self.adapter_class().slice(model, space, space.full_choice())  # the deployed dense model (mdp_vit)
         self.base = dense.config.to_dict()
         for key in (
             "per_layer_config",
@@ -522,6 +574,8 @@ class ViTCells(LatencyCells):
             "num_labels": c.num_labels,
             "classifier_heads": c.classifier_heads,
             "hidden_act": c.hidden_act,
+            # timm-layout options, recorded only where they differ from the transformers layout (older tables match)
+            **{k: getattr(c, k) for k, default in _TIMM_LAYOUT_DEFAULTS.items() if getattr(c, k) != default},
         }
 
     # plan --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Structurally pruned ViT / DeiT: per-layer heads, separate query/key and value widths, per-layer MLP
-width, removable attention / MLP sub-blocks.
+width, removable attention / MLP sub-blocks; also the timm ViT options (layer scale, average pooling with
+``fc_norm``, ``no_embed_class``, ``pre_norm``, no class token).
 
 Self-contained (imports only torch and transformers) because it is copied next to saved weights and
 loaded with ``trust_remote_code=True`` where mdp_hf is not installed. Parameter names follow
@@ -43,7 +44,9 @@ class MDPViTPatchEmbeddings(nn.Module):
         self.patch_size = patch_size
         self.num_channels = config.num_channels
         self.num_patches = (image_size[0] // patch_size[0]) * (image_size[1] // patch_size[1])
-        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=patch_size, stride=patch_size, bias=config.patch_bias
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.shape[1] != self.num_channels:
@@ -52,17 +55,21 @@ class MDPViTPatchEmbeddings(nn.Module):
 
 
 class MDPViTEmbeddings(nn.Module):
-    """CLS (+ distillation for DeiT) tokens, patch embeddings and learned position embeddings."""
+    """CLS (+ distillation for DeiT) tokens, patch embeddings and learned position embeddings.
+
+    Position embeddings cover the extra tokens too (added after they are prepended), or with
+    ``no_embed_class`` only the patch tokens (added before)."""
 
     def __init__(self, config: MDPViTConfig):
         super().__init__()
         self.num_extra_tokens = config.num_extra_tokens
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.no_embed_class = config.no_embed_class
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.num_extra_tokens >= 1 else None
         self.distillation_token = (
             nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.num_extra_tokens == 2 else None
         )
         self.patch_embeddings = MDPViTPatchEmbeddings(config)
-        num_positions = self.patch_embeddings.num_patches + config.num_extra_tokens
+        num_positions = self.patch_embeddings.num_patches + (0 if config.no_embed_class else config.num_extra_tokens)
         self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -74,10 +81,11 @@ class MDPViTEmbeddings(nn.Module):
             )
         embeddings = self.patch_embeddings(pixel_values)
         batch_size = embeddings.shape[0]
-        tokens = [self.cls_token.expand(batch_size, -1, -1)]
-        if self.distillation_token is not None:
-            tokens.append(self.distillation_token.expand(batch_size, -1, -1))
-        embeddings = torch.cat(tokens + [embeddings], dim=1) + self.position_embeddings
+        tokens = [t.expand(batch_size, -1, -1) for t in (self.cls_token, self.distillation_token) if t is not None]
+        if self.no_embed_class:
+            embeddings = torch.cat(tokens + [embeddings + self.position_embeddings], dim=1)
+        else:
+            embeddings = torch.cat(tokens + [embeddings], dim=1) + self.position_embeddings
         return self.dropout(embeddings)
 
 
@@ -129,6 +137,17 @@ class MDPViTMLP(nn.Module):
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
 
 
+class MDPViTLayerScale(nn.Module):
+    """A learned per-channel scale on a sub-block's output (timm ``LayerScale``; ``config.layer_scale``)."""
+
+    def __init__(self, config: MDPViTConfig):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((config.hidden_size,), float(config.layer_scale)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * self.gamma
+
+
 class MDPViTLayer(nn.Module):
     """Pre-norm transformer layer; a skipped sub-block has no parameters and is identity on the residual."""
 
@@ -145,13 +164,22 @@ class MDPViTLayer(nn.Module):
         self.attention = MDPViTAttention(config, layer_config) if has_attention else None
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=eps) if has_mlp else None
         self.mlp = MDPViTMLP(config, layer_config) if has_mlp else None
+        scaled = config.layer_scale is not None
+        self.layer_scale_attention = MDPViTLayerScale(config) if scaled and has_attention else None
+        self.layer_scale_mlp = MDPViTLayerScale(config) if scaled and has_mlp else None
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.attention is not None:
-            hidden_states = hidden_states + self.dropout(self.attention(self.layernorm_before(hidden_states)))
+            update = self.attention(self.layernorm_before(hidden_states))
+            if self.layer_scale_attention is not None:
+                update = self.layer_scale_attention(update)
+            hidden_states = hidden_states + self.dropout(update)
         if self.mlp is not None:
-            hidden_states = hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+            update = self.mlp(self.layernorm_after(hidden_states))
+            if self.layer_scale_mlp is not None:
+                update = self.layer_scale_mlp(update)
+            hidden_states = hidden_states + self.dropout(update)
         return hidden_states
 
 
@@ -184,31 +212,39 @@ class MDPViTPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
         elif isinstance(module, MDPViTEmbeddings):
             nn.init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
-            nn.init.trunc_normal_(module.cls_token, mean=0.0, std=std)
-            if module.distillation_token is not None:
-                nn.init.trunc_normal_(module.distillation_token, mean=0.0, std=std)
+            for token in (module.cls_token, module.distillation_token):
+                if token is not None:
+                    nn.init.trunc_normal_(token, mean=0.0, std=std)
+        elif isinstance(module, MDPViTLayerScale):
+            nn.init.constant_(module.gamma, float(self.config.layer_scale))
 
 
 class MDPViTModel(MDPViTPreTrainedModel):
+    """Embeddings, (``pre_norm``: a LayerNorm,) the layers and the final LayerNorm over every token (absent with
+    ``fc_norm``: the classification model normalises the pooled feature instead)."""
+
     def __init__(self, config: MDPViTConfig, add_pooling_layer: bool | None = None):
         super().__init__(config)
         if add_pooling_layer is None:
             add_pooling_layer = config.add_pooling_layer
         self.embeddings = MDPViTEmbeddings(config)
+        self.pre_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_norm else None
         self.layers = nn.ModuleList([MDPViTLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm = None if config.fc_norm else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.pooler = MDPViTPooler(config) if add_pooling_layer else None
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False, **kwargs):
         expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
         hidden_states = self.embeddings(pixel_values.to(expected_dtype))
+        if self.pre_layernorm is not None:
+            hidden_states = self.pre_layernorm(hidden_states)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
             hidden_states = layer(hidden_states)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-        sequence_output = self.layernorm(hidden_states)
+        sequence_output = self.layernorm(hidden_states) if self.layernorm is not None else hidden_states
         pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
         return BaseModelOutputWithPooling(
             last_hidden_state=sequence_output, pooler_output=pooled_output, hidden_states=all_hidden_states
@@ -216,12 +252,15 @@ class MDPViTModel(MDPViTPreTrainedModel):
 
 
 class MDPViTForImageClassification(MDPViTPreTrainedModel):
-    """Classifier on token 0 (ViT, DeiT) or, for DeiT with teacher heads, the mean of CLS and distillation heads."""
+    """Classifier on the pooled feature (token 0 for ViT / DeiT, or the mean patch token with ``pooling="avg"``)
+    or, for DeiT with teacher heads, the mean of the CLS and distillation heads (tokens 0 and 1)."""
 
     def __init__(self, config: MDPViTConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.vit = MDPViTModel(config, add_pooling_layer=False)
+        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.fc_norm else None
+        self.dropout = nn.Dropout(config.classifier_dropout_prob)
 
         def head():
             return nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
@@ -233,16 +272,28 @@ class MDPViTForImageClassification(MDPViTPreTrainedModel):
             self.classifier = head()
         self.post_init()
 
+    def pool(self, sequence_output: torch.Tensor):
+        """The feature(s) the head(s) read: one tensor, or (CLS, distillation) tokens for the two-head DeiT."""
+        if self.config.classifier_heads == "cls+distillation":
+            return self.dropout(sequence_output[:, 0]), self.dropout(sequence_output[:, 1])
+        if self.config.pooling == "avg":
+            pooled = sequence_output[:, self.config.num_extra_tokens :].mean(dim=1)
+        else:
+            pooled = sequence_output[:, 0]
+        if self.fc_norm is not None:
+            pooled = self.fc_norm(pooled)
+        return self.dropout(pooled)
+
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
         outputs = self.vit(pixel_values, output_hidden_states=kwargs.get("output_hidden_states", False))
-        sequence_output = outputs.last_hidden_state
+        pooled = self.pool(outputs.last_hidden_state)
         cls_logits = distillation_logits = None
         if self.config.classifier_heads == "cls+distillation":
-            cls_logits = self.cls_classifier(sequence_output[:, 0])
-            distillation_logits = self.distillation_classifier(sequence_output[:, 1])
+            cls_logits = self.cls_classifier(pooled[0])
+            distillation_logits = self.distillation_classifier(pooled[1])
             logits = (cls_logits + distillation_logits) / 2
         else:
-            logits = self.classifier(sequence_output[:, 0])
+            logits = self.classifier(pooled)
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
         return MDPImageClassifierOutput(
             loss=loss,
