@@ -80,7 +80,32 @@ SETUPS = {
         subgrid={"embed": 2, "heads": 1, "qk": 4, "v": 4, "mlp": 2},
     ),
     "resnet": dict(build=resnet50, groups={"channels": 16, "residual": 32}, subgrid={"channels": 2, "residual": 4}),
+    # the same DeiT-S shape as timm builds it (fused qkv, LayerNorm eps 1e-6), through the timm_vit family
+    "timm_deit": dict(
+        build=lambda: preset("timm-deit-small"),
+        groups={"embed": 16, "heads": 1, "qk": 2, "v": 2, "mlp": 32},
+        subgrid={"embed": 2, "heads": 1, "qk": 4, "v": 4, "mlp": 2},
+    ),
+    "mobilenet_v2": dict(
+        build=lambda: preset("mobilenet-v2-1.0"),
+        groups={"channels": 16, "residual": 8},
+        subgrid={"channels": 2, "residual": 2},
+    ),
 }
+NAMES = {
+    "vit": "DeiT-Small-shaped ViT (transformers)",
+    "resnet": "ResNet-50-shaped ResNet (transformers)",
+    "timm_deit": "timm deit_small_patch16_224",
+    "mobilenet_v2": "MobileNetV2 1.0 (transformers)",
+}
+
+
+def preset(name: str):
+    """A registered family preset (random weights)."""
+    from mdp_hf.latency.cli import presets
+
+    torch.manual_seed(0)
+    return presets()[name]().eval()
 
 
 def random_structures(space, model: TableLatencyModel, count: int, rng: random.Random, candidates: int = 3000):
@@ -206,7 +231,7 @@ def run(family: str, args) -> dict:
         predicted = [lm.predict((space, c)) for c in choices]
         errors = [abs(p - m) / m for p, m in zip(predicted, measured)]
         rows[name] = (100 * float(np.mean(errors)), 100 * float(np.max(errors)))
-    attn = attention_decomposition_error(model, space, settings, rng) if family == "vit" else None
+    attn = attention_decomposition_error(model, space, settings, rng) if family in ("vit", "timm_deit") else None
     per = [
         (len(c.removed_blocks), m / dense_measured, models["table (default)"].predict((space, c)) / dense_measured)
         for c, m in zip(choices, measured)
@@ -234,7 +259,7 @@ def run(family: str, args) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=["vit", "resnet", "both"], default="both")
+    parser.add_argument("--family", choices=[*SETUPS, "both", "all"], default="both", help="both: vit + resnet")
     parser.add_argument("--structures", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
@@ -257,10 +282,11 @@ def main(argv=None):
         f"{os.getloadavg()[0]:.2f}; torch {torch.__version__}; threads {args.threads}; batch {args.batch_size}; "
         f"repeats {args.repeats} ({args.statistic}), warm-up {args.warmup}"
     )
-    results = [run(f, args) for f in (["vit", "resnet"] if args.family == "both" else [args.family])]
+    families = {"both": ["vit", "resnet"], "all": list(SETUPS)}.get(args.family, [args.family])
+    results = [run(f, args) for f in families]
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
     for r in results:
-        name = "DeiT-Small-shaped ViT" if r["family"] == "vit" else "ResNet-50-shaped ResNet"
+        name = NAMES[r["family"]]
         print(f"\n## {name}: batch {args.batch_size}, {args.threads} thread(s), 224x224, fp32, random weights")
         print(f"groups {r['groups']}; sub-grid strides {r['subgrid']}")
         print(

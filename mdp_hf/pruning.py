@@ -331,9 +331,13 @@ def accumulate_importance(session: PruningSession, model, dataloader, num_batche
             given = inputs["labels"]
         if cross_entropy is not None:
             loss, _ = cross_entropy(model, inputs)
+        elif loss_fn is not None:  # the user's loss on the model's outputs; labels are not passed to the model
+            from .losses import _call_model
+
+            extra = {k: v for k, v in inputs.items() if k not in ("pixel_values", "labels")}
+            loss = loss_fn(_call_model(model, inputs["pixel_values"], extra), given)
         else:
-            outputs = model(**inputs)
-            loss = getattr(outputs, "loss", None) if loss_fn is None else loss_fn(outputs, given)
+            loss = getattr(model(**inputs), "loss", None)
         if loss is None:
             raise ValueError("the model returned no loss: give batches with labels, or pass loss_fn=")
         model.zero_grad(set_to_none=True)

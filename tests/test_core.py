@@ -171,6 +171,18 @@ def test_save_load_same_and_fresh_process(family, tmp_path):
 
 
 # --- bad input ---------------------------------------------------------------------------------------
+def test_backbones_and_headless_classifiers_are_refused_before_scoring():
+    from transformers import ResNetBackbone, ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[16, 24], depths=[1, 1], out_features=["stage2"])
+    with pytest.raises(PruningSpaceError, match="ResNetBackbone.*feature maps.*ResNetModel"):
+        build_space(ResNetBackbone(config))
+    with pytest.raises(PruningSpaceError, match="no linear head.*ResNetModel"):
+        build_space(
+            ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[16], depths=[1], num_labels=0))
+        )
+
+
 def test_unknown_architecture_names_supported_families():
     bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))
     with pytest.raises(UnsupportedModelError, match=r"'bert'.*Supported: .*deit.*resnet.*vit.*register_family"):

@@ -456,3 +456,29 @@ def test_distillation_under_bf16_autocast(tmp_path, vit_latency):
     trainer.train()
     assert all(torch.isfinite(torch.tensor(v)) for v in trainer.mdp_loss.last_parts.values())
     assert trainer.mdp_loss.last_parts["kl"] > 0
+
+
+@pytest.mark.parametrize("family", [v for _, v in VARIANTS])
+def test_one_shot_prune_runs_on_every_family(family):
+    """prune() with the same (pixel_values, labels) batches for every family: the model's own loss, or
+    cross-entropy for models without one (timm, DeiT with its teacher head), or a user's loss_fn."""
+    from mdp_hf import build_space
+    from mdp_hf.latency import TableLatencyModel, build_table
+
+    model = build(family)
+    space = build_space(model, group_sizes=GROUPS)
+    # a synthetic, additive 'latency' (sum of the cell's widths): exact and machine-independent
+    table = build_table(model, space=space, timer=lambda t, widths: float(sum(widths)), repeats=1, warmup=0,
+                        progress=False, image_size=IMAGE_SIZE)  # fmt: skip
+    latency = TableLatencyModel(table)
+    data = RandomImages(8)
+    batches = [(data.x[:4], data.y[:4]), (data.x[4:], data.y[4:])]
+    with torch.no_grad():
+        out = model(data.x[:1])
+    headless = not torch.is_tensor(out) and getattr(out, "logits", None) is None  # no labels to learn: own loss
+    loss_fn = (lambda outputs, labels: outputs.pooler_output.pow(2).mean()) if headless else None
+    pruned, result = prune(model, config(budget_fraction=0.7), batches, latency, loss_fn=loss_fn)
+    assert result.predicted_latency_ms <= result.budget_ms * (1 + 1e-9)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(logits_of(pruned, data.x[:2])).all()

@@ -47,10 +47,20 @@ class ResNetAdapter(ModelAdapter):
 
     @staticmethod
     def _parts(model):
+        if hasattr(model, "out_features") and hasattr(model, "stage_names"):  # transformers' *Backbone classes
+            raise PruningSpaceError(
+                f"{type(model).__name__} returns multi-scale feature maps for a detector, which mdp_hf cannot "
+                "prune yet (the detector's neck reads fixed stage widths); prune ResNetModel or "
+                "ResNetForImageClassification instead"
+            )
         base = getattr(model, "resnet", None)
         if base is not None:
-            linear = model.classifier[1] if isinstance(model.classifier[1], nn.Linear) else None
-            return base, "resnet", linear
+            if not isinstance(model.classifier[1], nn.Linear):
+                raise PruningSpaceError(
+                    f"{type(model).__name__} has no linear head (num_labels=0); load it as ResNetModel (the "
+                    "headless model, supported) or give it num_labels"
+                )
+            return base, "resnet", model.classifier[1]
         if hasattr(model, "embedder") and hasattr(model, "encoder"):
             return model, None, None
         raise PruningSpaceError(f"{type(model).__name__} does not have the ResNet layout (embedder + encoder)")
@@ -149,6 +159,9 @@ class ResNetAdapter(ModelAdapter):
                 for name in dict.fromkeys((producer, stage_names[s])):
                     residual_dims[name].shared_by.append(block)
             producer = stage_names[s]
+        if linear is None:  # a headless model's output is its last residual width: what its consumer reads
+            last = residual_dims[stage_names[-1]]
+            last.min_keep = last.size
         return PruningSpace(model.config.model_type, {**residual_dims, **dims}, blocks, aliases)
 
     def install_gates(self, model, space: PruningSpace) -> GateSet:
@@ -267,8 +280,6 @@ class ResNetAdapter(ModelAdapter):
                 pruned = MDPResNetModel(config)
             else:
                 pruned = MDPResNetForImageClassification(config)
-            if linear is None:
-                raise PruningSpaceError("ResNet classifiers without a linear head (num_labels=0) are not supported")
         pruned.load_state_dict(state, strict=True)
         return pruned.to(next(model.parameters()).dtype).eval()
 
@@ -658,11 +669,11 @@ def _dense_from(blocks: ResNetCells):
 
 
 # registration ----------------------------------------------------------------------------------------
-def _resnet(embedding_size, hidden_sizes, depths, layer_type, num_labels):
+def _resnet(embedding_size, hidden_sizes, depths, layer_type, num_labels, headless=False):
     """A builder of a randomly initialised transformers ResNet (imported only when called)."""
 
     def build():
-        from transformers import ResNetConfig, ResNetForImageClassification
+        from transformers import ResNetConfig, ResNetForImageClassification, ResNetModel
 
         config = ResNetConfig(
             embedding_size=embedding_size,
@@ -671,7 +682,7 @@ def _resnet(embedding_size, hidden_sizes, depths, layer_type, num_labels):
             layer_type=layer_type,
             num_labels=num_labels,
         )
-        return ResNetForImageClassification(config)
+        return ResNetModel(config) if headless else ResNetForImageClassification(config)
 
     return build
 
@@ -688,6 +699,7 @@ register_family(
             "resnet_bottleneck": _resnet(8, [16, 24, 32], [2, 2, 1], "bottleneck", 5),
             # stage 0 has an identity shortcut: stem and stage-0 widths are coupled
             "resnet_basic": _resnet(8, [8, 16], [2, 2], "basic", 5),
+            "resnet_base_model": _resnet(8, [16, 24], [1, 2], "bottleneck", 5, headless=True),  # no head
         },
         presets={
             "tiny-resnet": _resnet(8, [16, 24, 32], [2, 2, 1], "bottleneck", 5),
