@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it
 _LAZY_ATTRIBUTES = {
     "PrunableConfig": "config",
+    "as_timm_module": "adapters.timm_vit",
     "ModelFamily": "adapters",
     "PruningChoice": "adapters",
     "PruningSpace": "adapters",
@@ -72,6 +73,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the eager names
         registered_families,
         supported_model_types,
     )
+    from .adapters.timm_vit import as_timm_module
     from .config import PrunableConfig
     from .masks import gate_model
     from .surgery import slice_model

@@ -215,7 +215,10 @@ def create_timm_model(name: str, pretrained: bool, num_labels: int, kwargs: dict
         source = source.split("/", 1)[1] if source.startswith("timm/") else source
     if not pretrained and not timm.is_model(source.split(".", 1)[0]):
         raise ValueError(f"--model_name_or_path {name!r}: timm has no architecture {source!r} (timm.list_models())")
-    return timm.create_model(source, pretrained=pretrained, num_classes=num_labels, **(kwargs or {}))
+    model = timm.create_model(source, pretrained=pretrained, num_classes=num_labels, **(kwargs or {}))
+    if not pretrained:  # random weights: the card must not name the pretrained checkpoint as the source
+        model.pretrained_cfg = {**model.pretrained_cfg, "hf_hub_id": None}
+    return model
 
 
 def build_model(args: ScriptArguments, default_config, labels: list[str]):

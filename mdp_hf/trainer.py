@@ -108,7 +108,18 @@ class MDPTrainer(Trainer):
             raise TypeError(
                 f"distillation must be a mdp_hf.losses.DistillationSettings, got {type(distillation).__name__}"
             )
-        super().__init__(*args, **kwargs)
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        model = kwargs.get("model", args[0] if args else None)
+        smoothing = getattr(training_args, "label_smoothing_factor", 0)
+        if smoothing and not hasattr(model, "config"):
+            # transformers' Trainer reads model.config when label smoothing is on, which a plain module (timm)
+            # lacks; such models are trained through MDPLoss, which applies the smoothing itself
+            training_args.label_smoothing_factor = 0
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if smoothing:
+                training_args.label_smoothing_factor = smoothing
         self.prunable_config = prunable_config
         self.eval_data_collator = eval_data_collator  # e.g. without mixup: evaluation sees integer labels
         self._model_has_loss = _returns_own_loss(self.accelerator.unwrap_model(self.model))
@@ -141,6 +152,9 @@ class MDPTrainer(Trainer):
             self._set_loss_phase()
         self.loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides by the accumulation steps
         loss, outputs = self.mdp_loss(model, inputs)
+        if return_outputs and not isinstance(outputs, dict):
+            # a plain module's logits tensor: Trainer's prediction_step would read outputs[1:] (rows, not fields)
+            outputs = {"logits": outputs}
         return (loss, outputs) if return_outputs else loss
 
     def get_eval_dataloader(self, eval_dataset=None):

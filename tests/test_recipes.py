@@ -103,6 +103,48 @@ def test_quick_recipe_run_writes_a_loadable_pruned_model(tmp_path, recipe, confi
     assert "--overwrite_output_dir" in again.stderr
 
 
+@pytest.mark.parametrize(
+    "recipe,name,kwargs",
+    [
+        ("prune_deit.py", "timm:deit_tiny_patch16_224",
+         dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)),
+        ("prune_resnet.py", "timm:resnet18", dict(layers=[1, 1, 1, 1], channels=[16, 24, 32, 48])),
+    ],
+)  # fmt: skip
+def test_quick_recipe_run_on_a_timm_model_by_name(tmp_path, recipe, name, kwargs):
+    """--model_name_or_path timm:<architecture> with --pretrained false (no Hub here): the same recipe, the
+    pruned model exported in the project's format with an image processor, so pipeline() works on it."""
+    out = tmp_path / "out"
+    group = ["--group_sizes", json.dumps({"embed": 8, "mlp": 16, "channels": 4, "residual": 8})]
+    result = run_recipe(
+        recipe, "--model_name_or_path", name, "--pretrained", "false", "--model_kwargs", json.dumps(kwargs),
+        "--image_size", "32", "--output_dir", str(out), *QUICK, *group,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["pruned_params"] < report["dense_params"]
+    assert report["base_model"] == name.split(":", 1)[1]
+    assert (out / "preprocessor_config.json").is_file()
+    from transformers import pipeline
+
+    from mdp_hf.data import load_image_classification
+
+    image = load_image_classification("digits", None, None, "image", "label", 0)["validation"][0]["image"]
+    classify = pipeline("image-classification", model=str(out), trust_remote_code=True)
+    assert len(classify(image.convert("RGB"))) > 0
+
+
+def test_timm_names_are_parsed_without_the_hub():
+    from mdp_hf.recipes import create_timm_model, is_timm_name
+
+    assert is_timm_name("timm/deit_small_patch16_224.fb_in1k") and is_timm_name("hf-hub:timm/resnet50.a1_in1k")
+    assert is_timm_name("timm:resnet50") and not is_timm_name("facebook/deit-small-patch16-224")
+    model = create_timm_model("timm/resnet18.a1_in1k", pretrained=False, num_labels=7)
+    assert model.fc.out_features == 7
+    with pytest.raises(ValueError, match="no architecture"):
+        create_timm_model("timm:not_a_net", pretrained=False, num_labels=7)
+
+
 def test_unsupported_family_fails_before_training(tmp_path):
     bert = BertConfig(
         hidden_size=16,

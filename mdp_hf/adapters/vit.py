@@ -667,7 +667,7 @@ class ViTCells(LatencyCells):
         elif table.kind == "vit.out":
             (e,) = widths
             skip_all = {i: {"skip": ["attention", "mlp"]} for i in range(self.num_layers)}
-            module = MDPViTForImageClassification(self._config(e, self.num_layers, skip_all))
+            module = self._deployed(self._config(e, self.num_layers, skip_all))
             x = torch.randn(B, self.base.get("num_channels", 3), *self.image_size)
         else:
             raise ValueError(f"unknown ViT table kind {table.kind!r}")
@@ -683,7 +683,13 @@ class ViTCells(LatencyCells):
                 k: getattr(lc, k) for k in ("num_attention_heads", "qk_head_dim", "v_head_dim", "intermediate_size")
             }
             per_layer[i]["skip"] = list(getattr(lc, "skip", None) or [])
-        return MDPViTForImageClassification(self._config(c.hidden_size, self.num_layers, per_layer))
+        return self._deployed(self._config(c.hidden_size, self.num_layers, per_layer))
+
+    def _deployed(self, config):
+        """The class the model is sliced into: with its classifier head(s), or headless (with its pooler, if any)."""
+        if has_classifier(self._dense_config):
+            return MDPViTForImageClassification(config)
+        return MDPViTModel(config, add_pooling_layer=self._dense_config.add_pooling_layer)
 
     def example_input(self):
         return torch.randn(self.settings.batch_size, self.base.get("num_channels", 3), *self.image_size)
