@@ -11,7 +11,8 @@
     mdp-hf latency pull REPO_ID -o table.json [--filename latency_table.json] [--revision main]
 
 MODEL is a local directory with config.json (weights are not needed: random weights time the same),
-or a preset: tiny-vit, tiny-deit, tiny-resnet, deit-tiny, deit-small, deit-base, vit-base, resnet18, resnet50.
+or a preset that a registered family offers (ModelFamily.presets; e.g. deit-small, resnet50, timm-deit-small,
+timm-resnet50d, mobilenet-v2-1.0, convnext-tiny; an unknown name lists them all).
 A build writes the table after every chunk of cells; running the same command again resumes it.
 """
 
