@@ -358,6 +358,71 @@ class TimingTerm:
     input_axes: list[int] = field(default_factory=list)
 
 
+def dim_signature(dim: Dimension) -> str:
+    """What a grid axis depends on: size, group size, minimum (identical blocks share a grid)."""
+    return f"{dim.size}/{dim.group_size}/{dim.min_keep}"
+
+
+class GridCatalog:
+    """The grids of a plan, keyed by kind, parameters and axes, so identical blocks share one:
+    ``key = grid(kind, axis_dims, params)``; ``grid.all()`` lists them for :meth:`LatencyCells.plan`."""
+
+    def __init__(self):
+        self._grids: dict[str, TimingGrid] = {}
+
+    def __call__(self, kind: str, axis_dims: list[Dimension], params: dict) -> str:
+        spec = ",".join(f"{k}={v}" for k, v in params.items())
+        key = f"{kind}({spec},dims={'x'.join(dim_signature(d) for d in axis_dims)})"
+        if key not in self._grids:
+            self._grids[key] = TimingGrid(
+                key, kind, [d.kind for d in axis_dims], [d.widths() for d in axis_dims], params
+            )
+        return key
+
+    def all(self) -> list[TimingGrid]:
+        return list(self._grids.values())
+
+
+class BatchNormTaylorScores:
+    """The official CNN importance (NVlabs/MDP resnet50+ablation/prune/pruning.py, calc_importance /
+    update_neuron_metric_mdp) for families whose pruned convs are followed by BatchNorms: a channel's score is
+    gamma dL/dgamma + beta dL/dbeta of its BatchNorm (|.| taken by the accumulator, ``default_score_kind``); a
+    shared width's members (every BN writing into it) are summed, and split among them by :meth:`score_shares`.
+
+    Mix in before :class:`ModelAdapter` and implement :meth:`bn_members`."""
+
+    scores_from_gates = False
+    default_score_kind = "abs"
+
+    def bn_members(self, model) -> dict[str, list[tuple[str | None, torch.nn.Module]]]:
+        """Per dimension: (block or None, BatchNorm) of every layer whose output channels are the dimension's,
+        always in the same order."""
+        raise NotImplementedError
+
+    @staticmethod
+    def bn_taylor(norm) -> torch.Tensor:
+        total = torch.zeros(norm.num_features, dtype=torch.float64, device=norm.weight.device)
+        for param in (norm.weight, norm.bias):
+            if param is not None and param.grad is not None:
+                total += (param.detach() * param.grad).double()
+        return total.cpu()
+
+    @torch.no_grad()
+    def taylor_scores(self, model, space: PruningSpace, gates: GateSet) -> dict[str, torch.Tensor]:
+        members = self.bn_members(model)
+        return {name: sum(self.bn_taylor(norm) for _, norm in members[name]) for name in space.dimensions}
+
+    @torch.no_grad()
+    def score_shares(
+        self, model, space: PruningSpace, gates: GateSet
+    ) -> dict[str, list[tuple[str | None, torch.Tensor]]]:
+        return {
+            name: [(block, self.bn_taylor(norm)) for block, norm in layers]
+            for name, layers in self.bn_members(model).items()
+            if len(layers) > 1 and space.dimensions[name].block is None
+        }
+
+
 class LatencyCells(ABC):
     """How a family's blocks are timed for a latency lookup table (mdp_hf.latency knows no family).
 

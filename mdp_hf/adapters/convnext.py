@@ -43,6 +43,7 @@ from .base import (
     Block,
     Dimension,
     GateSet,
+    GridCatalog,
     LatencyCells,
     ModelAdapter,
     PruningChoice,
@@ -426,10 +427,6 @@ class ConvNextAdapter(ModelAdapter):
 """
 
 
-def _sig(dim) -> str:
-    return f"{dim.size}/{dim.group_size}/{dim.min_keep}"
-
-
 def _conv_out(size: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
     return tuple(
         (n + 2 * p - d * (k - 1) - 1) // s + 1
@@ -486,15 +483,9 @@ class ConvNextCells(LatencyCells):
 
     def plan(self) -> tuple[list[TimingGrid], list[TimingTerm]]:
         dims = self.space.dimensions
-        grids: dict[str, TimingGrid] = {}
         terms: list[TimingTerm] = []
 
-        def grid(kind, axis_dims, params):
-            spec = ",".join(f"{k}={v}" for k, v in params.items())
-            key = f"{kind}({spec},dims={'x'.join(_sig(d) for d in axis_dims)})"
-            if key not in grids:
-                grids[key] = TimingGrid(key, kind, [d.kind for d in axis_dims], [d.widths() for d in axis_dims], params)
-            return key
+        grid = GridCatalog()  # identical blocks share a grid
 
         def hw(res):
             return f"{res[0]}x{res[1]}"
@@ -518,7 +509,7 @@ class ConvNextCells(LatencyCells):
         last = dims[_residual(len(self.stage_res) - 1)]
         key = grid("convnext.head", [last], {"at": hw(self.stage_res[-1]), "labels": self.num_labels})
         terms.append(TimingTerm("pool+norm+classifier", key, [last.name], None))
-        return list(grids.values()), terms
+        return grid.all(), terms
 
     def build_cell(self, grid, widths: tuple[int, ...]):
         B, p = self.settings.batch_size, grid.params

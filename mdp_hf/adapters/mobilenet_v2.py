@@ -32,9 +32,11 @@ from ..modeling.modeling_mdp_mobilenet_v2 import (
     MDPMobileNetV2Model,
 )
 from .base import (
+    BatchNormTaylorScores,
     Block,
     Dimension,
     GateSet,
+    GridCatalog,
     LatencyCells,
     ModelAdapter,
     PruningChoice,
@@ -65,11 +67,8 @@ def _stage(s: int) -> str:
     return f"stages.{s}.residual"
 
 
-class MobileNetV2Adapter(ModelAdapter):
+class MobileNetV2Adapter(BatchNormTaylorScores, ModelAdapter):
     default_group_sizes = {"channels": 8, "residual": 8}
-    default_score_kind = "abs"
-    #: the official CNN score reads BatchNorm parameters (gates are plain masks)
-    scores_from_gates = False
     stem_dimensions = ("stem", "stem.expansion")
 
     # structure ---------------------------------------------------------------------------------------
@@ -340,30 +339,8 @@ class MobileNetV2Adapter(ModelAdapter):
         members["final_conv"] = [(None, base.conv_1x1.normalization)]
         return members
 
-    @staticmethod
-    def _bn_taylor(norm) -> torch.Tensor:
-        total = torch.zeros(norm.num_features, dtype=torch.float64, device=norm.weight.device)
-        for param in (norm.weight, norm.bias):
-            if param is not None and param.grad is not None:
-                total += (param.detach() * param.grad).double()
-        return total.cpu()
-
-    @torch.no_grad()
-    def taylor_scores(self, model, space: PruningSpace, gates: GateSet) -> dict[str, torch.Tensor]:
-        base, _, _ = self._parts(model)
-        members = self._members(base)
-        return {name: sum(self._bn_taylor(norm) for _, norm in members[name]) for name in space.dimensions}
-
-    @torch.no_grad()
-    def score_shares(
-        self, model, space: PruningSpace, gates: GateSet
-    ) -> dict[str, list[tuple[str | None, torch.Tensor]]]:
-        base, _, _ = self._parts(model)
-        return {
-            name: [(block, self._bn_taylor(norm)) for block, norm in layers]
-            for name, layers in self._members(base).items()
-            if len(layers) > 1 and space.dimensions[name].block is None
-        }
+    def bn_members(self, model):
+        return self._members(self._parts(model)[0])
 
     @torch.no_grad()
     def unit_magnitudes(self, model, space: PruningSpace) -> dict[str, torch.Tensor]:
@@ -428,10 +405,6 @@ stride, dilation, input resolution, width grids); identical convs share it.
 - ``mnv2.head`` [final_conv]: global average pool + flatten + dropout + linear classifier.
 Terms of a residual layer are paid while its block is kept; every other term is always paid.
 """
-
-
-def _sig(dim) -> str:
-    return f"{dim.size}/{dim.group_size}/{dim.min_keep}"
 
 
 class _PointwiseAdd(nn.Module):
@@ -515,15 +488,9 @@ class MobileNetV2Cells(LatencyCells):
     # plan ----------------------------------------------------------------------------------------------
     def plan(self) -> tuple[list[TimingGrid], list[TimingTerm]]:
         dims = self.space.dimensions
-        grids: dict[str, TimingGrid] = {}
         terms: list[TimingTerm] = []
 
-        def grid(kind, axis_dims, params):
-            spec = ",".join(f"{k}={v}" for k, v in params.items())
-            key = f"{kind}({spec},dims={'x'.join(_sig(d) for d in axis_dims)})"
-            if key not in grids:
-                grids[key] = TimingGrid(key, kind, [d.kind for d in axis_dims], [d.widths() for d in axis_dims], params)
-            return key
+        grid = GridCatalog()  # identical blocks share a grid
 
         def at(conv_layer):
             shape = self.shapes[id(conv_layer)][0]
@@ -563,7 +530,7 @@ class MobileNetV2Cells(LatencyCells):
             _, out = self.shapes[id(self.base.conv_1x1)]
             params = {"at": f"{out[2]}x{out[3]}", "labels": self.num_labels}
             terms.append(TimingTerm("pool+classifier", grid("mnv2.head", [dims["final_conv"]], params), ["final_conv"]))
-        return list(grids.values()), terms
+        return grid.all(), terms
 
     # cells ---------------------------------------------------------------------------------------------
     def build_cell(self, table, widths: tuple[int, ...]):

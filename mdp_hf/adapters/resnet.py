@@ -26,9 +26,11 @@ from ..modeling.modeling_mdp_resnet import (
     MDPResNetShortCut,
 )
 from .base import (
+    BatchNormTaylorScores,
     Block,
     Dimension,
     GateSet,
+    GridCatalog,
     LatencyCells,
     ModelAdapter,
     PruningChoice,
@@ -41,9 +43,8 @@ from .base import (
 from .registry import ModelFamily, register_family
 
 
-class ResNetAdapter(ModelAdapter):
+class ResNetAdapter(BatchNormTaylorScores, ModelAdapter):
     default_group_sizes = {"channels": 8, "residual": 8}
-    default_score_kind = "abs"
 
     @staticmethod
     def _parts(model):
@@ -288,7 +289,6 @@ class ResNetAdapter(ModelAdapter):
     # channel's score is |gamma dL/dgamma + beta dL/dbeta| of the BatchNorm after its conv; a residual width's
     # members (the BNs writing into it: each branch's last conv, the projection shortcuts, the stem) are summed
     # before |.|, and that combined score is split among the members in proportion to each member's own |.|.
-    scores_from_gates = False
     stem_dimensions = ("stem", "stem.conv1", "stem.conv2")
 
     def _members(self, base) -> dict[str, list[tuple[str | None, nn.BatchNorm2d]]]:
@@ -308,30 +308,8 @@ class ResNetAdapter(ModelAdapter):
             members.setdefault(stage_names[s], []).append((block, convs[-1].normalization))
         return members
 
-    @staticmethod
-    def _bn_taylor(norm) -> torch.Tensor:
-        total = torch.zeros(norm.num_features, dtype=torch.float64, device=norm.weight.device)
-        for param in (norm.weight, norm.bias):
-            if param is not None and param.grad is not None:
-                total += (param.detach() * param.grad).double()
-        return total.cpu()
-
-    @torch.no_grad()
-    def taylor_scores(self, model, space: PruningSpace, gates: GateSet) -> dict[str, torch.Tensor]:
-        base, _, _ = self._parts(model)
-        members = self._members(base)
-        return {name: sum(self._bn_taylor(norm) for _, norm in members[name]) for name in space.dimensions}
-
-    @torch.no_grad()
-    def score_shares(
-        self, model, space: PruningSpace, gates: GateSet
-    ) -> dict[str, list[tuple[str | None, torch.Tensor]]]:
-        base, _, _ = self._parts(model)
-        return {
-            name: [(block, self._bn_taylor(norm)) for block, norm in layers]
-            for name, layers in self._members(base).items()
-            if len(layers) > 1 and space.dimensions[name].block is None
-        }
+    def bn_members(self, model):
+        return self._members(self._parts(model)[0])
 
     @torch.no_grad()
     def unit_magnitudes(self, model, space: PruningSpace) -> dict[str, torch.Tensor]:
@@ -405,10 +383,6 @@ the model (recorded with forward hooks at the table's image size). One table per
   stem.conv1] and [stem, stem.conv2], and ``resnet.maxpool`` [stem];
 - ``resnet.head`` [last residual]: global average pool + flatten + linear classifier.
 """
-
-
-def _sig(dim) -> str:
-    return f"{dim.size}/{dim.group_size}/{dim.min_keep}"
 
 
 class _ConvAdd(nn.Module):
@@ -501,18 +475,10 @@ class ResNetCells(LatencyCells):
     # plan --------------------------------------------------------------------------------------------
     def plan(self) -> tuple[list[TimingGrid], list[TimingTerm]]:
         dims = self.space.dimensions
-        tables: dict[str, TimingGrid] = {}
         terms: list[TimingTerm] = []
         stem_name, stage_names = self.adapter._residual_names(self.base)
 
-        def table(kind, axis_dims, params):
-            spec = ",".join(f"{k}={v}" for k, v in params.items())
-            key = f"{kind}({spec},dims={'x'.join(_sig(d) for d in axis_dims)})"
-            if key not in tables:
-                tables[key] = TimingGrid(
-                    key, kind, [d.kind for d in axis_dims], [d.widths() for d in axis_dims], params
-                )
-            return key
+        table = GridCatalog()  # identical blocks share a grid
 
         def hw(shape):
             return f"{shape[2]}x{shape[3]}"
@@ -575,7 +541,7 @@ class ResNetCells(LatencyCells):
         _, encoder_out = self.shapes[id(self.base.encoder)]
         key = table("resnet.head", [dims[producer]], {"at": hw(encoder_out), "labels": self.num_labels})
         terms.append(TimingTerm("pool+classifier", key, [producer], None))
-        return list(tables.values()), terms
+        return table.all(), terms
 
     # cells -------------------------------------------------------------------------------------------
     def build_cell(self, table, widths: tuple[int, ...]):
