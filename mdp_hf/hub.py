@@ -162,6 +162,16 @@ def load_pruned_model(path_or_repo_id: str | os.PathLike, **kwargs):
     return model.eval()
 
 
+def _preprocessing_line(pre: dict | None) -> str:
+    if not pre:
+        return "Preprocessing: the source model's own image processor (saved with the model when the run had one)."
+    return (
+        f"Preprocessing (the source's pretrained config, saved as `preprocessor_config.json`): input size "
+        f"{list(pre.get('input_size', []))}, mean {list(pre.get('mean', []))}, std {list(pre.get('std', []))}, "
+        f"{pre.get('interpolation', 'bicubic')} interpolation, crop_pct {pre.get('crop_pct')}."
+    )
+
+
 def render_model_card(report: dict, kept_table: str, repo_or_path: str) -> str:
     """The README.md of a pruned model, from the template shipped in mdp_hf.hub_cards."""
     from importlib.resources import files
@@ -187,6 +197,7 @@ def render_model_card(report: dict, kept_table: str, repo_or_path: str) -> str:
         "solver_gap": fmt(solver.get("gap")),
         "solver_time_s": fmt(solver.get("solve_time_s"), 3),
         "dense_predicted_ms": fmt(report.get("dense_predicted_latency_ms")),
+        "preprocessing": _preprocessing_line(report.get("preprocessing")),
     }
     for key in (
         "dense_latency_ms",

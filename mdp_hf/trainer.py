@@ -313,6 +313,7 @@ class MDPTrainer(Trainer):
             "pruned_accuracy": _accuracy(pruned_metrics),
             "world_size": world_size(),
             "base_model": source_name(model),
+            "preprocessing": getattr(pruned.config, "preprocessing", None),
             "latency_model": config.latency_model,
             "distillation": None
             if self.mdp_loss is None

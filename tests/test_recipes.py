@@ -125,6 +125,8 @@ def test_quick_recipe_run_on_a_timm_model_by_name(tmp_path, recipe, name, kwargs
     assert report["pruned_params"] < report["dense_params"]
     assert report["base_model"] == name.split(":", 1)[1]
     assert (out / "preprocessor_config.json").is_file()
+    card = (out / "README.md").read_text()
+    assert f"base_model: {name.split(':', 1)[1]}" in card and "mean [" in card and "interpolation" in card
     from transformers import pipeline
 
     from mdp_hf.data import load_image_classification
