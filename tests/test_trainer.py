@@ -260,7 +260,7 @@ def test_resume_with_another_config_is_refused(tmp_path, vit_latency):
     other = MDPTrainer(
         model=build("vit"),
         args=args(tmp_path, max_steps=4),
-        prunable_config=config(budget_fraction=0.4),
+        prunable_config=config(budget_fraction=0.7),
         latency_model=vit_latency,
         train_dataset=RandomImages(24),
     )
