@@ -77,6 +77,11 @@ class PrunableConfig:
     solver_backend: str = "auto"
     solver_time_limit_s: float | None = 60.0
     dump_problems_dir: str | None = None  # write every solved problem as JSON (for `mdp-hf solve`, bug reports)
+    # after the final solve, time the sliced model against the dense one (table's device and protocol) and
+    # tighten the solver's budget until the *measured* latency is within the budget (see docs/latency.md)
+    verify_latency: bool = True
+    latency_tolerance: float = 0.01  # measured may exceed the budget by this fraction (or the timing noise)
+    verify_latency_rounds: int = 4  # re-solves at most; then LatencyBudgetError
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
@@ -141,6 +146,12 @@ class PrunableConfig:
             bad("latency_num_threads", f"must be >= 1 or None, got {self.latency_num_threads}")
         if self.latency_dtype not in ("float32", "float16", "bfloat16"):
             bad("latency_dtype", f"must be float32, float16 or bfloat16, got {self.latency_dtype!r}")
+        if not isinstance(self.verify_latency, bool):
+            bad("verify_latency", f"must be True or False, got {self.verify_latency!r}")
+        if not 0 <= self.latency_tolerance < 1:
+            bad("latency_tolerance", f"must be in [0, 1) (a fraction of the budget), got {self.latency_tolerance!r}")
+        if not isinstance(self.verify_latency_rounds, int) or self.verify_latency_rounds < 0:
+            bad("verify_latency_rounds", f"must be an integer >= 0, got {self.verify_latency_rounds!r}")
         if self.solver_time_limit_s is not None and not self.solver_time_limit_s > 0:
             bad("solver_time_limit_s", f"must be > 0 or None, got {self.solver_time_limit_s}")
         if self.version > CONFIG_VERSION:
@@ -157,6 +168,20 @@ class PrunableConfig:
 
         fraction = step_index / self.num_pruning_steps
         return math.exp(fraction * math.log(final_ms) + (1 - fraction) * math.log(dense_ms))
+
+    def timing_settings(self):
+        """The timing protocol of this run (``mdp_hf.latency.TimingSettings``): tables built for it and
+        measurements of its models use the same settings."""
+        from .latency.timing import TimingSettings
+
+        return TimingSettings(
+            device=self.latency_device,
+            batch_size=self.latency_batch_size,
+            image_size=self.latency_image_size,
+            dtype=self.latency_dtype,
+            threads=self.latency_num_threads,
+            repeats=self.latency_repeats,
+        )
 
     # serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

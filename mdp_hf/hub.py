@@ -172,6 +172,22 @@ def _preprocessing_line(pre: dict | None) -> str:
     )
 
 
+def _latency_check_line(check: dict | None) -> str:
+    """One sentence on the measured-latency check of the final solve (see mdp_hf.latency_check)."""
+    if not check or check.get("status") == "off":
+        return "The measured latency was not checked during pruning (`verify_latency=False`): the table was trusted."
+    if check["status"] == "skipped":
+        return f"The measured latency was not checked during pruning: {check.get('reason')}."
+    rounds = check.get("rounds") or []
+    text = (
+        f"During pruning the structure was timed on the table's device and re-solved {max(len(rounds) - 1, 0)} "
+        f"time(s) until it measured within {100 * check['effective_tolerance']:.1f}% of the budget."
+    )
+    if check.get("noise_limited"):
+        text += " That tolerance is the timing noise of this machine, above the configured one."
+    return text
+
+
 def render_model_card(report: dict, kept_table: str, repo_or_path: str) -> str:
     """The README.md of a pruned model, from the template shipped in mdp_hf.hub_cards."""
     from importlib.resources import files
@@ -198,6 +214,8 @@ def render_model_card(report: dict, kept_table: str, repo_or_path: str) -> str:
         "solver_time_s": fmt(solver.get("solve_time_s"), 3),
         "dense_predicted_ms": fmt(report.get("dense_predicted_latency_ms")),
         "preprocessing": _preprocessing_line(report.get("preprocessing")),
+        "budget_unit": "fraction of the dense latency" if report.get("budget_fraction") else "milliseconds",
+        "latency_check": _latency_check_line(report.get("latency_check")),
     }
     for key in (
         "dense_latency_ms",
@@ -213,8 +231,11 @@ def render_model_card(report: dict, kept_table: str, repo_or_path: str) -> str:
         "image_size",
         "dtype",
         "num_threads",
+        "dense_latency_spread",
+        "pruned_latency_spread",
+        "measured_over_budget",
     ):
-        fields[key] = fmt(report.get(key))
+        fields[key] = fmt(report.get(key), 3 if key.endswith(("spread", "budget")) else 4)
     return template.substitute(fields)
 
 

@@ -19,8 +19,9 @@ from .config import PrunableConfig
 from .distributed import mean_across_ranks, run_on_main_and_broadcast, world_size
 from .importance import ImportanceAccumulator
 from .latency.models import dense_latency_ms
+from .latency_check import LatencyCheck, land_on_budget, unverifiable_reason, verification_settings
 from .masks import build_problem, choice_from_solution, gate_model, kept_fraction_by_kind
-from .solver import solve
+from .solver import solve as solve_problem
 from .surgery import slice_model
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class PruningStepResult:
     backend: str
     solve_time_s: float
     kept_fraction: dict[str, float] = field(default_factory=dict)
+    solver_budget_ms: float | None = None  # the budget the solver got (tighter than budget_ms after a latency check)
+    latency_check: dict | None = None  # final step: LatencyCheck.to_dict() of the measured check (None: off)
 
     def log_dict(self) -> dict[str, float]:
         logs = {
@@ -51,14 +54,20 @@ class PruningStepResult:
             "mdp/step": float(self.step_index),
         }
         logs.update({f"mdp/kept_{kind}": value for kind, value in self.kept_fraction.items()})
+        rounds = (self.latency_check or {}).get("rounds") or []
+        if rounds:  # the final step's measured check: what the exported structure measured against the budget
+            logs["mdp/measured_over_budget"] = rounds[-1]["measured_over_budget"]
+            logs["mdp/latency_check_resolves"] = float(len(rounds) - 1)
+            logs["mdp/solver_budget_ms"] = rounds[-1]["solver_budget_ms"]
         return logs
 
 
 class PruningSession:
     """Gates, scores, latency terms and solver for one model under one PrunableConfig."""
 
-    def __init__(self, model, config: PrunableConfig, latency_model):
+    def __init__(self, model, config: PrunableConfig, latency_model, latency_timer=None):
         self.model = model
+        self.latency_timer = latency_timer  # times [dense, pruned] for the final check (None: here, table protocol)
         self.config = config
         self.adapter = get_adapter(model)
         self.space = build_space(model, config.group_sizes, config.min_keep)
@@ -105,6 +114,12 @@ class PruningSession:
     @property
     def choice(self) -> PruningChoice | None:
         return self.results[-1].choice if self.results else None
+
+    @property
+    def latency_check(self) -> LatencyCheck | None:
+        """The measured-latency check of the final step (None before it, or with ``verify_latency=False``)."""
+        check = self.results[-1].latency_check if self.finished else None
+        return None if check is None else LatencyCheck.from_dict(check)
 
     @property
     def finished(self) -> bool:
@@ -158,12 +173,12 @@ class PruningSession:
             }
             terms = self.latency_model.solver_terms(self.space, around=around)
 
-        def solve_on_main():
+        def solve(budget_ms: float) -> PruningStepResult:
             problem = build_problem(
                 self.space,
                 scores,
                 terms,
-                budget,
+                budget_ms,
                 self.config.prune,
                 metadata={"step": step_index, "dense_predicted_ms": self.dense_predicted_ms},
                 shares=shares,
@@ -173,8 +188,9 @@ class PruningSession:
             )
             if self.config.dump_problems_dir:
                 os.makedirs(self.config.dump_problems_dir, exist_ok=True)
-                problem.to_json(os.path.join(self.config.dump_problems_dir, f"problem_step{step_index}.json"))
-            solution = solve(problem, self.config.solver_backend, self.config.solver_time_limit_s)
+                suffix = "" if budget_ms == budget else f"_budget{budget_ms:.6g}"
+                problem.to_json(os.path.join(self.config.dump_problems_dir, f"problem_step{step_index}{suffix}.json"))
+            solution = solve_problem(problem, self.config.solver_backend, self.config.solver_time_limit_s)
             if solution.status != "optimal":
                 logger.warning(
                     "MDP step %d: solver stopped with status %s, gap %.3g", step_index, solution.status, solution.gap
@@ -192,12 +208,49 @@ class PruningSession:
                 solution.backend,
                 solution.solve_time_s,
                 kept_fraction_by_kind(self.space, choice),
+                solver_budget_ms=budget_ms,
             )
 
-        result = run_on_main_and_broadcast(solve_on_main)
+        def solve_on_main():
+            result = solve(budget)
+            if step_index < self.config.num_pruning_steps or not self.config.verify_latency:
+                return result, None
+            return self._land_on_measured_budget(result, solve)
+
+        result, latency_check = run_on_main_and_broadcast(solve_on_main)
+        if latency_check is not None:
+            result.latency_check = latency_check.to_dict()
         self.gates.apply_choice(result.choice)
         self.results.append(result)
         return result
+
+    def _land_on_measured_budget(self, result: PruningStepResult, solve) -> tuple[PruningStepResult, LatencyCheck]:
+        """Main rank: time the final choice on the table's device and re-solve until it fits (or skip, saying why)."""
+        config = self.config
+        unit, budget = (
+            ("ms", float(config.budget_ms))
+            if config.budget_ms is not None
+            else ("fraction_of_dense", config.budget_fraction)
+        )
+        reason = None if self.latency_timer is not None else unverifiable_reason(self.latency_model)
+        if reason is not None:
+            logger.warning("MDP: the pruned model's latency is not verified: %s", reason)
+            return result, LatencyCheck("skipped", unit, budget, config.latency_tolerance, reason=reason)
+        result, check = land_on_budget(
+            self.model,
+            self.space,
+            result,
+            solve,
+            budget_unit=unit,
+            budget=budget,
+            tolerance=config.latency_tolerance,
+            max_rounds=config.verify_latency_rounds,
+            dense_predicted_ms=self.dense_predicted_ms,
+            settings=verification_settings(self.latency_model),
+            timer=self.latency_timer,
+        )
+        logger.info("MDP: %s", check.summary())
+        return result, check
 
     def export(self):
         """The physically pruned model for the current choice (the dense model itself if none yet)."""
@@ -253,7 +306,7 @@ def _check_feasible(space, latency_terms, budget_ms: float, config: PrunableConf
         keep_full=_kept_full(adapter, space, config),
         merge_blocks=_merged_blocks(adapter, space, config),
     )
-    solve(problem, config.solver_backend, config.solver_time_limit_s)
+    solve_problem(problem, config.solver_backend, config.solver_time_limit_s)
 
 
 def check_budget(model, config: PrunableConfig, latency_model) -> None:
@@ -276,21 +329,13 @@ def latency_model_for(model, config: PrunableConfig, table_path: str | None = No
         LatencyTable,
         LinearLatencyModel,
         TableLatencyModel,
-        TimingSettings,
         build_table,
         pull_table,
         run_metadata,
     )
 
     space = build_space(model, config.group_sizes, config.min_keep)
-    settings = TimingSettings(
-        device=config.latency_device,
-        batch_size=config.latency_batch_size,
-        image_size=config.latency_image_size,
-        dtype=config.latency_dtype,
-        threads=config.latency_num_threads,
-        repeats=config.latency_repeats,
-    )
+    settings = config.timing_settings()
 
     def load_or_build():
         if config.latency_table:
@@ -360,13 +405,23 @@ def _returns_own_loss(model) -> bool:
         return False
 
 
-def prune(model, config: PrunableConfig, dataloader, latency_model, num_batches: int | None = None, loss_fn=None):
+def prune(
+    model,
+    config: PrunableConfig,
+    dataloader,
+    latency_model,
+    num_batches: int | None = None,
+    loss_fn=None,
+    latency_timer=None,
+):
     """One-shot MDP: score units on ``dataloader``, solve for the budget, return (pruned model, step result).
 
     The input model is not modified (gates are removed again). ``num_batches`` defaults to
-    ``config.accumulation_steps``. Fine-tune the returned model as usual.
+    ``config.accumulation_steps``. Fine-tune the returned model as usual. With ``config.verify_latency`` the
+    chosen structure is timed and re-solved until it measures within the budget (``result.latency_check``);
+    ``latency_timer([dense, pruned]) -> [Measurement, Measurement]`` times it elsewhere (a remote target).
     """
-    session = PruningSession(model, config, latency_model)
+    session = PruningSession(model, config, latency_model, latency_timer)
     try:
         accumulate_importance(session, model, dataloader, num_batches or config.accumulation_steps, loss_fn)
         result = session.prune_step()

@@ -423,4 +423,13 @@ def print_summary(report: dict, output_dir: str, seconds: float) -> None:
     print(f"{'':<{width}}  {'dense':>12}  {'pruned':>12}")
     for name, dense, pruned in rows:
         print(f"{name:<{width}}  {dense:>12}  {pruned:>12}")
+    if report.get("measured_over_budget") is not None:
+        print(f"measured/budget at export: {report['measured_over_budget']:.3f}")
+    check = report.get("latency_check") or {}
+    if check.get("rounds"):
+        from .latency_check import LatencyCheck
+
+        print(f"latency check during pruning: {LatencyCheck.from_dict(check).summary()}")
+    elif check.get("status") == "skipped":
+        print(f"latency check during pruning: skipped ({check.get('reason')})")
     print(f"\npruned model, card, report and plot: {os.path.abspath(output_dir)}")

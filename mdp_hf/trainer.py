@@ -23,10 +23,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from .config import PrunableConfig
 from .distributed import world_size
 from .hub import push_folder_to_hub, render_model_card, save_pruned_model
+from .latency_check import dense_reference, unverifiable_reason, verification_settings
 from .losses import DistillationSettings, MDPLoss
 from .pruning import PruningSession, _returns_own_loss, latency_model_for
 from .reporting import kept_dims, kept_dims_markdown, latency_breakdown, plot_report
-from .surgery import slice_model
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,9 @@ class MDPTrainer(Trainer):
             teacher ("dense": the model before pruning; or a Hub id / folder) and hard distillation of a DeiT
             distillation head; None: the model's own loss (cross-entropy for models without one).
         eval_data_collator: collator for evaluation when it differs from ``data_collator`` (mixup).
+        latency_timer: ``timer([dense, pruned]) -> [Measurement, Measurement]`` for the final measured-latency
+            check (``PrunableConfig.verify_latency``), e.g. timing on a remote target; default: timed here with
+            the table's protocol.
         Everything else is passed to ``transformers.Trainer``.
     """
 
@@ -100,6 +103,7 @@ class MDPTrainer(Trainer):
         latency_model=None,
         distillation: DistillationSettings | None = None,
         eval_data_collator=None,
+        latency_timer=None,
         **kwargs,
     ):
         if not isinstance(prunable_config, PrunableConfig):
@@ -137,7 +141,7 @@ class MDPTrainer(Trainer):
             table_path = os.path.join(self.args.output_dir, LATENCY_TABLE_NAME)
             latency_model = latency_model_for(self.model, prunable_config, table_path)
         self.latency_model = latency_model
-        self.mdp = PruningSession(self.model, prunable_config, latency_model)
+        self.mdp = PruningSession(self.model, prunable_config, latency_model, latency_timer)
         self.dense_metrics: dict | None = None
         self.add_callback(_MDPCallback(self))
 
@@ -279,24 +283,33 @@ class MDPTrainer(Trainer):
 
     def export_pruned(self, output_dir: str, pruned_metrics: dict | None = None) -> dict:
         """Slice, measure, and write the pruned model folder (main process only). Returns the report."""
-        from .latency import TimingSettings, measure_latencies
+        from .latency import measure_latencies
 
         session, config = self.mdp, self.prunable_config
         model = self.accelerator.unwrap_model(self.model)
         pruned = session.export()
-        if hasattr(model, "config"):  # a clean copy (no gates): latency does not depend on weight values
-            dense = type(model)(model.config)
-        else:  # a plain module (timm): the dense model in the pruned format, sliced without gates
-            dense = slice_model(model, session.space, session.space.full_choice())
+        dense = dense_reference(model, session.space)
         # the table's own protocol and settings, dense and pruned interleaved in one process: comparable
         metadata = self.latency_model.table.metadata
-        settings = TimingSettings(**{**metadata["timing"], "repeats": max(30, metadata["timing"]["repeats"])})
-        dense_ms, pruned_ms = (m.ms for m in measure_latencies([dense, pruned], settings))
+        settings = verification_settings(self.latency_model)
+        unmeasurable = unverifiable_reason(self.latency_model)
+        dense_m = pruned_m = None
+        if session.latency_timer is not None:
+            dense_m, pruned_m = session.latency_timer([dense, pruned])
+        elif unmeasurable is None:
+            dense_m, pruned_m = measure_latencies([dense, pruned], settings)
+        else:
+            logger.warning("MDP export: the pruned model is not timed: %s", unmeasurable)
         result = session.results[-1]
         report = {
             "budget_ms": result.budget_ms,
-            "dense_latency_ms": dense_ms,
-            "pruned_latency_ms": pruned_ms,
+            "budget_fraction": config.budget_fraction,
+            "dense_latency_ms": None if dense_m is None else dense_m.ms,
+            "pruned_latency_ms": None if pruned_m is None else pruned_m.ms,
+            "dense_latency_spread": None if dense_m is None else dense_m.spread,
+            "pruned_latency_spread": None if pruned_m is None else pruned_m.spread,
+            "measured_over_budget": _measured_over_budget(config, dense_m, pruned_m),
+            "latency_check": {"status": "off"} if session.latency_check is None else session.latency_check.to_dict(),
             "predicted_latency_ms": result.predicted_latency_ms,
             "dense_predicted_latency_ms": session.dense_predicted_ms,
             "dense_params": sum(p.numel() for p in dense.parameters()),
@@ -373,6 +386,15 @@ def source_name(model) -> str:
         return config.name_or_path or config.model_type
     timm_cfg = getattr(model, "pretrained_cfg", None) or {}
     return timm_cfg.get("hf_hub_id") or timm_cfg.get("architecture") or type(model).__name__
+
+
+def _measured_over_budget(config: PrunableConfig, dense_m, pruned_m) -> float | None:
+    """The export's own measurement against the budget, in the budget's unit (fraction of dense, or ms)."""
+    if pruned_m is None:
+        return None
+    if config.budget_ms is not None:
+        return pruned_m.ms / config.budget_ms
+    return pruned_m.ms / dense_m.ms / config.budget_fraction
 
 
 def _accuracy(metrics: dict | None):

@@ -147,7 +147,13 @@ def build_table(
             for a, (kind, axis) in enumerate(zip(t.axis_names, t.axes))
         ]
     table = LatencyTable(
-        metadata={**metadata, "subgrid": subgrid, "timing": settings.to_dict()},
+        # "timer": a table filled by a custom timer holds no device's latencies (nothing to verify against)
+        metadata={
+            **metadata,
+            "subgrid": subgrid,
+            "timing": settings.to_dict(),
+            "timer": "custom" if timer else "measured",
+        },
         space=space_summary(space),
         tables={t.key: t for t in tables},
         terms=terms,
