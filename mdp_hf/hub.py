@@ -7,10 +7,16 @@ written beside the weights and ``trust_remote_code=True`` loads them without mdp
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fnmatch
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,7 +36,7 @@ class CheckpointError(ValueError):
 def save_pruned_model(
     model,
     save_directory: str | os.PathLike,
-    extra_files: dict[str, str] | None = None,
+    extra_files: dict[str, str | bytes | os.PathLike | Callable[[Path], object]] | None = None,
     overwrite: bool = True,
     image_processor=None,
 ) -> Path:
@@ -38,11 +44,16 @@ def save_pruned_model(
 
     ``image_processor`` (an HF image processor) is saved with it so ``pipeline`` works; without one, a
     model pruned from timm gets one built from the timm preprocessing its config records.
+    ``extra_files`` maps file names to their content: text, bytes, a file to copy, or a function that
+    writes the file at the path it is given (a plot, a latency table).
 
-    Everything is written to a temporary sibling folder first and each file is then renamed into
-    place, so an error half-way (disk full, bad model) never leaves a half-written or mixed checkpoint
-    behind. Other files in the folder (checkpoints, latency tables, logs) are left alone.
-    ``extra_files`` maps file names to text (pruning_config.json, README.md, reports).
+    All-or-nothing: the whole new model folder is staged in a hidden sibling folder, the user's other files
+    (checkpoints, logs, notes) are carried over into it as hard links, and the two folders are swapped with
+    one atomic exchange. At every moment the folder holds the complete old model or the complete new one, never new
+    weights beside an old config. A folder that held a model loses that model's own files (weights, config,
+    modeling files, card, report, pruning config, latency table, plot; see :data:`MODEL_FILE_PATTERNS`);
+    every other file stays. A save killed half-way leaves a staging folder that the next save of the same
+    folder cleans up (carrying back any user file it held).
     """
     target = Path(save_directory)
     if (target / "model.safetensors").exists() and not overwrite:
@@ -57,23 +68,272 @@ def save_pruned_model(
     actual = sum(p.numel() for p in model.parameters())
     if expected != actual:
         raise ValueError(f"refusing to save: the model has {actual} parameters but its config implies {expected}")
-    target.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    folder = target.resolve()  # a symlinked folder is saved where it points
+    recover_interrupted_saves(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    in_place = not _can_swap(folder)
+    prefix, where = (_STAGING_IN_PLACE, folder) if in_place else (_staging_prefix(folder), folder.parent)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
     try:
         model.save_pretrained(staging)  # safetensors + config.json + modeling files + auto_map
         image_processor = image_processor or image_processor_from_preprocessing(model.config)
         if image_processor is not None:
             image_processor.save_pretrained(staging)
-        for name, text in (extra_files or {}).items():
-            (staging / name).write_text(text, encoding="utf-8")
+        for name, content in (extra_files or {}).items():
+            _write_extra(staging / name, content)
         _check_saved(staging)
-        for stale in target.glob("*_mdp_*.py"):  # modeling files of a previously saved other family
-            stale.unlink()
-        for path in staging.iterdir():
-            os.replace(path, target / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        _remove_tree(staging)
+        raise
+    if in_place:
+        _replace_in_place(staging, folder)
+    else:
+        _swap_in(staging, folder)
     return target
+
+
+# The files a pruned-model save writes (save_pretrained, image processor, the trainer's card/report/config,
+# latency table, plot): replaced or removed when a new model is saved over an old one; any other file stays.
+MODEL_FILE_PATTERNS = (
+    "config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "*_mdp_*.py",  # configuration_mdp_vit.py, modeling_mdp_resnet.py, ...
+    "preprocessor_config.json",
+    "README.md",
+    "pruning_report.json",
+    "pruning_report.png",
+    "pruning_config.json",
+    "latency_table.json",
+)
+_SAVE_MARKER = ".mdp-save.json"  # inside a staging folder: the new model's entries, so a recovery knows the rest
+_STAGING_IN_PLACE = ".mdp-save-"  # staging inside the folder, where it cannot be swapped (a mount point)
+_RENAME_EXCHANGE = 2  # linux renameat2 flag
+
+
+def _staging_prefix(folder: Path) -> str:
+    return f".{folder.name}.mdp-save-"
+
+
+def _old_prefix(folder: Path) -> str:  # the old model between two renames, where no atomic exchange exists
+    return f".{folder.name}.mdp-old-"
+
+
+def _is_model_file(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in MODEL_FILE_PATTERNS)
+
+
+def _holds_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
+def _write_extra(path: Path, content) -> None:
+    if callable(content):
+        content(path)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, str):
+        path.write_text(content, encoding="utf-8")
+    else:
+        shutil.copyfile(os.fspath(content), path)
+    if not path.is_file():
+        raise RuntimeError(f"extra file {path.name!r} was not written")
+
+
+def _can_swap(folder: Path) -> bool:
+    """Whether a sibling staging folder can replace ``folder`` by renames (same filesystem, writable parent)."""
+    if os.path.ismount(folder) or folder.parent == folder:
+        return False
+    return os.access(folder.parent, os.W_OK | os.X_OK) and folder.stat().st_dev == folder.parent.stat().st_dev
+
+
+# the steps that move or remove saved files (tests/test_reliability.py stops a save at each of them)
+def _move(source: Path, destination: Path) -> None:
+    os.replace(source, destination)
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _exchange_dirs(first: Path, second: Path) -> None:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); OSError where unsupported."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(first))
+
+
+def _write_marker(staging: Path, folder: Path, replace_model: bool) -> dict:
+    marker = {
+        "target": str(folder),
+        "model_files": sorted(p.name for p in staging.iterdir()),
+        "replace_model": replace_model,
+    }
+    tmp = staging / f"{_SAVE_MARKER}.tmp"
+    tmp.write_text(json.dumps(marker), encoding="utf-8")
+    os.replace(tmp, staging / _SAVE_MARKER)
+    return marker
+
+
+def _read_marker(staging: Path) -> dict | None:
+    try:
+        return json.loads((staging / _SAVE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+_NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Carry the user's files into ``staging`` (the new model), then exchange it with ``folder`` atomically."""
+    replace_model = _holds_model(folder)
+    try:
+        was_cwd = Path.cwd() == folder
+    except FileNotFoundError:
+        was_cwd = False
+    carried: list[str] = []
+    try:
+        new_names = set(_write_marker(staging, folder, replace_model)["model_files"])
+        os.chmod(staging, folder.stat().st_mode & 0o7777)  # mkdtemp makes it private; keep the folder's mode
+        for entry in sorted(folder.iterdir()):
+            name = entry.name
+            if name in new_names or name == _SAVE_MARKER or (replace_model and _is_model_file(name)):
+                continue  # replaced by the new model, or the old model's own file: stays behind, removed below
+            _carry(entry, staging / name)
+            carried.append(name)
+        swapped = True
+        try:
+            _exchange_dirs(staging, folder)
+        except OSError as error:
+            if error.errno in _NO_EXCHANGE:
+                _swap_by_renames(staging, folder)
+            elif error.errno == errno.EBUSY:  # a mount point cannot be renamed: files are replaced one by one
+                _carry_back(staging, folder, carried)
+                carried, swapped = [], False
+            else:
+                raise
+    except BaseException:
+        _carry_back(staging, folder, carried)  # an error (not a kill): the user's files go back where they were
+        _remove_tree(staging)
+        raise
+    if not swapped:
+        _finish_in_place(staging, folder)
+        return
+    # staging now holds the old model's own files; the marker came over with the new model
+    _remove_tree(staging)
+    (folder / _SAVE_MARKER).unlink(missing_ok=True)
+    if was_cwd:  # the process sat in the old folder, now removed
+        os.chdir(folder)
+
+
+def _carry(source: Path, destination: Path) -> None:
+    """A user's file or folder into the new model's folder as hard links, so it never leaves the old one (a
+    kill at any point finds it in place); moved instead where the filesystem has no hard links."""
+    try:
+        if source.is_symlink():
+            os.symlink(os.readlink(source), destination)
+        elif source.is_dir():
+            shutil.copytree(source, destination, symlinks=True, copy_function=os.link)
+        else:
+            os.link(source, destination)
+    except OSError:
+        if destination.is_dir() and not destination.is_symlink():
+            _remove_tree(destination)
+        elif os.path.lexists(destination):
+            destination.unlink()
+        _move(source, destination)
+
+
+def _carry_back(staging: Path, folder: Path, names: list[str]) -> None:
+    for name in names:
+        if (staging / name).exists() and not (folder / name).exists():
+            _move(staging / name, folder / name)
+
+
+def _swap_by_renames(staging: Path, folder: Path) -> None:
+    """Where no atomic exchange exists: the old folder aside, the new one in. A kill between the two renames
+    leaves no folder, which the next save restores (the staged folder is complete and carries a marker)."""
+    old = Path(tempfile.mkdtemp(prefix=_old_prefix(folder), dir=folder.parent))
+    os.rmdir(old)
+    _move(folder, old)
+    try:
+        _move(staging, folder)
+    except BaseException:
+        if not folder.exists():
+            _move(old, folder)
+        raise
+    _remove_tree(old)
+
+
+def _replace_in_place(staging: Path, folder: Path) -> None:
+    """For a folder that cannot be swapped (a mount point): config.json goes first and comes back last, so a
+    kill in between leaves a folder that refuses to load (no config.json) rather than a mixed model; the next
+    save finishes the replacement from the staged copy."""
+    _write_marker(staging, folder, _holds_model(folder))
+    _finish_in_place(staging, folder)
+
+
+def _finish_in_place(staging: Path, folder: Path) -> None:
+    marker = _read_marker(staging)
+    new_names = set(marker["model_files"]) - {_SAVE_MARKER}
+    (folder / "config.json").unlink(missing_ok=True)
+    if marker["replace_model"]:
+        for entry in folder.iterdir():
+            if entry.name not in new_names and _is_model_file(entry.name) and entry.is_file():
+                entry.unlink()
+    for name in sorted(new_names - {"config.json"}) + ["config.json"]:
+        if (staging / name).exists():
+            _move(staging / name, folder / name)
+    _remove_tree(staging)
+
+
+def recover_interrupted_saves(save_directory: str | os.PathLike) -> None:
+    """Clean up after killed saves of ``save_directory``: user files a staging folder still holds go back, a
+    folder left missing between two renames is restored, a replacement in place is finished, staging folders
+    are removed. Every save calls it first; safe whenever no save of this folder is running."""
+    folder = Path(save_directory).resolve()
+    parent = folder.parent
+    if not parent.is_dir():
+        return
+    (folder / _SAVE_MARKER).unlink(missing_ok=True)  # an exchange that completed; only the marker was left
+    for staging in sorted(parent.glob(_staging_prefix(folder) + "*")):
+        if not staging.is_dir():
+            continue
+        marker = _read_marker(staging)
+        if marker is not None and not folder.exists():  # killed between the two renames: the new model is whole
+            _move(staging, folder)
+            (folder / _SAVE_MARKER).unlink(missing_ok=True)
+            continue
+        if marker is not None:  # killed while carrying the user's files into the new model: they go back
+            names = [p.name for p in staging.iterdir() if p.name not in marker["model_files"] + [_SAVE_MARKER]]
+            _carry_back(staging, folder, names)
+            if marker["replace_model"] and not (folder / "config.json").exists():
+                _finish_in_place(staging, folder)  # killed while replacing files one by one (a mount point)
+                continue
+        _remove_tree(staging)
+    for old in sorted(parent.glob(_old_prefix(folder) + "*")):
+        if old.is_dir() and not folder.exists():
+            _move(old, folder)
+        else:
+            _remove_tree(old)
+    # staging folders of earlier mdp_hf versions (mkdtemp ".<name>.XXXXXXXX"), which held model files only
+    legacy = re.compile(rf"\.{re.escape(folder.name)}\.[a-z0-9_]{{8}}")
+    for stale in parent.iterdir():
+        if legacy.fullmatch(stale.name) and stale.is_dir() and all(_is_model_file(p.name) for p in stale.iterdir()):
+            _remove_tree(stale)
+    if folder.is_dir():
+        for staging in sorted(folder.glob(_STAGING_IN_PLACE + "*")):
+            if staging.is_dir() and _read_marker(staging) is not None:
+                _finish_in_place(staging, folder)  # the staged model is whole: finish what was started
+            else:
+                _remove_tree(staging)
 
 
 _RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1}

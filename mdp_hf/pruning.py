@@ -353,12 +353,43 @@ def latency_model_for(model, config: PrunableConfig, table_path: str | None = No
     return model_cls(table, space, allow_mismatch=config.latency_allow_mismatch)
 
 
+class _ModelStatePreserved:
+    """Scoring passes run in train mode (batch statistics, as in training) and write gradients; afterwards the
+    caller's model is as it was: buffers (BatchNorm running statistics, num_batches_tracked), every
+    submodule's train/eval flag and the parameters' ``.grad`` are put back."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.buffers = [(buffer, buffer.detach().clone()) for buffer in self.model.buffers()]
+        self.modes = [(module, module.training) for module in self.model.modules()]
+        self.grads = [(param, param.grad) for param in self.model.parameters()]
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for buffer, saved in self.buffers:
+                buffer.copy_(saved)
+        for module, training in self.modes:
+            module.training = training
+        for param, grad in self.grads:
+            param.grad = grad
+        return False
+
+
 def accumulate_importance(session: PruningSession, model, dataloader, num_batches: int, loss_fn=None) -> None:
     """Forward + backward over ``num_batches`` batches (no optimizer step), adding scores each batch.
 
     Batches are dicts (``pixel_values``, ``labels``) or ``(pixel_values, labels)`` tuples. The loss is the
     model's own; for models without one (timm models, DeiT with its teacher head) cross-entropy on the
-    labels; ``loss_fn(outputs, batch_or_labels)`` overrides both."""
+    labels; ``loss_fn(outputs, batch_or_labels)`` overrides both. The passes run in train mode; the model
+    comes back unchanged (buffers such as BatchNorm statistics, train/eval flags and ``.grad`` restored)."""
+    with _ModelStatePreserved(model):
+        _score_batches(session, model, dataloader, num_batches, loss_fn)
+
+
+def _score_batches(session: PruningSession, model, dataloader, num_batches: int, loss_fn) -> None:
     from .losses import MDPLoss
 
     model.train()
@@ -416,10 +447,13 @@ def prune(
 ):
     """One-shot MDP: score units on ``dataloader``, solve for the budget, return (pruned model, step result).
 
-    The input model is not modified (gates are removed again). ``num_batches`` defaults to
-    ``config.accumulation_steps``. Fine-tune the returned model as usual. With ``config.verify_latency`` the
-    chosen structure is timed and re-solved until it measures within the budget (``result.latency_check``);
-    ``latency_timer([dense, pruned]) -> [Measurement, Measurement]`` times it elsewhere (a remote target).
+    The input model is not modified: gates are removed again, and its buffers (BatchNorm running statistics),
+    train/eval flags and gradients are restored after the scoring passes, so the pruned model is sliced from
+    the model as given. ``num_batches`` defaults to ``config.accumulation_steps``. Fine-tune the returned
+    model as usual.
+    With ``config.verify_latency`` the chosen structure is timed and re-solved until it measures within the
+    budget (``result.latency_check``); ``latency_timer([dense, pruned]) -> [Measurement, Measurement]`` times it
+    elsewhere (a remote target).
     """
     session = PruningSession(model, config, latency_model, latency_timer)
     try:
@@ -428,7 +462,6 @@ def prune(
         pruned = session.export()
     finally:
         session.gates.remove()
-        model.eval()
     logger.info(
         "MDP one-shot: world size %d, predicted %.3f ms for budget %.3f ms",
         world_size(),

@@ -33,7 +33,7 @@ from .losses import DistillationSettings, MDPLoss
 from .metrics import ACCURACY_PATH
 from .presets import get_preset
 from .pruning import _returns_own_loss, check_budget, latency_model_for
-from .trainer import LATENCY_TABLE_NAME, REPORT_NAME, MDPTrainer
+from .trainer import LATENCY_TABLE_NAME, REPORT_NAME, MDPTrainer, check_schedule_fits, planned_optimizer_steps
 
 logger = logging.getLogger("mdp_hf.recipes")
 
@@ -178,19 +178,58 @@ def _with_defaults(defaults: dict, given: dict, only_defaults: bool = False) -> 
     return merged if only_defaults else {**merged, **given}
 
 
-def check_output_dir(args: ScriptArguments, training_args: TrainingArguments) -> None:
-    """Refuse to mix two runs in one folder, before any work is spent."""
+RUN_WORK_DIR = "_mdp_run"  # inside --output_dir: the run's intermediates (latency table being built, dense training)
+
+
+def check_output_dir(args: ScriptArguments, training_args: TrainingArguments) -> dict[str, int]:
+    """Refuse to mix two runs in one folder, before any work is spent.
+
+    With ``--overwrite_output_dir`` nothing is deleted here: the new run builds its intermediates in
+    ``<output_dir>/_mdp_run`` and its final save replaces the previous model's files in one atomic swap, so a
+    run that fails leaves the previous one as it was. Returns the previous run's checkpoints (folder name ->
+    mtime of its trainer_state.json), which a successful run removes if it did not rewrite them."""
     out = training_args.output_dir
-    if os.path.isdir(out) and os.listdir(out):
-        previous = os.path.join(out, REPORT_NAME)
-        what = "a finished pruning run" if os.path.isfile(previous) else "other files"
-        if not args.overwrite_output_dir:
-            raise SystemExit(
-                f"error: --output_dir {out} already holds {what}. Pass --overwrite_output_dir to replace it, "
-                "or choose another --output_dir."
-            )
-        if training_args.process_index == 0:
-            shutil.rmtree(out)
+    if not (os.path.isdir(out) and os.listdir(out)):
+        return {}
+    previous = os.path.join(out, REPORT_NAME)
+    what = "a finished pruning run" if os.path.isfile(previous) else "other files"
+    if not args.overwrite_output_dir:
+        raise SystemExit(
+            f"error: --output_dir {out} already holds {what}. Pass --overwrite_output_dir to replace it, "
+            "or choose another --output_dir."
+        )
+    logger.info("--overwrite_output_dir: %s holds %s, replaced once this run has written its own", out, what)
+    checkpoints = {}
+    for name in os.listdir(out):
+        state = os.path.join(out, name, "trainer_state.json")
+        if name.startswith("checkpoint-") and os.path.isdir(os.path.join(out, name)):
+            checkpoints[name] = os.stat(state).st_mtime_ns if os.path.isfile(state) else -1
+    return checkpoints
+
+
+def _work_dir(training_args: TrainingArguments) -> str:
+    """This run's intermediates; a leftover of an interrupted run is replaced (main process)."""
+    work = os.path.join(training_args.output_dir, RUN_WORK_DIR)
+    if training_args.process_index == 0:
+        if os.path.isdir(work):
+            logger.info("removing %s, left by an interrupted run", work)
+            shutil.rmtree(work)
+        os.makedirs(work)
+    return work
+
+
+def _finish_overwrite(training_args: TrainingArguments, previous_checkpoints: dict[str, int], work: str) -> None:
+    """After the new run's final save: its intermediates go, and so do the previous run's checkpoints it did not
+    rewrite (``resume_from_checkpoint=True`` would otherwise pick another run's state)."""
+    if training_args.process_index != 0:
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    for name, mtime in previous_checkpoints.items():
+        folder = os.path.join(training_args.output_dir, name)
+        state = os.path.join(folder, "trainer_state.json")
+        current = os.stat(state).st_mtime_ns if os.path.isfile(state) else -1
+        if os.path.isdir(folder) and current == mtime:
+            shutil.rmtree(folder)
 
 
 TIMM_PREFIXES = ("timm/", "hf-hub:", "timm:")
@@ -348,8 +387,17 @@ def run(defaults: dict, default_model_config, default_preset: str) -> dict:
     start = time.time()
     # the image column is turned into pixel_values on the fly (set_transform): Trainer must not drop it
     training_args.remove_unused_columns = False
-    check_output_dir(args, training_args)
+    previous_checkpoints = check_output_dir(args, training_args)
+    if training_args.max_steps > 0:  # before any data is loaded
+        check_schedule_fits(prunable_config, training_args.max_steps, f"--max_steps {training_args.max_steps}")
     data = prepare_data(args, training_args.seed)
+    if training_args.max_steps <= 0:  # epochs: MDPTrainer checks Trainer's own count again before training
+        steps = planned_optimizer_steps(training_args, len(data["train"]), training_args.world_size)
+        source = (
+            f"--num_train_epochs {training_args.num_train_epochs} on {len(data['train'])} samples, "
+            f"batch {training_args.per_device_train_batch_size}"
+        )
+        check_schedule_fits(prunable_config, steps, source)
     labels = label_names(data, args.label_column)
     set_seed(training_args.seed)  # a model built from a config is initialised now: make it reproducible
     model, from_scratch = build_model(args, default_model_config, labels)
@@ -358,9 +406,9 @@ def run(defaults: dict, default_model_config, default_preset: str) -> dict:
     if prunable_config.latency_image_size is None:  # time the blocks at the resolution the model is fed
         prunable_config.latency_image_size = input_size(model, args)
     # measure (or load) the latency table and check the budget before the dense training is spent
-    latency_model = latency_model_for(
-        model, prunable_config, os.path.join(training_args.output_dir, LATENCY_TABLE_NAME)
-    )
+    # built inside the run's work folder: a previous run's table stays until the final save replaces it
+    work = _work_dir(training_args)
+    latency_model = latency_model_for(model, prunable_config, os.path.join(work, LATENCY_TABLE_NAME))
     check_budget(model, prunable_config, latency_model)
     compute_metrics = accuracy_metric()
 
@@ -368,7 +416,7 @@ def run(defaults: dict, default_model_config, default_preset: str) -> dict:
         dense_args = TrainingArguments(
             **{
                 **training_args.to_dict(),
-                "output_dir": os.path.join(training_args.output_dir, "dense"),
+                "output_dir": os.path.join(work, "dense"),
                 "num_train_epochs": args.dense_epochs,
                 "max_steps": -1,
                 "learning_rate": args.dense_learning_rate,
@@ -394,7 +442,8 @@ def run(defaults: dict, default_model_config, default_preset: str) -> dict:
         distillation=distillation_settings(args, training_args),
     )
     trainer.train()
-    trainer.save_model()
+    trainer.save_model()  # one atomic save: model, card, report, latency table, plot
+    _finish_overwrite(training_args, previous_checkpoints, work)
     if training_args.push_to_hub:
         trainer.push_to_hub()
     if training_args.process_index != 0:

@@ -5,7 +5,9 @@ A few short overrides on top of ``transformers.Trainer`` (as in trl):
   every optimizer step and runs the scheduled pruning steps (main rank solves, all ranks apply);
 - ``train`` evaluates the dense model first (for the report) and restores pruning state on resume;
 - ``save_model`` writes the physically pruned model with its card, report and plot;
-- checkpoints carry the pruning state (``on_save``), so ``resume_from_checkpoint`` continues exactly.
+- checkpoints carry the pruning state, written into the checkpoint folder before Trainer's own files (its
+  ``trainer_state.json``, written last, marks a checkpoint complete), so ``resume_from_checkpoint`` continues
+  exactly and an interrupted save is never mistaken for a complete one.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import PrunableConfig
 from .distributed import world_size
@@ -35,10 +37,79 @@ STATE_TENSORS = "mdp_scores.safetensors"
 REPORT_NAME = "pruning_report.json"
 PLOT_NAME = "pruning_report.png"
 LATENCY_TABLE_NAME = "latency_table.json"
+TRAINER_STATE_NAME = "trainer_state.json"  # transformers writes it last into a checkpoint
+
+
+def check_schedule_fits(config: PrunableConfig, total_steps: int, source: str) -> None:
+    """Refuse a run whose ``total_steps`` optimizer steps end before the pruning schedule's last step: it would
+    export a dense or partly pruned model as the result. ``source`` says where the step count comes from."""
+    steps = config.pruning_steps()
+    if total_steps >= steps[-1]:
+        return
+    if len(steps) == 1:
+        when = (
+            f"prunes once, at optimizer step {steps[0]} (PrunableConfig.accumulation_steps={config.accumulation_steps})"
+        )
+    else:
+        when = (
+            f"prunes last at optimizer step {steps[-1]} (PrunableConfig.accumulation_steps={config.accumulation_steps}"
+            f" + (num_pruning_steps={config.num_pruning_steps} - 1) x pruning_interval={config.pruning_interval})"
+        )
+    raise ValueError(
+        f"the pruning schedule cannot finish within this run: it {when}, but the run has only {total_steps} "
+        f"optimizer steps ({source}), so a dense or partly pruned model would be the result. Raise "
+        f"TrainingArguments.max_steps (or num_train_epochs) to at least {steps[-1]} steps, or lower "
+        "PrunableConfig.accumulation_steps, pruning_interval or num_pruning_steps."
+    )
+
+
+def planned_optimizer_steps(args, num_samples: int, world: int = 1) -> int:
+    """The optimizer steps ``args`` gives on ``num_samples`` training samples over ``world`` processes (Trainer's
+    own count: max_steps, else epochs x ceil(batches per process / gradient accumulation))."""
+    if args.max_steps > 0:
+        return args.max_steps
+    batch = args.per_device_train_batch_size
+    batches = num_samples // batch if args.dataloader_drop_last else math.ceil(num_samples / batch)
+    per_process = math.ceil(batches / max(world, 1))
+    per_epoch = max(math.ceil(per_process / args.gradient_accumulation_steps), 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
+
+
+def checkpoint_missing(folder: str) -> list[str]:
+    """What a complete MDPTrainer checkpoint has and ``folder`` lacks: the pruning state (written first), the
+    model weights, and Trainer's trainer_state.json (written last)."""
+    names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    missing = [name for name in (STATE_JSON, STATE_TENSORS, TRAINER_STATE_NAME) if name not in names]
+    if not any(n.startswith(("model", "pytorch_model", "adapter_model", "global_step")) for n in names):
+        missing.append("model weights (model.safetensors)")
+    return missing
+
+
+def complete_checkpoints(output_dir: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(complete checkpoint folders in ``output_dir``, newest first; {incomplete folder: what it lacks})."""
+    if not os.path.isdir(output_dir):
+        return [], {}
+    found = []
+    for name in os.listdir(output_dir):
+        step = name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
+        if (
+            name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
+            and step.isdigit()
+            and os.path.isdir(os.path.join(output_dir, name))
+        ):
+            found.append((int(step), os.path.join(output_dir, name)))
+    complete, incomplete = [], {}
+    for _, folder in sorted(found, reverse=True):
+        missing = checkpoint_missing(folder)
+        if missing:
+            incomplete[folder] = missing
+        else:
+            complete.append(folder)
+    return complete, incomplete
 
 
 class _MDPCallback(TrainerCallback):
-    """Accumulate scores before each optimizer step; prune on schedule; save pruning state with checkpoints."""
+    """Accumulate scores before each optimizer step; prune on schedule."""
 
     def __init__(self, trainer: MDPTrainer):
         self.trainer = trainer
@@ -70,13 +141,6 @@ class _MDPCallback(TrainerCallback):
             if session.finished:
                 session.gates.freeze()
             trainer._set_loss_phase()
-
-    def on_save(self, args, state, control, **kwargs):
-        if not self.trainer.is_world_process_zero():
-            return
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if os.path.isdir(folder):
-            self.trainer._save_pruning_state(folder)
 
 
 class MDPTrainer(Trainer):
@@ -137,6 +201,10 @@ class MDPTrainer(Trainer):
             for teacher in (self.mdp_loss.teacher, self.mdp_loss.hard_teacher):
                 if teacher is not None:
                     teacher.to(self.args.device)
+        if self.args.max_steps > 0:  # epoch-based runs are checked when Trainer counts the steps
+            check_schedule_fits(
+                prunable_config, self.args.max_steps, f"TrainingArguments.max_steps={self.args.max_steps}"
+            )
         if latency_model is None:
             table_path = os.path.join(self.args.output_dir, LATENCY_TABLE_NAME)
             latency_model = latency_model_for(self.model, prunable_config, table_path)
@@ -194,12 +262,60 @@ class MDPTrainer(Trainer):
         self._clip_coefficient = min(1.0, self.args.max_grad_norm / (total + 1e-6)) if math.isfinite(total) else 1.0
         return norm
 
-    def train(self, resume_from_checkpoint=None, **kwargs):
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        max_steps = values[-1]
+        source = (
+            f"TrainingArguments.max_steps={args.max_steps}"
+            if args.max_steps > 0
+            else f"num_train_epochs={args.num_train_epochs} x {values[1]} optimizer steps per epoch"
+        )
+        check_schedule_fits(self.prunable_config, max_steps, source)  # before the first training step
+        return values
+
+    def _resume_checkpoint(self, resume_from_checkpoint):
+        """The checkpoint to resume from: ``True`` takes the newest complete one (an interrupted save, lacking
+        its pruning state or trainer_state.json, is skipped with a warning); a path must be complete."""
+        complete, incomplete = complete_checkpoints(self.args.output_dir)
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"resume_from_checkpoint=True but no checkpoint found in {self.args.output_dir}")
+            newer = {f: m for f, m in incomplete.items() if not complete or _step_of(f) > _step_of(complete[0])}
+            skipped = [f"{os.path.basename(f)} (missing {', '.join(m)})" for f, m in newer.items()]
+            if not complete:
+                raise ValueError(
+                    f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint"
+                    + (f": {'; '.join(skipped)} — its save was interrupted" if skipped else "")
+                    + "; start the run without resume_from_checkpoint"
+                )
+            if skipped:
+                logger.warning(
+                    "skipping incomplete checkpoint(s) %s: the save was interrupted; resuming from %s, the newest "
+                    "complete checkpoint",
+                    "; ".join(skipped),
+                    complete[0],
+                )
+            return complete[0]
+        missing = checkpoint_missing(resume_from_checkpoint)
+        if missing:
+            here = os.path.abspath(os.path.dirname(os.path.normpath(resume_from_checkpoint)))
+            others = [
+                f
+                for f in complete_checkpoints(here)[0]
+                if os.path.abspath(f) != os.path.abspath(resume_from_checkpoint)
+            ]
+            instead = (
+                f"The newest complete checkpoint is {others[0]}: resume from it (or pass resume_from_checkpoint=True)."
+                if others
+                else f"{here} holds no complete checkpoint; start without resume_from_checkpoint."
+            )
+            raise ValueError(
+                f"cannot resume from {resume_from_checkpoint}: it lacks {', '.join(missing)} (its save was "
+                f"interrupted, or it was not written by MDPTrainer). {instead}"
+            )
+        return resume_from_checkpoint
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
         if resume_from_checkpoint:
+            resume_from_checkpoint = self._resume_checkpoint(resume_from_checkpoint)
             self._load_pruning_state(resume_from_checkpoint)
         elif self.eval_dataset is not None and self.dense_metrics is None:
             self.dense_metrics = self.evaluate(metric_key_prefix="dense")
@@ -226,7 +342,10 @@ class MDPTrainer(Trainer):
         tensors = {f"sums/{k}": v for k, v in scores["sums"].items()}
         if scores["ema"] is not None:
             tensors.update({f"ema/{k}": v for k, v in scores["ema"].items()})
-        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, STATE_TENSORS))
+        os.makedirs(folder, exist_ok=True)
+        tensor_path = os.path.join(folder, STATE_TENSORS)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tensor_path + ".tmp")
+        os.replace(tensor_path + ".tmp", tensor_path)
         meta = {
             "results": state["results"],
             "scores": {
@@ -239,13 +358,19 @@ class MDPTrainer(Trainer):
             "prunable_config": self.prunable_config.to_dict(),
             "latency_model": getattr(self.latency_model, "describe", lambda: type(self.latency_model).__name__)(),
         }
-        with open(os.path.join(folder, STATE_JSON), "w", encoding="utf-8") as handle:
+        json_path = os.path.join(folder, STATE_JSON)
+        with open(json_path + ".tmp", "w", encoding="utf-8") as handle:
             json.dump(meta, handle, indent=1)
+        os.replace(json_path + ".tmp", json_path)
 
     def _load_pruning_state(self, folder: str) -> None:
         json_path, tensor_path = os.path.join(folder, STATE_JSON), os.path.join(folder, STATE_TENSORS)
         if not (os.path.isfile(json_path) and os.path.isfile(tensor_path)):
-            raise ValueError(f"{folder} has no MDP pruning state ({STATE_JSON}); it was not written by MDPTrainer")
+            raise ValueError(
+                f"{folder} has no MDP pruning state ({STATE_JSON} / {STATE_TENSORS}): its save was interrupted, or "
+                "it was not written by MDPTrainer; resume from a complete checkpoint (resume_from_checkpoint=True "
+                "finds the newest one)"
+            )
         with open(json_path, encoding="utf-8") as handle:
             meta = json.load(handle)
         if meta["prunable_config"] != self.prunable_config.to_dict():
@@ -269,17 +394,54 @@ class MDPTrainer(Trainer):
         self.dense_metrics = meta.get("dense_metrics")
 
     # export ---------------------------------------------------------------------------------------------
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Checkpoints (internal calls) keep full shapes; a user's call writes the physically pruned model."""
-        if _internal_call or self.mdp.choice is None:
-            if not _internal_call:
-                logger.warning("save_model before the first pruning step: saving the dense model")
-            return super().save_model(output_dir, _internal_call=_internal_call)
+    def save_model(
+        self, output_dir: str | None = None, _internal_call: bool = False, allow_unfinished: bool = False
+    ) -> None:
+        """Checkpoints (internal calls) keep full shapes; a user's call writes the physically pruned model.
+
+        Refused (ValueError) before the pruning schedule has finished, unless ``allow_unfinished``: then the
+        partly pruned model is written with ``schedule_finished: false`` in its report and a warning in its card.
+        Before the first pruning step there is no pruned model to write."""
+        if _internal_call:
+            if output_dir is not None and self.args.should_save:
+                self._begin_checkpoint(output_dir)
+            return super().save_model(output_dir, _internal_call=True)
+        self._check_exportable(allow_unfinished)
         output_dir = output_dir or self.args.output_dir
         pruned_metrics = self.evaluate(metric_key_prefix="pruned") if self.eval_dataset is not None else None
         if self.is_world_process_zero():
             self.export_pruned(output_dir, pruned_metrics)
         self.accelerator.wait_for_everyone()
+
+    def _begin_checkpoint(self, folder: str) -> None:
+        """Inside Trainer._save_checkpoint, before any of Trainer's files: the pruning state goes in first and a
+        stale trainer_state.json (an earlier save of this step) goes out, so the folder only looks complete once
+        Trainer has written everything (and only then rotates older checkpoints away)."""
+        if not os.path.basename(os.path.normpath(folder)).startswith(f"{PREFIX_CHECKPOINT_DIR}-"):
+            return
+        stale = os.path.join(folder, TRAINER_STATE_NAME)
+        if os.path.exists(stale):
+            os.remove(stale)
+        self._save_pruning_state(folder)
+
+    def _check_exportable(self, allow_unfinished: bool) -> None:
+        session, steps = self.mdp, self.prunable_config.pruning_steps()
+        where = f"training stopped at optimizer step {self.state.global_step}"
+        if session.choice is None:
+            raise ValueError(
+                f"nothing to export: no pruning step has run yet ({where}; the first is at step {steps[0]}, "
+                f"PrunableConfig.accumulation_steps={self.prunable_config.accumulation_steps}), so the model is still "
+                f"dense. Train to step {steps[-1]} (TrainingArguments.max_steps) before save_model."
+            )
+        if not session.finished and not allow_unfinished:
+            done = len(session.results)
+            raise ValueError(
+                f"the pruning schedule has not finished: {done} of {len(steps)} pruning steps done ({where}; the "
+                f"last is at step {steps[-1]}), so the model meets step {done}'s budget "
+                f"{session.results[-1].budget_ms:.4g} ms, not the final {session.final_budget_ms:.4g} ms. Train to "
+                f"step {steps[-1]} (TrainingArguments.max_steps), or call save_model(..., allow_unfinished=True) to "
+                "export it marked unfinished in its report and card."
+            )
 
     def export_pruned(self, output_dir: str, pruned_metrics: dict | None = None) -> dict:
         """Slice, measure, and write the pruned model folder (main process only). Returns the report."""
@@ -303,6 +465,10 @@ class MDPTrainer(Trainer):
         result = session.results[-1]
         report = {
             "budget_ms": result.budget_ms,
+            "final_budget_ms": session.final_budget_ms,
+            "schedule_finished": session.finished,
+            "pruning_steps_done": len(session.results),
+            "pruning_steps_planned": config.num_pruning_steps,
             "budget_fraction": config.budget_fraction,
             "dense_latency_ms": None if dense_m is None else dense_m.ms,
             "pruned_latency_ms": None if pruned_m is None else pruned_m.ms,
@@ -343,12 +509,13 @@ class MDPTrainer(Trainer):
             "latency_breakdown_predicted_ms": latency_breakdown(session.space, result.choice, session.latency_terms),
         }
         report = _jsonable(report)
-        os.makedirs(output_dir, exist_ok=True)
-        plot_path = os.path.join(output_dir, PLOT_NAME)
         card = render_model_card(
             report, kept_dims_markdown(session.space, result.choice), repo_or_path=self.args.hub_model_id or output_dir
         )
+        if not session.finished:
+            card = _mark_unfinished(card, report)
         processor = self.processing_class if hasattr(self.processing_class, "image_mean") else None
+        # one atomic save: the model, its card, report, config, the latency table it was solved with and the plot
         save_pruned_model(
             pruned,
             output_dir,
@@ -357,10 +524,11 @@ class MDPTrainer(Trainer):
                 REPORT_NAME: json.dumps(report, indent=1),
                 "pruning_config.json": config.to_json_string(),
                 "README.md": card,
+                LATENCY_TABLE_NAME: self.latency_model.table.save,
+                PLOT_NAME: lambda path: plot_report(
+                    path, session.space, result.choice, session.latency_terms, title=f"MDP: {report['base_model']}"
+                ),
             },
-        )
-        plot_report(
-            plot_path, session.space, result.choice, session.latency_terms, title=f"MDP: {report['base_model']}"
         )
         return report
 
@@ -395,6 +563,23 @@ def _measured_over_budget(config: PrunableConfig, dense_m, pruned_m) -> float | 
     if config.budget_ms is not None:
         return pruned_m.ms / config.budget_ms
     return pruned_m.ms / dense_m.ms / config.budget_fraction
+
+
+def _step_of(folder: str) -> int:
+    return int(os.path.basename(folder).rsplit("-", 1)[1])
+
+
+def _mark_unfinished(card: str, report: dict) -> str:
+    """The card of a model exported before its schedule finished says so first, under the metadata."""
+    warning = (
+        f"> **Unfinished pruning schedule.** This is the model after pruning step {report['pruning_steps_done']} of "
+        f"{report['pruning_steps_planned']}: it meets that step's budget ({report['budget_ms']:.4g} ms), not the "
+        f"run's final budget ({report['final_budget_ms']:.4g} ms). It was exported with `allow_unfinished=True`.\n\n"
+    )
+    if card.startswith("---\n") and "\n---\n" in card[4:]:
+        end = card.index("\n---\n", 4) + len("\n---\n")
+        return card[:end] + "\n" + warning + card[end:].lstrip("\n")
+    return warning + card
 
 
 def _accuracy(metrics: dict | None):

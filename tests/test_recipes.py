@@ -106,25 +106,25 @@ def test_quick_recipe_run_writes_a_loadable_pruned_model(tmp_path, recipe, confi
 
 
 @pytest.mark.parametrize(
-    "recipe,name,kwargs",
-    [
+    "recipe,name,kwargs,schedule",
+    [  # a timm name gets the paper preset: DeiT's 50 iterative steps are shortened to fit --max_steps 6
         ("prune_deit.py", "timm:deit_tiny_patch16_224",
-         dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)),
-        ("prune_resnet.py", "timm:resnet18", dict(layers=[1, 1, 1, 1], channels=[16, 24, 32, 48])),
+         dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2), ["--num_pruning_steps", "3"]),
+        ("prune_resnet.py", "timm:resnet18", dict(layers=[1, 1, 1, 1], channels=[16, 24, 32, 48]), []),
     ],
 )  # fmt: skip
-def test_quick_recipe_run_on_a_timm_model_by_name(tmp_path, recipe, name, kwargs):
+def test_quick_recipe_run_on_a_timm_model_by_name(tmp_path, recipe, name, kwargs, schedule):
     """--model_name_or_path timm:<architecture> with --pretrained false (no Hub here): the same recipe, the
     pruned model exported in the project's format with an image processor, so pipeline() works on it."""
     out = tmp_path / "out"
     group = ["--group_sizes", json.dumps({"embed": 8, "mlp": 16, "channels": 4, "residual": 8})]
     result = run_recipe(
         recipe, "--model_name_or_path", name, "--pretrained", "false", "--model_kwargs", json.dumps(kwargs),
-        "--image_size", "32", "--output_dir", str(out), *QUICK, *group,
+        "--image_size", "32", "--output_dir", str(out), *QUICK, *group, *schedule,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((out / "pruning_report.json").read_text())
-    assert report["pruned_params"] < report["dense_params"]
+    assert report["pruned_params"] < report["dense_params"] and report["schedule_finished"]
     assert report["base_model"] == name.split(":", 1)[1]
     assert (out / "preprocessor_config.json").is_file()
     card = (out / "README.md").read_text()
