@@ -271,16 +271,8 @@ def latency_model_for(model, config: PrunableConfig, table_path: str | None = No
     Under several processes the main rank builds or loads the table and broadcasts it, so ranks never
     time concurrently on one device. ``table_path``: where a built table is written (resumable).
     """
-    from .latency import (
-        FlopsLatencyModel,
-        LatencyTable,
-        LinearLatencyModel,
-        TableLatencyModel,
-        TimingSettings,
-        build_table,
-        pull_table,
-        run_metadata,
-    )
+    from .latency import FlopsLatencyModel, LinearLatencyModel, TableLatencyModel, TimingSettings, build_table
+    from .latency.profiler import load_table_for
 
     space = build_space(model, config.group_sizes, config.min_keep)
     settings = TimingSettings(
@@ -293,12 +285,8 @@ def latency_model_for(model, config: PrunableConfig, table_path: str | None = No
     )
 
     def load_or_build():
-        if config.latency_table:
-            expect = run_metadata(model, space, settings)
-            kwargs = {"expect": expect, "allow_mismatch": config.latency_allow_mismatch, "space": space}
-            if os.path.isfile(config.latency_table):
-                return LatencyTable.load(config.latency_table, **kwargs)
-            return pull_table(config.latency_table, **kwargs)
+        if config.latency_table:  # a file, a folder or a Hub id; validated and checked against this run
+            return load_table_for(config.latency_table, model, space, settings, config.latency_allow_mismatch)
         return build_table(model, table_path, space=space, settings=settings, subgrid=config.latency_subgrid)
 
     table = run_on_main_and_broadcast(load_or_build)

@@ -14,14 +14,29 @@ MODEL is a local directory with config.json (weights are not needed: random weig
 or a preset that a registered family offers (ModelFamily.presets; e.g. deit-small, resnet50, timm-deit-small,
 timm-resnet50d, mobilenet-v2-1.0, convnext-tiny; an unknown name lists them all).
 A build writes the table after every chunk of cells; running the same command again resumes it.
+
+Bad input never ends in a traceback: one line on stderr names the file, flag or model and the problem.
+Exit codes (as ``mdp-hf solve``, docs/problem_format.md#exit-codes): 0 done, 2 invalid input (a file or folder
+that does not exist, a damaged or invalid table, a table that does not fit the model, a bad option value),
+7 the Hugging Face Hub could not be reached or does not hold the repository / file, 130 interrupted (a build
+resumes when the same command runs again).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+EXIT_INVALID_INPUT = 2
+EXIT_HUB = 7
+EXIT_INTERRUPTED = 130
+
+
+class CLIInputError(ValueError):
+    """Bad input on the command line: printed as one line, exit code 2."""
 
 
 def presets() -> dict:
@@ -31,50 +46,74 @@ def presets() -> dict:
     return {name: builder for family in registered_families() for name, builder in family.presets.items()}
 
 
+def _model_spec_error(spec: str, available: dict) -> CLIInputError:
+    from ..paths import missing_path_error
+
+    missing = missing_path_error(spec, "model folder")
+    if missing is not None:
+        return CLIInputError(str(missing))
+    if os.path.isdir(spec):
+        return CLIInputError(f"model folder {spec} has no config.json (give a saved model's folder, or a preset)")
+    return CLIInputError(f"{spec!r} is neither a preset ({', '.join(available)}) nor a folder with config.json")
+
+
+def _read_config(spec: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(spec)
+    except (OSError, ValueError, KeyError) as error:
+        raise CLIInputError(f"cannot read {Path(spec, 'config.json')}: {str(error).splitlines()[0]}") from None
+
+
 def load_config(spec: str):
     """What ``predict`` reads widths from: a preset's model skeleton on the meta device, or a directory's config."""
     import torch
-    from transformers import AutoConfig
 
     available = presets()
     if spec in available:
         with torch.device("meta"):
             return available[spec]()
     if Path(spec, "config.json").exists():
-        return AutoConfig.from_pretrained(spec)
-    raise SystemExit(f"error: {spec!r} is neither a preset ({', '.join(available)}) nor a directory with config.json")
+        return _read_config(spec)
+    raise _model_spec_error(spec, available)
 
 
 def load_model(spec: str):
     """A model for timing: a preset name, or a directory with config.json (random weights)."""
     import torch
-    from transformers import AutoConfig, AutoModelForImageClassification
+    from transformers import AutoModelForImageClassification
 
     available = presets()
     torch.manual_seed(0)
     if spec in available:
         return available[spec]().eval()
     if Path(spec, "config.json").exists():
-        return AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(spec)).eval()
-    raise SystemExit(f"error: {spec!r} is neither a preset ({', '.join(available)}) nor a directory with config.json")
+        return AutoModelForImageClassification.from_config(_read_config(spec)).eval()
+    raise _model_spec_error(spec, available)
 
 
-def _key_values(text: str | None, cast=int) -> dict | None:
+def _key_values(text: str | None, cast=int, flag: str = "--group-sizes") -> dict | None:
     if not text:
         return None
     out = {}
     for item in text.split(","):
         if "=" not in item:
-            raise SystemExit(f"error: expected KIND=VALUE pairs separated by commas, got {item!r}")
+            raise CLIInputError(f"{flag}: expected KIND=VALUE pairs separated by commas, got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip()] = cast(value)
+        try:
+            out[key.strip()] = cast(value)
+        except ValueError:
+            raise CLIInputError(f"{flag}: {key.strip()}={value!r} is not an integer") from None
+        if out[key.strip()] < 1:
+            raise CLIInputError(f"{flag}: {key.strip()}={value} must be >= 1")
     return out
 
 
 def _subgrid(text: str | None):
     if text is None:
         return None
-    return int(text) if text.isdigit() else _key_values(text)
+    return int(text) if text.isdigit() else _key_values(text, flag="--subgrid")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -158,6 +197,31 @@ def _settings(args):
 
 
 def run(args) -> int:
+    """Run a latency sub-command; bad input is one line on stderr and an exit code (module doc)."""
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    from ..adapters import PruningSpaceError
+    from .table import LatencyTableError
+
+    def error(message: str, code: int) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return code
+
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        if args.latency_command == "build":
+            return error(f"interrupted; run the same command again to resume {args.output}", EXIT_INTERRUPTED)
+        return error("interrupted", EXIT_INTERRUPTED)
+    except (CLIInputError, LatencyTableError, PruningSpaceError, HFValidationError) as e:
+        return error(str(e), EXIT_INVALID_INPUT)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        return error(str(e), EXIT_INVALID_INPUT)
+    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError) as e:
+        return error(f"Hugging Face Hub: {str(e).splitlines()[0]}", EXIT_HUB)
+
+
+def _run(args) -> int:
     from . import (
         FlopsLatencyModel,
         LatencyTable,
@@ -170,13 +234,15 @@ def run(args) -> int:
 
     cmd = args.latency_command
     if cmd == "build":
+        if os.path.isdir(args.output):
+            raise CLIInputError(f"--output {args.output} is a directory; give the table's file name")
         model = load_model(args.model)
         table = build_table(
             model,
             args.output,
             settings=_settings(args),
             group_sizes=_key_values(args.group_sizes),
-            min_keep=_key_values(args.min_keep),
+            min_keep=_key_values(args.min_keep, flag="--min-keep"),
             subgrid=_subgrid(args.subgrid),
             validate=args.validate,
             calibrate=not args.no_calibrate,
@@ -231,6 +297,8 @@ def run(args) -> int:
         )
         return 0
     if cmd == "push":
+        if not os.path.isfile(args.table):
+            raise FileNotFoundError(f"latency table {args.table} does not exist")
         print(f"uploaded to {push_table(args.table, args.repo_id, filename=args.filename, token=args.token)}")
         return 0
     if cmd == "pull":
@@ -238,7 +306,7 @@ def run(args) -> int:
         table.save(args.output)
         print(f"wrote {args.output}")
         return 0
-    raise SystemExit(f"unknown latency command {cmd!r}")
+    raise CLIInputError(f"unknown latency command {cmd!r}")
 
 
 if __name__ == "__main__":
