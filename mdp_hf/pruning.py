@@ -337,6 +337,20 @@ def accumulate_importance(session: PruningSession, model, dataloader, num_batche
         raise ValueError("the dataloader yielded no batches: importance needs data")
 
 
+def refuse_meta_model(model, where: str) -> None:
+    """A model whose weights are on the meta device (``torch.device("meta")``, ``init_empty_weights``, a
+    ``from_pretrained`` that never loaded the weights) has no values to score, train or slice: refuse it up
+    front with the fix instead of failing deep inside Trainer or the solver."""
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    meta += [name for name, b in model.named_buffers() if b.is_meta]
+    if meta:
+        raise ValueError(
+            f"{where}: the model's weights are on the meta device ({len(meta)} tensors, e.g. {meta[0]!r}): they "
+            "hold no values. Load or initialise real weights first (from_pretrained without device_map='meta', "
+            "or model.to_empty(device='cpu') followed by loading a state dict)"
+        )
+
+
 def _returns_own_loss(model) -> bool:
     """Whether ``model(pixel_values=..., labels=...)`` returns a loss (HF classifiers; not DeiT's teacher-head
     model, nor plain nn.Modules such as timm models)."""
@@ -354,6 +368,7 @@ def prune(model, config: PrunableConfig, dataloader, latency_model, num_batches:
     The input model is not modified (gates are removed again). ``num_batches`` defaults to
     ``config.accumulation_steps``. Fine-tune the returned model as usual.
     """
+    refuse_meta_model(model, "prune()")
     session = PruningSession(model, config, latency_model)
     try:
         accumulate_importance(session, model, dataloader, num_batches or config.accumulation_steps, loss_fn)
