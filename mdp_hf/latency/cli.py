@@ -4,7 +4,7 @@
                          [--dtype float32] [--threads 1] [--attn-implementation sdpa]
                          [--group-sizes embed=16,heads=1,qk=2,v=2,mlp=32] [--subgrid 2 | embed=2,qk=4]
                          [--repeats 15] [--warmup 3] [--validate 8] [--no-calibrate] [--overwrite]
-    mdp-hf latency show table.json
+    mdp-hf latency show table.json [--allow-mismatch]
     mdp-hf latency predict table.json PRUNED_MODEL_DIR [--model-type table|linear|flops] [--allow-mismatch]
     mdp-hf latency measure MODEL [--batch-size 1] [--threads 1] [--repeats 30]
     mdp-hf latency push table.json REPO_ID [--filename latency_table.json]
@@ -153,8 +153,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--overwrite", action="store_true", help="start from scratch instead of resuming")
     b.add_argument("--no-progress", action="store_true")
 
+    allow = dict(action="store_true", help="use a table whose reference or costs look wrong (warns instead)")
     s = sub.add_parser("show", help="print a table's metadata and terms")
     s.add_argument("table")
+    s.add_argument("--allow-mismatch", **allow)
 
     p = sub.add_parser("predict", help="predict the latency of a (pruned) model from a table")
     p.add_argument("table")
@@ -162,6 +164,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--model-type", default="table", choices=["table", "linear", "flops", "params"])
     p.add_argument("--calibration", default="scale", choices=["scale", "offset", "none"])
     p.add_argument("--breakdown", action="store_true")
+    p.add_argument("--allow-mismatch", **allow)
 
     m = sub.add_parser("measure", help="time a model end to end with the table protocol")
     m.add_argument("model")
@@ -264,7 +267,7 @@ def _run(args) -> int:
             )
         return 0
     if cmd == "show":
-        table = LatencyTable.load(args.table)
+        table = LatencyTable.load(args.table, allow_mismatch=args.allow_mismatch)
         print(json.dumps(table.metadata, indent=2, default=str))
         print(f"reference: {table.reference}")
         print(
@@ -275,14 +278,15 @@ def _run(args) -> int:
         print(f"{len(table.terms)} terms; first: " + ", ".join(f"{t.name}{t.dims}" for t in table.terms[:4]))
         return 0
     if cmd == "predict":
-        table = LatencyTable.load(args.table)
+        allow = args.allow_mismatch
+        table = LatencyTable.load(args.table, allow_mismatch=allow)
         model = load_config(args.model)  # widths come from the config; no weights needed
         if args.model_type == "table":
-            lm = TableLatencyModel(table, calibration=args.calibration)
+            lm = TableLatencyModel(table, calibration=args.calibration, allow_mismatch=allow)
         elif args.model_type == "linear":
-            lm = LinearLatencyModel(table, calibration=args.calibration)
+            lm = LinearLatencyModel(table, calibration=args.calibration, allow_mismatch=allow)
         else:
-            lm = FlopsLatencyModel(table, metric=args.model_type)
+            lm = FlopsLatencyModel(table, metric=args.model_type, allow_mismatch=allow)
         if args.breakdown:
             for name, ms in lm.breakdown(model):
                 print(f"  {name:<48} {ms:9.4f} ms")
