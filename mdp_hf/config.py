@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -85,6 +86,8 @@ class PrunableConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
+        if isinstance(self.prune, str):  # "channels,blocks" (a YAML scalar, a command line) is a list of kinds
+            self.prune = [kind.strip() for kind in self.prune.split(",") if kind.strip()]
         self.group_sizes = _parse_mapping("group_sizes", _group_size_preset(self.group_sizes))
         self.min_keep = _parse_mapping("min_keep", self.min_keep)
         self.validate()
@@ -93,6 +96,8 @@ class PrunableConfig:
     def validate(self) -> None:
         def bad(name, why):
             raise ValueError(f"PrunableConfig.{name}: {why}")
+
+        _check_types(self, bad)
 
         if (self.budget_ms is None) == (self.budget_fraction is None):
             bad(
@@ -207,11 +212,20 @@ class PrunableConfig:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs) -> PrunableConfig:
-        """Load from a folder holding pruning_config.json, the file itself, or a Hub repo id."""
+        """Load from a folder holding pruning_config.json, the file itself, or a Hub repo id. A local path that
+        does not exist is a FileNotFoundError saying so (it is never looked up on the Hub)."""
+        from .paths import check_local_path
+
         path = str(path_or_repo_id)
         if os.path.isdir(path):
             path = os.path.join(path, CONFIG_NAME)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{path_or_repo_id} has no {CONFIG_NAME}: it is not a folder saved by "
+                    "PrunableConfig.save_pretrained (or MDPTrainer.save_model); give that folder or the file itself"
+                )
         elif not os.path.isfile(path):
+            check_local_path(path, "PrunableConfig file or folder")
             from huggingface_hub import hf_hub_download
 
             path = hf_hub_download(path, CONFIG_NAME, **hub_kwargs)
@@ -220,7 +234,54 @@ class PrunableConfig:
                 data = json.load(handle)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path} is not valid JSON: {error}") from error
-        return cls.from_dict(data)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a PrunableConfig is a JSON object, got a {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
+
+#: the type every field must have (checked before any value is compared, so a wrong type names its field)
+_NUMBER, _INT, _BOOL, _STR = (numbers.Real,), (numbers.Integral,), (bool,), (str,)
+_FIELD_TYPES = {
+    "budget_ms": (_NUMBER, True),
+    "budget_fraction": (_NUMBER, True),
+    "importance": (_STR, False),
+    "ema_decay": (_NUMBER, False),
+    "monotone": (_BOOL, False),
+    "block_granularity": (_STR, False),
+    "prune_stem": (_BOOL, False),
+    "schedule": (_STR, False),
+    "latency_model": (_STR, False),
+    "latency_table": ((str, os.PathLike), True),
+    "latency_device": (_STR, False),
+    "latency_num_threads": (_INT, True),
+    "latency_dtype": (_STR, False),
+    "latency_image_size": (_INT, True),
+    "latency_subgrid": (_INT, True),
+    "latency_allow_mismatch": (_BOOL, False),
+    "solver_backend": (_STR, False),
+    "solver_time_limit_s": (_NUMBER, True),
+    "dump_problems_dir": ((str, os.PathLike), True),
+    "version": (_INT, False),
+}
+_TYPE_NAMES = {_NUMBER: "a number", _INT: "an integer", _BOOL: "true or false", _STR: "a string"}
+
+
+def _check_types(config, bad) -> None:
+    for name, (types, optional) in _FIELD_TYPES.items():
+        value = getattr(config, name)
+        if value is None and optional:
+            continue
+        is_bool = isinstance(value, bool)
+        if not isinstance(value, types) or (is_bool and types is not _BOOL):
+            expected = _TYPE_NAMES.get(types, "a path")
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            bad(name, f"must be {expected}{' or None' if optional else ''}, got {shown} ({type(value).__name__})")
+    if not isinstance(config.prune, (list, tuple)) or not all(isinstance(k, str) for k in config.prune):
+        bad("prune", f"must be a list of kinds such as ['all'] or ['channels', 'blocks'], got {config.prune!r}")
+    config.prune = list(config.prune)
 
 
 def _group_size_preset(value):

@@ -103,6 +103,12 @@ def load_image_classification(
 ) -> DatasetDict:
     """Load a dataset (built-in name, Hub id, or imagefolder dirs) with "train" and "validation" splits and
     check it has the image and label columns, before any expensive work starts."""
+    from .paths import check_local_path
+
+    for flag, path in (("--train_dir", train_dir), ("--validation_dir", validation_dir)):
+        if path and not os.path.isdir(path):
+            raise FileNotFoundError(f"{flag} {path} does not exist (or is not a folder of images)")
+    check_local_path(dataset_name, "--dataset_name")
     if dataset_name in BUILTIN_DATASETS:
         data = load_builtin(dataset_name, seed)
     elif dataset_name:
@@ -121,6 +127,8 @@ def load_image_classification(
         else:
             parts = data["train"].train_test_split(test_size=0.1, seed=seed, stratify_by_column=None)
             data = DatasetDict(train=parts["train"], validation=parts["test"])
+    for split in ("train", "validation"):
+        check_dataset(data[split], f"the {split} split of {dataset_name or train_dir}")
     columns = data["train"].column_names
     missing = [c for c in (image_column, label_column) if c not in columns]
     if missing:
@@ -132,10 +140,61 @@ def load_image_classification(
 
 
 def label_names(data: DatasetDict, label_column: str = "label") -> list[str]:
+    """Class names: a ClassLabel's names; for plain integer labels one name per index 0..max (labels 0, 5, 7
+    need an 8-way head, not a 3-way one); otherwise the sorted distinct values."""
     feature = data["train"].features[label_column]
     if isinstance(feature, ClassLabel):
         return list(feature.names)
-    return [str(v) for v in sorted(set(data["train"][label_column]))]
+    values = sorted(set(data["train"][label_column]))
+    if values and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        return [str(i) for i in range(values[-1] + 1)]
+    return [str(v) for v in values]
+
+
+def num_labels_of(model) -> int | None:
+    """How many classes a classification model predicts (transformers ``config.num_labels`` of a ...For
+    ImageClassification model, timm ``num_classes``); None for a model without a classification head."""
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if config is not None and "ForImageClassification" in name:
+        return int(config.num_labels)
+    classes = getattr(model, "num_classes", None)
+    if config is None and isinstance(classes, int) and classes > 0:
+        return classes
+    return None
+
+
+def check_dataset(dataset, what: str = "train_dataset", num_labels: int | None = None, label_column=None) -> None:
+    """Refuse, before any work is spent, an empty dataset and integer labels outside ``[0, num_labels)`` (which
+    would fail in the middle of training, or as a device-side assert on CUDA). Labels are read from a
+    ``datasets.Dataset``'s ``label_column`` (default: ``labels`` or ``label``); other datasets are only
+    checked for emptiness."""
+    try:
+        size = len(dataset)
+    except TypeError:
+        return  # an iterable dataset: nothing to check up front
+    if size == 0:
+        raise ValueError(
+            f"{what} is empty (0 examples): check the dataset name / folders, the split and max_train_samples / "
+            "max_eval_samples; importance scores and training need data"
+        )
+    if num_labels is None or not isinstance(dataset, Dataset):
+        return
+    columns = dataset.column_names
+    column = label_column or next((c for c in ("labels", "label") if c in columns), None)
+    if column is None or column not in columns:
+        return
+    labels = np.asarray(dataset.with_format("numpy", columns=[column])[:][column])
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        return  # soft targets or non-integer labels: the loss decides
+    bad = labels[(labels < 0) | (labels >= num_labels)]
+    if bad.size:
+        shown = sorted({int(v) for v in bad[:1000]})[:5]
+        raise ValueError(
+            f"{what}: {bad.size} of {labels.size} labels in column {column!r} are outside [0, {num_labels}) "
+            f"(e.g. {shown}), but the model predicts {num_labels} classes. Give the model num_labels >= "
+            f"{int(labels.max()) + 1} (config.num_labels / timm num_classes), or remap the labels to 0..{num_labels - 1}"
+        )
 
 
 TIMM_AUGMENT_KEYS = ("rand_augment", "random_erasing", "color_jitter")
@@ -155,13 +214,39 @@ def check_data_config(data: dict | None) -> dict:
     return data
 
 
+def to_8bit(image):
+    """A 16-bit (or 32-bit integer) grayscale PIL image as an 8-bit "L" image scaled over the full range
+    (value / 257, so 65535 -> 255). PIL's own ``convert("L")`` / ``convert("RGB")`` clip such images at 255,
+    which turns almost every pixel of a 16-bit image white. Other modes are returned unchanged.
+
+    Mode "I" (32-bit) carries no range: values up to 255 are taken as 8-bit, up to 65535 as 16-bit; larger
+    values are refused rather than guessed."""
+    from PIL import Image as PILImage
+
+    if not (image.mode.startswith("I;16") or image.mode == "I"):
+        return image
+    values = np.asarray(image).astype(np.int64)
+    if values.size and values.min() < 0:
+        raise ValueError(f"a {image.mode} image with negative values ({values.min()}) has no 8-bit meaning")
+    top = int(values.max()) if values.size else 0
+    if image.mode == "I" and top > 65535:
+        raise ValueError(
+            f"a 32-bit integer image with values up to {top}: its range is unknown; convert it to 8 or 16 bits first"
+        )
+    if image.mode.startswith("I;16") or top > 255:
+        values = (values * 255 + 32767) // 65535  # round(value / 257)
+    return PILImage.fromarray(values.astype(np.uint8))  # uint8, 2-D: mode "L"
+
+
 class ConvertMode:
-    """PIL ``image.convert(mode)`` as a picklable transform (DataLoader workers may pickle transforms)."""
+    """PIL ``image.convert(mode)`` as a picklable transform (DataLoader workers may pickle transforms); 16-bit
+    grayscale is first scaled to 8 bits (:func:`to_8bit`) instead of clipped."""
 
     def __init__(self, mode: str):
         self.mode = mode
 
     def __call__(self, image):
+        image = to_8bit(image)
         return image if image.mode == self.mode else image.convert(self.mode)
 
     def __repr__(self) -> str:

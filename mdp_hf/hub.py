@@ -396,10 +396,19 @@ def _check_shapes_against_config(path_or_repo_id, config, auto_cls, kwargs) -> N
 def load_pruned_model(path_or_repo_id: str | os.PathLike, **kwargs):
     """Load a pruned model (local folder or Hub id) and check that its weights match its structure.
 
-    Raises CheckpointError with the reason when the file is corrupt or shapes disagree with config.json.
+    Raises CheckpointError with the reason when the file is corrupt or shapes disagree with config.json, and
+    FileNotFoundError when a local path does not exist (it is not looked up on the Hub).
     """
+    from .paths import check_local_path
+
+    check_local_path(path_or_repo_id, "pruned model folder")
     try:
         config = AutoConfig.from_pretrained(path_or_repo_id, **kwargs)
+    except OSError as error:
+        raise CheckpointError(f"cannot load pruned model from {path_or_repo_id}: {error}") from error
+    except ValueError as error:  # e.g. a config.json edited after the save (structure fingerprint)
+        raise CheckpointError(f"{path_or_repo_id}: {error}") from error
+    try:
         auto_cls = (
             AutoModelForImageClassification
             if config.architectures and "ForImageClassification" in config.architectures[0]

@@ -370,6 +370,9 @@ def load_teacher(spec: str, student: nn.Module, **hub_kwargs) -> nn.Module:
     else:
         from transformers import AutoModelForImageClassification
 
+        from .paths import check_local_path
+
+        check_local_path(spec, "teacher model folder")
         teacher = AutoModelForImageClassification.from_pretrained(spec, **hub_kwargs)
         check_teacher(teacher, student, name=f"teacher {spec!r}")
         ref = _first_param(student)

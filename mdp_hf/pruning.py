@@ -324,26 +324,15 @@ def latency_model_for(model, config: PrunableConfig, table_path: str | None = No
     Under several processes the main rank builds or loads the table and broadcasts it, so ranks never
     time concurrently on one device. ``table_path``: where a built table is written (resumable).
     """
-    from .latency import (
-        FlopsLatencyModel,
-        LatencyTable,
-        LinearLatencyModel,
-        TableLatencyModel,
-        build_table,
-        pull_table,
-        run_metadata,
-    )
+    from .latency import FlopsLatencyModel, LinearLatencyModel, TableLatencyModel, build_table
+    from .latency.profiler import load_table_for
 
     space = build_space(model, config.group_sizes, config.min_keep)
     settings = config.timing_settings()
 
     def load_or_build():
-        if config.latency_table:
-            expect = run_metadata(model, space, settings)
-            kwargs = {"expect": expect, "allow_mismatch": config.latency_allow_mismatch, "space": space}
-            if os.path.isfile(config.latency_table):
-                return LatencyTable.load(config.latency_table, **kwargs)
-            return pull_table(config.latency_table, **kwargs)
+        if config.latency_table:  # a file, a folder or a Hub id; validated and checked against this run
+            return load_table_for(config.latency_table, model, space, settings, config.latency_allow_mismatch)
         return build_table(model, table_path, space=space, settings=settings, subgrid=config.latency_subgrid)
 
     table = run_on_main_and_broadcast(load_or_build)
@@ -425,6 +414,20 @@ def _score_batches(session: PruningSession, model, dataloader, num_batches: int,
         raise ValueError("the dataloader yielded no batches: importance needs data")
 
 
+def refuse_meta_model(model, where: str) -> None:
+    """A model whose weights are on the meta device (``torch.device("meta")``, ``init_empty_weights``, a
+    ``from_pretrained`` that never loaded the weights) has no values to score, train or slice: refuse it up
+    front with the fix instead of failing deep inside Trainer or the solver."""
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    meta += [name for name, b in model.named_buffers() if b.is_meta]
+    if meta:
+        raise ValueError(
+            f"{where}: the model's weights are on the meta device ({len(meta)} tensors, e.g. {meta[0]!r}): they "
+            "hold no values. Load or initialise real weights first (from_pretrained without device_map='meta', "
+            "or model.to_empty(device='cpu') followed by loading a state dict)"
+        )
+
+
 def _returns_own_loss(model) -> bool:
     """Whether ``model(pixel_values=..., labels=...)`` returns a loss (HF classifiers; not DeiT's teacher-head
     model, nor plain nn.Modules such as timm models)."""
@@ -455,6 +458,7 @@ def prune(
     budget (``result.latency_check``); ``latency_timer([dense, pruned]) -> [Measurement, Measurement]`` times it
     elsewhere (a remote target).
     """
+    refuse_meta_model(model, "prune()")
     session = PruningSession(model, config, latency_model, latency_timer)
     try:
         accumulate_importance(session, model, dataloader, num_batches or config.accumulation_steps, loss_fn)

@@ -27,10 +27,20 @@ from transformers import (
 
 from .adapters import get_adapter
 from .config import PrunableConfig
-from .data import build_transforms, collate, label_names, load_image_classification, train_collator, with_transforms
+from .data import (
+    build_transforms,
+    check_dataset,
+    collate,
+    label_names,
+    load_image_classification,
+    num_labels_of,
+    train_collator,
+    with_transforms,
+)
 from .distributed import use_cpu_ranks_without_gpu
 from .losses import DistillationSettings, MDPLoss
 from .metrics import ACCURACY_PATH
+from .paths import check_local_path
 from .presets import get_preset
 from .pruning import _returns_own_loss, check_budget, latency_model_for
 from .trainer import LATENCY_TABLE_NAME, REPORT_NAME, MDPTrainer, check_schedule_fits, planned_optimizer_steps
@@ -264,6 +274,8 @@ def build_model(args: ScriptArguments, default_config, labels: list[str]):
     """(model, from_scratch). A Hub id / local folder is loaded; otherwise a config is instantiated."""
     id2label = dict(enumerate(labels))
     label2id = {v: k for k, v in id2label.items()}
+    check_local_path(args.model_name_or_path, "--model_name_or_path")
+    check_local_path(args.model_config, "--model_config")
     if is_timm_name(args.model_name_or_path):
         kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
         model = create_timm_model(args.model_name_or_path, args.pretrained, len(labels), kwargs)
@@ -402,6 +414,7 @@ def run(defaults: dict, default_model_config, default_preset: str) -> dict:
     set_seed(training_args.seed)  # a model built from a config is initialised now: make it reproducible
     model, from_scratch = build_model(args, default_model_config, labels)
     get_adapter(model)  # an unsupported family fails here, before any training
+    check_dataset(data["train"], "the train split", num_labels_of(model), args.label_column)  # before dense training
     data = attach_transforms(data, model, args, augment)
     if prunable_config.latency_image_size is None:  # time the blocks at the resolution the model is fed
         prunable_config.latency_image_size = input_size(model, args)

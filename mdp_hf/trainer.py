@@ -23,11 +23,12 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import PrunableConfig
+from .data import check_dataset, num_labels_of
 from .distributed import world_size
 from .hub import push_folder_to_hub, render_model_card, save_pruned_model
 from .latency_check import dense_reference, unverifiable_reason, verification_settings
 from .losses import DistillationSettings, MDPLoss
-from .pruning import PruningSession, _returns_own_loss, latency_model_for
+from .pruning import PruningSession, _returns_own_loss, latency_model_for, refuse_meta_model
 from .reporting import kept_dims, kept_dims_markdown, latency_breakdown, plot_report
 
 logger = logging.getLogger(__name__)
@@ -178,6 +179,12 @@ class MDPTrainer(Trainer):
             )
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         model = kwargs.get("model", args[0] if args else None)
+        if model is not None:  # refused before Trainer moves the model or training fails mid-way
+            refuse_meta_model(model, "MDPTrainer")
+            for index, name in ((3, "train_dataset"), (4, "eval_dataset")):
+                dataset = kwargs.get(name, args[index] if len(args) > index else None)
+                if dataset is not None and not isinstance(dataset, dict):
+                    check_dataset(dataset, f"MDPTrainer {name}", num_labels_of(model))
         smoothing = getattr(training_args, "label_smoothing_factor", 0)
         if smoothing and not hasattr(model, "config"):
             # transformers' Trainer reads model.config when label smoothing is on, which a plain module (timm)
@@ -371,13 +378,30 @@ class MDPTrainer(Trainer):
                 "it was not written by MDPTrainer; resume from a complete checkpoint (resume_from_checkpoint=True "
                 "finds the newest one)"
             )
-        with open(json_path, encoding="utf-8") as handle:
-            meta = json.load(handle)
+        earlier = "Resume from an earlier checkpoint (resume_from_checkpoint='<output_dir>/checkpoint-N')"
+        try:
+            with open(json_path, encoding="utf-8") as handle:
+                meta = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{json_path} is damaged ({error}): the pruning state cannot be restored. {earlier}"
+            ) from None
+        missing = [k for k in ("prunable_config", "scores", "results") if not isinstance(meta, dict) or k not in meta]
+        if missing:
+            raise ValueError(
+                f"{json_path} is damaged (it lacks {missing}): the pruning state cannot be restored. {earlier}"
+            )
+        try:
+            tensors = load_file(tensor_path)
+        except Exception as error:  # safetensors raises its own error types for a truncated or corrupt file
+            raise ValueError(
+                f"{tensor_path} is damaged ({type(error).__name__}: {error}): the importance scores cannot be "
+                f"restored. {earlier}"
+            ) from None
         if meta["prunable_config"] != self.prunable_config.to_dict():
             raise ValueError(
                 f"the checkpoint in {folder} was made with a different PrunableConfig; resume with the same one"
             )
-        tensors = load_file(tensor_path)
         score_meta = meta["scores"]
         scores = {
             "kind": score_meta["kind"],

@@ -292,23 +292,47 @@ class ModelAdapter(ABC):
     stem_dimensions: tuple[str, ...] = ()
 
     def _group_and_min(self, name: str, kind: str, size: int, group_sizes, min_keep) -> tuple[int, int]:
-        group = group_size_for(name, kind, group_sizes, self.default_group_sizes.get(kind, 1))
+        """(group size, minimum) of one dimension. A group size or minimum the user gave that is larger than the
+        dimension is an error (clamping it would silently make the dimension unprunable); the family's default
+        group size is clamped to a small dimension."""
+        key = group_size_key(name, kind, group_sizes)
+        group = group_sizes[key] if key is not None else self.default_group_sizes.get(kind, 1)
         if group < 1:
             raise PruningSpaceError(f"group size for '{name}' must be >= 1, got {group}")
+        if group > size and key is not None:
+            raise PruningSpaceError(
+                f"group_sizes[{key!r}] = {group} is larger than dimension '{name}' ({size} units): one group "
+                f"would be the whole dimension, so it could never be pruned. Give it a group size <= {size}, e.g. "
+                f"group_sizes={{..., {name!r}: {max(1, size // 4)}}} (a dimension name overrides its kind), or "
+                "leave its kind out of PrunableConfig.prune to keep it whole"
+            )
         group = min(group, size)
         minimum = (min_keep or {}).get(kind, group)
-        return group, max(1, min(minimum, size))
+        if minimum > size:
+            raise PruningSpaceError(
+                f"min_keep[{kind!r}] = {minimum} is larger than dimension '{name}' ({size} units), so it could never "
+                f"be pruned. Give a minimum <= {size} (min_keep is in units per dimension of that kind), or leave "
+                f"{kind!r} out of PrunableConfig.prune"
+            )
+        return group, max(1, minimum)
+
+
+def group_size_key(name: str, kind: str, group_sizes: dict | None) -> str | None:
+    """Which ``group_sizes`` key sets a dimension's group size: its exact name, else the longest matching glob,
+    else its kind; None when none does (the family default applies)."""
+    group_sizes = group_sizes or {}
+    if name in group_sizes:
+        return name
+    globs = [key for key in group_sizes if any(c in key for c in "*?[") and fnmatch.fnmatchcase(name, key)]
+    if globs:
+        return max(globs, key=len)
+    return kind if kind in group_sizes else None
 
 
 def group_size_for(name: str, kind: str, group_sizes: dict | None, default: int) -> int:
     """A dimension's group size: its exact name, else the longest matching glob, else its kind, else ``default``."""
-    group_sizes = group_sizes or {}
-    if name in group_sizes:
-        return group_sizes[name]
-    globs = [key for key in group_sizes if any(c in key for c in "*?[") and fnmatch.fnmatchcase(name, key)]
-    if globs:
-        return group_sizes[max(globs, key=len)]
-    return group_sizes.get(kind, default)
+    key = group_size_key(name, kind, group_sizes)
+    return group_sizes[key] if key is not None else default
 
 
 def check_group_size_keys(space: PruningSpace, group_sizes: dict | None) -> None:

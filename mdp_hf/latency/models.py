@@ -117,6 +117,7 @@ class LatencyModel:
     name = "latency model"
 
     def __init__(self, table: LatencyTable, space=None, allow_mismatch: bool = False):
+        table.validate(allow_mismatch=allow_mismatch)  # also tables built or edited in memory
         self.table = table
         self.space_dims = table.space["dimensions"]
         self.blocks = table.space["blocks"]
@@ -145,7 +146,10 @@ class LatencyModel:
                 continue
             missing = [d for d in term.dims if d not in s.widths]
             if missing:
-                raise LatencyTableError(f"structure has no width for {missing} (needed by term {term.name!r})")
+                raise LatencyTableError(
+                    f"structure has no width for {missing} (needed by term {term.name!r}): it is not a model of "
+                    f"the kind the table was built for ({self.table.metadata.get('model_type')!r})"
+                )
             axes = [self.space_dims[d]["widths"] for d in term.dims]
             ms = (
                 _lookup(term.table, axes, [int(s.widths[d]) for d in term.dims], term.name)

@@ -88,6 +88,27 @@ def run_metadata(model, space, settings: TimingSettings, blocks=None) -> dict:
     }
 
 
+def load_table_for(source: str, model, space, settings: TimingSettings, allow_mismatch: bool = False) -> LatencyTable:
+    """The table ``source`` names (a file, a folder holding latency_table.json, or a Hub repo id), validated and
+    checked against this run: its metadata (device, batch, dtype, shapes, space) and its terms against the
+    terms ``model``'s family plans. A mistyped local path is a FileNotFoundError saying it does not exist."""
+    import os
+
+    from ..paths import check_local_path
+    from .table import pull_table
+
+    cells = family_cells(model, space, settings)
+    kwargs = {"expect": run_metadata(model, space, settings, cells), "allow_mismatch": allow_mismatch, "space": space}
+    if os.path.isfile(source):
+        table = LatencyTable.load(source, **kwargs)
+    else:
+        if not os.path.isdir(source):
+            check_local_path(source, "latency table")
+        table = pull_table(source, **kwargs)
+    table.check_terms(cells.plan()[1])
+    return table
+
+
 def _count(module, args) -> tuple[float, float]:
     with FlopCounterMode(display=False) as counter:
         module(*args)
@@ -319,6 +340,7 @@ __all__ = [
     "build_table",
     "family_cells",
     "interpolation_report",
+    "load_table_for",
     "outlier_cells",
     "run_metadata",
     "subgrid_indices",

@@ -49,10 +49,23 @@ STRICT_FIELDS = (
 )
 #: fields that only warn when they differ (timings rarely move between patch releases)
 SOFT_FIELDS = ("torch_version", "transformers_version")
+#: metadata every table must carry (values may be null where the field does not apply, e.g. threads on CUDA):
+#: without them the device / batch / dtype / shape checks against a run could not happen
+REQUIRED_METADATA = STRICT_FIELDS
+#: the stored end-to-end dense timing and the summed dense cells must agree within this factor: real tables of
+#: real models measure 0.85-1.26 (docs/latency.md), tiny models dominated by per-call overhead ~3; a factor
+#: beyond 10 means a wrong unit, or cells and reference of different models or devices
+REFERENCE_AGREEMENT = 10.0
+#: a structure at the smallest widths (every block kept) costing this much more than the dense one is inverted
+INVERSION_MARGIN = 1.05
 
 
 class LatencyTableError(ValueError):
     """A latency table file is malformed, incomplete or does not fit the request."""
+
+
+class LatencyTableWarning(UserWarning):
+    """A latency table looks suspicious but may be right (e.g. a grid where narrower costs more everywhere)."""
 
 
 class IncompleteTableError(LatencyTableError):
@@ -288,6 +301,8 @@ class LatencyTable:
     terms: list[TermDef]
     reference: dict = field(default_factory=dict)
     validation: list[dict] = field(default_factory=list)
+    #: where the table came from (its file, or its Hub repo and file name), for error messages
+    source: str = field(default="latency table", compare=False, repr=False)
 
     # -- progress -----------------------------------------------------------------------------------
     @property
@@ -320,8 +335,8 @@ class LatencyTable:
         """
         differences = {}
         for key in STRICT_FIELDS:
-            if expect is not None and key in expect and key in self.metadata and expect[key] != self.metadata[key]:
-                differences[key] = (self.metadata[key], expect[key])
+            if expect is not None and key in expect and self.metadata.get(key, _MISSING) != expect[key]:
+                differences[key] = (self.metadata.get(key, "<missing>"), expect[key])
         soft = {
             k: (self.metadata[k], expect[k])
             for k in SOFT_FIELDS
@@ -343,6 +358,35 @@ class LatencyTable:
             warnings.warn(message, stacklevel=3)
         return differences
 
+    def check_terms(self, planned, source: str | None = None) -> None:
+        """Compare the table's terms with the terms the model's family plans for this model (``planned``:
+        objects with ``name``, ``dims``, ``block``, ``transform``, as ``LatencyCells.plan()[1]``). A term missing
+        from the table, one the model does not have, or one read through other dimensions or gated by another
+        block is a LatencyTableMismatchError naming them (also with allow_mismatch: the latency model would be
+        wrong whatever the settings)."""
+        source = source or self.source
+
+        def signature(term):
+            return (list(term.dims), term.block, term.transform)
+
+        have = {t.name: signature(t) for t in self.terms}
+        want = {t.name: signature(t) for t in planned}
+        missing = [n for n in want if n not in have]
+        extra = [n for n in have if n not in want]
+        changed = [n for n in want if n in have and have[n] != want[n]]
+        if not (missing or extra or changed):
+            return
+        notes = []
+        for label, names in (("missing in the table", missing), ("not in this model", extra), ("different", changed)):
+            if names:
+                notes.append(f"{label}: {names[:6]}{' ...' if len(names) > 6 else ''} ({len(names)})")
+        raise LatencyTableMismatchError(
+            f"{source}: terms: the table's latency terms are not this model's ({'; '.join(notes)}). It was built "
+            "for another model, by another mdp_hf version, or edited; rebuild it for this model "
+            "(`mdp-hf latency build`)",
+            {"terms": (sorted(have), sorted(want))},
+        )
+
     # -- file format -----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
@@ -357,34 +401,228 @@ class LatencyTable:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> LatencyTable:
-        if data.get("format") != FORMAT:
-            raise LatencyTableError(f"not an mdp_hf latency table (format {data.get('format')!r}, expected {FORMAT!r})")
-        if int(data.get("format_version", 0)) > FORMAT_VERSION:
+    def from_dict(cls, data: dict, source: str = "latency table") -> LatencyTable:
+        """Build a table from its JSON object and check its structure (:meth:`validate_structure`); errors name
+        ``source`` (the file) and the field."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise LatencyTableError(f"{source}: not an mdp_hf latency table (format {found!r}, expected {FORMAT!r})")
+        try:
+            version = int(data.get("format_version", 0))
+        except (TypeError, ValueError):
             raise LatencyTableError(
-                f"latency table format version {data['format_version']} is newer than this mdp_hf supports "
+                f"{source}: format_version must be an integer, got {data['format_version']!r}"
+            ) from None
+        if version > FORMAT_VERSION:
+            raise LatencyTableError(
+                f"{source}: latency table format version {data['format_version']} is newer than this mdp_hf supports "
                 f"({FORMAT_VERSION}); upgrade mdp_hf"
             )
+        for name, kind in (("metadata", dict), ("space", dict), ("tables", dict), ("terms", list)):
+            if name not in data:
+                raise LatencyTableError(
+                    f"{source}: the field {name!r} is missing; a table without it cannot be checked against a run "
+                    "or used. Rebuild it with `mdp-hf latency build` (docs/latency_table_format.md)"
+                )
+            if not isinstance(data[name], kind):
+                raise LatencyTableError(f"{source}: the field {name!r} must be a JSON {kind.__name__}")
+        for name, kind in (("reference", dict), ("validation", list)):
+            if not isinstance(data.get(name, kind()), kind):
+                raise LatencyTableError(f"{source}: the field {name!r} must be a JSON {kind.__name__}")
         try:
             tables = {key: MeasuredTable.from_dict(key, t) for key, t in data["tables"].items()}
             terms = [TermDef(**t) for t in data["terms"]]
         except (KeyError, TypeError, ValueError) as error:
-            raise LatencyTableError(f"malformed latency table: {error}") from error
-        for term in terms:
-            if term.table not in tables:
-                raise LatencyTableError(f"term {term.name!r} refers to missing table {term.table!r}")
-            if len(term.dims) != len(tables[term.table].axes):
-                raise LatencyTableError(
-                    f"term {term.name!r} has {len(term.dims)} dims but its table has {len(tables[term.table].axes)} axes"
-                )
-            for dim, axis in zip(term.dims, tables[term.table].axes):
-                if dim not in data["space"]["dimensions"] or data["space"]["dimensions"][dim]["widths"] != axis:
-                    raise LatencyTableError(
-                        f"term {term.name!r}: axis widths do not match dimension {dim!r} of the table's space"
-                    )
-        return cls(
-            data["metadata"], data["space"], tables, terms, data.get("reference", {}), data.get("validation", [])
+            raise LatencyTableError(f"{source}: malformed latency table: {error}") from error
+        table = cls(
+            data["metadata"],
+            data["space"],
+            tables,
+            terms,
+            data.get("reference", {}),
+            data.get("validation", []),
+            source=source,
         )
+        return table.validate_structure(source)
+
+    # -- validation ----------------------------------------------------------------------------------
+    def validate_structure(self, source: str | None = None) -> LatencyTable:
+        """Checks that need no measured cell: required metadata, the space and its fingerprint, every term's
+        grid and axes, every removable block and every dimension paid by some term, finite cells.
+        Raises LatencyTableError naming ``source`` (default: :attr:`source`) and the field."""
+        source = source or self.source
+
+        def bad(field_name: str, why: str):
+            raise LatencyTableError(f"{source}: {field_name}: {why}")
+
+        missing = [k for k in REQUIRED_METADATA if k not in self.metadata]
+        if missing:
+            bad(
+                "metadata",
+                f"lacks the required field(s) {missing}, so the table could not be checked against the run's "
+                "device, batch size, dtype and shapes. Rebuild it with `mdp-hf latency build` "
+                "(docs/latency_table_format.md lists the fields)",
+            )
+        dims, blocks = self.space.get("dimensions"), self.space.get("blocks")
+        if not isinstance(dims, dict) or not isinstance(blocks, dict) or not dims:
+            bad("space", "must hold the 'dimensions' and 'blocks' of the pruning space it was built for")
+        for name, d in dims.items():
+            if not isinstance(d, dict) or not all(k in d for k in ("kind", "size", "group_size", "min_keep", "widths")):
+                bad(f"space.dimensions[{name!r}]", "needs kind, size, group_size, min_keep, block and widths")
+        if self.metadata["space_fingerprint"] != space_fingerprint(self.space):
+            bad(
+                "metadata.space_fingerprint",
+                f"{self.metadata['space_fingerprint']!r} does not match the table's own space "
+                f"({space_fingerprint(self.space)!r}): the space was edited after the table was measured; rebuild it",
+            )
+        names = set()
+        for term in self.terms:
+            where = f"terms[{term.name!r}]"
+            if term.name in names:
+                bad(where, "is defined twice")
+            names.add(term.name)
+            if term.table not in self.tables:
+                bad(where, f"refers to missing table {term.table!r}")
+            grid = self.tables[term.table]
+            if len(term.dims) != len(grid.axes):
+                bad(where, f"has {len(term.dims)} dims but its table has {len(grid.axes)} axes")
+            for dim, axis in zip(term.dims, grid.axes):
+                if dim not in dims or dims[dim]["widths"] != axis:
+                    bad(where, f"axis widths do not match dimension {dim!r} of the table's space")
+            if term.block is not None and term.block not in blocks:
+                bad(where, f"is gated by block {term.block!r}, which the table's space does not have")
+            if term.transform not in (None, "half_anchor", "interaction"):
+                bad(where, f"unknown transform {term.transform!r}")
+        unpaid = [b for b in blocks if not any(t.block == b for t in self.terms)]
+        if unpaid:
+            bad(
+                "terms",
+                f"no latency term is paid while block(s) {unpaid[:8]}{' ...' if len(unpaid) > 8 else ''} "
+                f"({len(unpaid)} of {len(blocks)}) are kept, so the solver would see them as free. The table is "
+                "incomplete or was edited; rebuild it with `mdp-hf latency build`",
+            )
+        unused = [d for d in dims if not any(d in t.dims for t in self.terms)]
+        if unused:
+            bad(
+                "terms",
+                f"no latency term depends on dimension(s) {unused[:8]}{' ...' if len(unused) > 8 else ''}, so "
+                "their width would cost nothing. The table is incomplete or was edited; rebuild it",
+            )
+        for key, grid in self.tables.items():
+            for name in ("values", "flops", "param_counts"):
+                array = getattr(grid, name)
+                if np.isinf(array).any():
+                    field_name = {"values": "values_ms"}.get(name, name)
+                    bad(
+                        f"tables[{key!r}].{field_name}",
+                        f"{int(np.isinf(array).sum())} cell(s) are not finite (Infinity or NaN; an unmeasured cell "
+                        "is null). Rebuild or resume the table",
+                    )
+        for name in ("dense_measured_ms", "dense_median_ms", "dense_min_ms"):
+            if name in self.reference:
+                value = self.reference[name]
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, (int, float))
+                    or not np.isfinite(value)
+                    or value <= 0
+                ):
+                    bad(
+                        f"reference.{name}",
+                        f"must be a positive number of ms (the dense model timed end to end), got {value!r}. "
+                        "Rebuild the table, or remove the reference to use the raw cells (calibration 'none')",
+                    )
+        return self
+
+    def dense_and_smallest_ms(self) -> tuple[float, float]:
+        """Raw (uncalibrated) predicted latency of the dense structure and of the structure with every width
+        at its smallest choice and every block kept. Needs a complete table."""
+        dense = smallest = 0.0
+        for term in self.terms:
+            grid = self.term_values(term)
+            dense += float(grid[(-1,) * grid.ndim])
+            smallest += float(grid[(0,) * grid.ndim])
+        return dense, smallest
+
+    def validate(self, source: str | None = None, allow_mismatch: bool = False) -> LatencyTable:
+        """:meth:`validate_structure`, and for a complete table its totals: the dense structure must cost a finite,
+        positive time (cells may be negative one by one: a correction term), and the dense cells must agree with the
+        end-to-end ``reference`` within a factor of ``REFERENCE_AGREEMENT`` (only a warning with ``allow_mismatch``).
+        Warnings (LatencyTableWarning): the smallest structure (every width smallest, every block kept) costing
+        zero or less, or more than the dense one (inverted costs), and a grid whose smallest width costs more than
+        its full width along an axis in every cell. Returns self."""
+        source = source or self.source
+        checked = (source, allow_mismatch, self.num_measured, len(self.terms), json.dumps(self.reference, default=str))
+        if getattr(self, "_validated", None) == checked:
+            return self  # several latency models over one table: checked once
+        self.validate_structure(source)
+        if not self.complete:
+            return self  # a build in progress: IncompleteTableError when it is used
+
+        def bad(field_name: str, why: str, soft: bool = False):
+            message = f"{source}: {field_name}: {why}"
+            if soft and allow_mismatch:
+                warnings.warn(message, LatencyTableWarning, stacklevel=3)
+                return
+            raise LatencyTableError(message)
+
+        dense, smallest = self.dense_and_smallest_ms()
+        if not np.isfinite(dense) or dense <= 0:
+            bad(
+                "tables",
+                f"the dense cells sum to {dense:.6g} ms; a latency must be positive (zero or negative cells would give a "
+                "zero or negative budget). The table is damaged; rebuild it",
+            )
+        measured = self.reference.get("dense_measured_ms")
+        if measured:
+            ratio = float(measured) / dense
+            if not 1 / REFERENCE_AGREEMENT <= ratio <= REFERENCE_AGREEMENT:
+                bad(
+                    "reference.dense_measured_ms",
+                    f"the dense model was timed end to end at {float(measured):.6g} ms but its cells sum to "
+                    f"{dense:.6g} ms (ratio {ratio:.3g}, allowed {1 / REFERENCE_AGREEMENT:.3g}-{REFERENCE_AGREEMENT:g}): "
+                    "cells and reference do not describe the same model and device (wrong unit, edited cells or "
+                    "reference). Rebuild the table; allow_mismatch=True (PrunableConfig.latency_allow_mismatch, "
+                    "--allow-mismatch) uses it anyway",
+                    soft=True,
+                )
+        # Noisy timings (few repeats on a busy machine) can produce both of the following on a real table, and the
+        # solver stays exact for any costs: a warning makes them visible without refusing a table that may be right.
+        if not np.isfinite(smallest) or smallest <= 0:
+            warnings.warn(
+                f"{source}: tables: the structure at the smallest widths (every block kept) sums to {smallest:.6g} ms "
+                "(the decomposed cells do not add up to a positive time: noisy or damaged cells); predictions of "
+                "small structures are wrong. Rebuild the table on an idle device with more repeats",
+                LatencyTableWarning,
+                stacklevel=3,
+            )
+        elif smallest > INVERSION_MARGIN * dense:
+            warnings.warn(
+                f"{source}: tables: inverted costs: the structure at the smallest widths (every block kept) costs "
+                f"{smallest:.6g} ms, more than the dense one ({dense:.6g} ms), so pruning widths would slow the model "
+                "down. The cells are reversed or were measured on a disturbed machine; rebuild the table on an idle "
+                "device with more repeats unless this is really how the device behaves",
+                LatencyTableWarning,
+                stacklevel=3,
+            )
+        inverted = []
+        for key, grid in self.tables.items():
+            values = grid.filled()
+            for axis, name in enumerate(grid.axis_names):
+                if values.shape[axis] >= 2:
+                    narrow, full = np.take(values, 0, axis=axis), np.take(values, -1, axis=axis)
+                    if np.all(narrow > INVERSION_MARGIN * full):
+                        inverted.append(f"{key!r} along {name}")
+        if inverted:
+            warnings.warn(
+                f"{source}: tables: in {len(inverted)} grid axis/axes the smallest width costs more than the full "
+                f"width in every cell ({'; '.join(inverted[:4])}{' ...' if len(inverted) > 4 else ''}); check the "
+                "measurement (a backend fast path, or a disturbed machine)",
+                LatencyTableWarning,
+                stacklevel=3,
+            )
+        self._validated = checked
+        return self
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file + rename): an interrupted write never corrupts the table."""
@@ -406,17 +644,39 @@ class LatencyTable:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, expect: dict | None = None, allow_mismatch: bool = False, space=None
+        cls,
+        path: str | os.PathLike,
+        expect: dict | None = None,
+        allow_mismatch: bool = False,
+        space=None,
+        source: str | None = None,
     ) -> LatencyTable:
-        """Read a table; with ``expect`` (the run's metadata, see ``run_metadata``) check it matches."""
+        """Read a table, validate it (:meth:`validate`), and with ``expect`` (the run's metadata, see
+        ``run_metadata``) check it matches. ``source`` names the table in errors (default: the path)."""
+        source = source or str(path)
         try:
             with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise LatencyTableError(f"{path} is not valid JSON ({error}); the file is damaged") from error
-        table = cls.from_dict(data)
+                data = json.load(handle, parse_constant=_non_finite)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"latency table {source} does not exist") from None
+        except IsADirectoryError:
+            raise LatencyTableError(
+                f"latency table {source} is a directory; give the file (e.g. {Path(path) / DEFAULT_FILENAME})"
+            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise LatencyTableError(f"{source} is not valid JSON ({error}); the file is damaged") from error
+        table = cls.from_dict(data, source).validate(source, allow_mismatch)
         table.check(expect, allow_mismatch, space_summary(space) if space is not None else None)
         return table
+
+
+_MISSING = object()
+
+
+def _non_finite(constant: str) -> float:
+    # JSON has no NaN/Infinity (Python writes them anyway): read them as infinity, which validation refuses;
+    # an unmeasured cell is null
+    return float("inf")
 
 
 def _format(differences: dict) -> str:
@@ -447,6 +707,10 @@ def push_table(
     ``repo_id`` may also be an existing local directory (the table is copied there). Returns the
     location written.
     """
+    from ..paths import check_local_path
+
+    if not _is_local_dir(repo_id):
+        check_local_path(repo_id, "destination folder")  # a mistyped local folder is not a Hub repo id
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(table, LatencyTable):
             source = table.save(Path(tmp) / filename)
@@ -489,15 +753,20 @@ def pull_table(
 ) -> LatencyTable:
     """Download a table from a Hub repository (``huggingface_hub.hf_hub_download``) or a local directory,
     and check it against ``expect`` like ``LatencyTable.load``."""
+    from ..paths import check_local_path
+
     if _is_local_dir(repo_id):
         path = Path(repo_id) / filename
         if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist")
+            raise FileNotFoundError(f"{path} does not exist (folder {repo_id} has no {filename})")
+        source = str(path)
     else:
+        check_local_path(repo_id, "latency table folder")
         import huggingface_hub
 
         path = huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename, revision=revision, **download_kwargs)
-    return LatencyTable.load(path, expect=expect, allow_mismatch=allow_mismatch, space=space)
+        source = f"{filename} of Hub repo {repo_id}" + (f" (revision {revision})" if revision else "")
+    return LatencyTable.load(path, expect=expect, allow_mismatch=allow_mismatch, space=space, source=source)
 
 
 __all__ = [
@@ -508,6 +777,7 @@ __all__ = [
     "LatencyTable",
     "LatencyTableError",
     "LatencyTableMismatchError",
+    "LatencyTableWarning",
     "MeasuredTable",
     "TermDef",
     "interpolate_grid",

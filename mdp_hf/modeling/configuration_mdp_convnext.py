@@ -1,6 +1,7 @@
 """Configuration of a structurally pruned ConvNeXt (model_type ``mdp_convnext``).
 
-Self-contained (imports only transformers): copied next to saved weights for ``trust_remote_code``.
+Self-contained (imports only transformers and its sibling configuration_mdp_common): copied next to saved weights
+for ``trust_remote_code``.
 
 A ConvNeXt has stages of layers; every layer of a stage reads and writes one residual width (the stage's
 ``hidden_sizes`` entry), and each layer has its own MLP hidden width. Layers are numbered flat across stages
@@ -10,8 +11,10 @@ the names of the kept layers' weights, and their stochastic-depth rates, stay th
 
 from transformers import PreTrainedConfig
 
+from .configuration_mdp_common import StructureFingerprintMixin
 
-class MDPConvNextConfig(PreTrainedConfig):
+
+class MDPConvNextConfig(StructureFingerprintMixin, PreTrainedConfig):
     r"""
     Args:
         num_channels / patch_size: input channels and the patchify stem's kernel = stride.
@@ -45,6 +48,7 @@ class MDPConvNextConfig(PreTrainedConfig):
     base_model_type: str | None = None
     base_model_name_or_path: str | None = None
     base_config: dict | None = None
+    structure_fingerprint: dict | None = None  # see configuration_mdp_common.py
 
     def __post_init__(self, **kwargs):
         self.hidden_sizes = list(self.hidden_sizes or [96, 192, 384, 768])
@@ -71,6 +75,7 @@ class MDPConvNextConfig(PreTrainedConfig):
         if bad:
             raise ValueError(f"layers {bad} are not removed but have no MLP width; give each a width >= 1")
         super().__post_init__(**kwargs)
+        self.check_structure_fingerprint()  # config.json edited after the save: an error naming the fields
 
 
 __all__ = ["MDPConvNextConfig"]

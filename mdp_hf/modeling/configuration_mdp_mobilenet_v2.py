@@ -1,6 +1,7 @@
 """Configuration of a structurally pruned MobileNetV2 (model_type ``mdp_mobilenet_v2``).
 
-Self-contained (imports only transformers): copied next to saved weights for ``trust_remote_code``.
+Self-contained (imports only transformers and its sibling configuration_mdp_common): copied next to saved weights
+for ``trust_remote_code``.
 
 transformers' MobileNetV2 derives every width from ``depth_multiplier`` / ``expand_ratio`` /
 ``min_depth`` / ``finegrained_output``; a pruned model has arbitrary widths, so they are explicit lists
@@ -12,6 +13,8 @@ connection reads and writes the width of the stage it belongs to.
 
 from transformers import PreTrainedConfig
 
+from .configuration_mdp_common import StructureFingerprintMixin
+
 # transformers' MobileNetV2 at depth_multiplier 1.0 (google/mobilenet_v2_1.0_224)
 _DENSE_USE_RESIDUAL = [bool(int(c)) for c in "0101101110110110"]
 _DENSE_STRIDES = [2, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1]
@@ -19,7 +22,7 @@ _DENSE_STAGE_WIDTHS = [16, 24, 32, 64, 96, 160, 320]
 _DENSE_LAYER_INPUTS = [16, 24, 24, 32, 32, 32, 64, 64, 64, 64, 96, 96, 96, 160, 160, 160]
 
 
-class MDPMobileNetV2Config(PreTrainedConfig):
+class MDPMobileNetV2Config(StructureFingerprintMixin, PreTrainedConfig):
     r"""
     Args:
         stem_channels: output channels of the stem's first 3x3 conv (and of its depthwise conv when
@@ -62,6 +65,7 @@ class MDPMobileNetV2Config(PreTrainedConfig):
     base_model_type: str | None = None
     base_model_name_or_path: str | None = None
     base_config: dict | None = None
+    structure_fingerprint: dict | None = None  # see configuration_mdp_common.py
 
     def __post_init__(self, **kwargs):
         self.layer_use_residual = [bool(r) for r in (self.layer_use_residual or _DENSE_USE_RESIDUAL)]
@@ -91,6 +95,7 @@ class MDPMobileNetV2Config(PreTrainedConfig):
                 f"removed_layers {bad} are not layers with a residual connection (only those can be removed)"
             )
         super().__post_init__(**kwargs)
+        self.check_structure_fingerprint()  # config.json edited after the save: an error naming the fields
 
 
 __all__ = ["MDPMobileNetV2Config"]

@@ -1,6 +1,7 @@
 """Configuration of a structurally pruned ResNet (model_type ``mdp_resnet``).
 
-Self-contained (imports only transformers): copied next to saved weights for ``trust_remote_code``.
+Self-contained (imports only transformers and its sibling configuration_mdp_common): copied next to saved weights
+for ``trust_remote_code``.
 
 Why not ``per_layer_config``: transformers' per-layer overrides are keyed by ``num_hidden_layers`` of a
 flat layer stack with homogeneous attributes; a ResNet has stages of layers whose widths are coupled
@@ -10,8 +11,10 @@ Layers are numbered flat across stages (stage 0 layers first).
 
 from transformers import PreTrainedConfig
 
+from .configuration_mdp_common import StructureFingerprintMixin
 
-class MDPResNetConfig(PreTrainedConfig):
+
+class MDPResNetConfig(StructureFingerprintMixin, PreTrainedConfig):
     r"""
     Args:
         embedding_size: stem output channels. hidden_sizes: residual width of each stage.
@@ -49,6 +52,7 @@ class MDPResNetConfig(PreTrainedConfig):
     base_model_type: str | None = None
     base_model_name_or_path: str | None = None
     base_config: dict | None = None
+    structure_fingerprint: dict | None = None  # see configuration_mdp_common.py
 
     def __post_init__(self, **kwargs):
         self.hidden_sizes = list(self.hidden_sizes or [256, 512, 1024, 2048])
@@ -93,6 +97,7 @@ class MDPResNetConfig(PreTrainedConfig):
                     f"convs, got {self.stem_inner_widths}"
                 )
         super().__post_init__(**kwargs)
+        self.check_structure_fingerprint()  # config.json edited after the save: an error naming the fields
 
 
 __all__ = ["MDPResNetConfig"]

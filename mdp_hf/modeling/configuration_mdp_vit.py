@@ -1,7 +1,7 @@
 """Configuration of a structurally pruned ViT / DeiT (model_type ``mdp_vit``).
 
-Self-contained (imports only transformers) because it is copied next to saved weights and loaded with
-``trust_remote_code=True`` in processes where mdp_hf is not installed.
+Self-contained (imports only transformers and its sibling configuration_mdp_common) because it is copied next to
+saved weights and loaded with ``trust_remote_code=True`` in processes where mdp_hf is not installed.
 
 Per-layer sizes use transformers' ``per_layer_config`` (a sparse map layer index -> overrides), so a
 layer may override ``num_attention_heads``, ``qk_head_dim``, ``v_head_dim`` and ``intermediate_size``,
@@ -11,8 +11,10 @@ residual stream). Read per-layer values through ``config.per_layer_config[i]``.
 
 from transformers import PreTrainedConfig
 
+from .configuration_mdp_common import StructureFingerprintMixin
 
-class MDPViTConfig(PreTrainedConfig):
+
+class MDPViTConfig(StructureFingerprintMixin, PreTrainedConfig):
     r"""
     Args:
         hidden_size: embedding width E shared by every layer (the global pruned dimension).
@@ -80,6 +82,7 @@ class MDPViTConfig(PreTrainedConfig):
     patch_bias: bool = True
     classifier_dropout_prob: float = 0.0
     preprocessing: dict | None = None
+    structure_fingerprint: dict | None = None  # see configuration_mdp_common.py
 
     def __post_init__(self, **kwargs):
         if self.classifier_heads not in ("cls", "cls+distillation"):
@@ -95,6 +98,7 @@ class MDPViTConfig(PreTrainedConfig):
         if self.classifier_heads == "cls+distillation" and (self.num_extra_tokens != 2 or self.pooling != "token"):
             raise ValueError("classifier_heads='cls+distillation' needs num_extra_tokens=2 and pooling='token'")
         super().__post_init__(**kwargs)
+        self.check_structure_fingerprint()  # config.json edited after the save: an error naming the fields
 
 
 __all__ = ["MDPViTConfig"]

@@ -285,6 +285,11 @@ class Problem:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Problem:
+        """Build and validate a problem from its JSON object. Every field is type-checked as read: a width or
+        fixed choice that is not an integer, a keep bit that is not a boolean, a budget that is not a number or
+        a ragged table is a ProblemError naming the entry (nothing is truncated or coerced silently)."""
+        if not isinstance(data, dict):
+            raise ProblemError(f"a problem is a JSON object (see docs/problem_format.md), got a {type(data).__name__}")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise ProblemError(
@@ -292,21 +297,61 @@ class Problem:
                 f"{FORMAT_VERSION} (see docs/problem_format.md)"
             )
         try:
+            dimensions = [
+                Dimension(
+                    _str(d["name"], f"dimensions[{i}].name"),
+                    [
+                        _int(w, f"dimensions[{i}] ({d['name']!r}).widths[{k}]")
+                        for k, w in enumerate(_list(d["widths"], f"dimensions[{i}].widths"))
+                    ],
+                )
+                for i, d in enumerate(_list(data["dimensions"], "dimensions", of=dict))
+            ]
+            blocks = [
+                Block(
+                    _str(b["name"], f"blocks[{i}].name"),
+                    _bool(b.get("removable", True), f"blocks[{i}] ({b['name']!r}).removable"),
+                )
+                for i, b in enumerate(_list(data.get("blocks", []), "blocks", of=dict))
+            ]
+            objective_terms = [
+                ObjectiveTerm(
+                    _str(t["dim"], f"objective_terms[{i}].dim"),
+                    [
+                        _float(v, f"objective_terms[{i}].values[{k}]")
+                        for k, v in enumerate(_list(t["values"], f"objective_terms[{i}].values"))
+                    ],
+                    _optional_str(t.get("block"), f"objective_terms[{i}].block"),
+                )
+                for i, t in enumerate(_list(data.get("objective_terms", []), "objective_terms", of=dict))
+            ]
+            latency_terms = [
+                LatencyTerm(
+                    _str(t["name"], f"latency_terms[{i}].name"),
+                    [
+                        _str(d, f"latency_terms[{i}] ({t['name']!r}).dims[{k}]")
+                        for k, d in enumerate(_list(t["dims"], f"latency_terms[{i}].dims"))
+                    ],
+                    _table(t["table"], f"latency_terms[{i}] ({t['name']!r}).table"),
+                    _optional_str(t.get("block"), f"latency_terms[{i}] ({t['name']!r}).block"),
+                )
+                for i, t in enumerate(_list(data.get("latency_terms", []), "latency_terms", of=dict))
+            ]
             problem = cls(
-                dimensions=[Dimension(d["name"], [int(w) for w in d["widths"]]) for d in data["dimensions"]],
-                blocks=[Block(b["name"], bool(b.get("removable", True))) for b in data.get("blocks", [])],
-                objective_terms=[
-                    ObjectiveTerm(t["dim"], [float(v) for v in t["values"]], t.get("block"))
-                    for t in data.get("objective_terms", [])
-                ],
-                latency_terms=[
-                    LatencyTerm(t["name"], list(t["dims"]), np.asarray(t["table"], dtype=np.float64), t.get("block"))
-                    for t in data.get("latency_terms", [])
-                ],
-                budget_ms=float(data["budget_ms"]),
-                fixed_choices={k: int(v) for k, v in data.get("fixed_choices", {}).items()},
-                fixed_blocks={k: bool(v) for k, v in data.get("fixed_blocks", {}).items()},
-                metadata=dict(data.get("metadata", {})),
+                dimensions=dimensions,
+                blocks=blocks,
+                objective_terms=objective_terms,
+                latency_terms=latency_terms,
+                budget_ms=_float(data["budget_ms"], "budget_ms"),
+                fixed_choices={
+                    k: _int(v, f"fixed_choices[{k!r}]")
+                    for k, v in _dict(data.get("fixed_choices", {}), "fixed_choices").items()
+                },
+                fixed_blocks={
+                    k: _bool(v, f"fixed_blocks[{k!r}]")
+                    for k, v in _dict(data.get("fixed_blocks", {}), "fixed_blocks").items()
+                },
+                metadata=_dict(data.get("metadata", {}), "metadata"),
             )
         except KeyError as e:
             raise ProblemError(
@@ -315,13 +360,105 @@ class Problem:
         return problem.validate()
 
     @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Problem:
+        """Load from a file (whatever its name looks like, e.g. ``{run}.json``). Errors name the file:
+        FileNotFoundError / IsADirectoryError, ProblemError for invalid JSON or an invalid problem."""
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ProblemError(f"{path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_dict(data)
+        except ProblemError as e:
+            raise ProblemError(f"{path}: {e}") from None
+
+    @classmethod
     def from_json(cls, path_or_text: str | os.PathLike) -> Problem:
-        """Load from a file path or from JSON text."""
+        """Load from a file path or from JSON text. A path object, or a string naming an existing file, is
+        always read as a file (also when its name begins with ``{``); any other string beginning with ``{``
+        is JSON text."""
+        if isinstance(path_or_text, os.PathLike) or os.path.exists(str(path_or_text)):
+            return cls.from_file(path_or_text)
         text = str(path_or_text)
-        if not text.lstrip().startswith("{"):
-            with open(path_or_text, encoding="utf-8") as f:
-                text = f.read()
-        return cls.from_dict(json.loads(text))
+        if text.lstrip().startswith("{"):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ProblemError(
+                    f"the problem text is not valid JSON ({e}) and no file of that name exists"
+                ) from None
+            return cls.from_dict(data)
+        return cls.from_file(path_or_text)
+
+
+def _type_error(where: str, expected: str, value) -> ProblemError:
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    return ProblemError(f"{where} must be {expected}, got {shown} ({type(value).__name__}); see docs/problem_format.md")
+
+
+def _int(value, where: str) -> int:
+    """A JSON integer (an integral float such as 16.0 is accepted); never truncated."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _type_error(where, "an integer", value)
+    if isinstance(value, float) and not (math.isfinite(value) and value == int(value)):
+        raise _type_error(where, "an integer (it would be truncated)", value)
+    return int(value)
+
+
+def _float(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _type_error(where, "a number", value)
+    return float(value)
+
+
+def _bool(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise _type_error(where, "true or false", value)
+    return value
+
+
+def _str(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise _type_error(where, "a string", value)
+    return value
+
+
+def _optional_str(value, where: str) -> str | None:
+    return None if value is None else _str(value, where)
+
+
+def _list(value, where: str, of: type | None = None) -> list:
+    if not isinstance(value, list):
+        raise _type_error(where, "a list", value)
+    if of is not None:
+        for i, item in enumerate(value):
+            if not isinstance(item, of):
+                raise _type_error(f"{where}[{i}]", "a JSON object" if of is dict else of.__name__, item)
+    return value
+
+
+def _dict(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise _type_error(where, "a JSON object", value)
+    return dict(value)
+
+
+def _table(value, where: str) -> np.ndarray:
+    """Nested lists of numbers (or one number) as a float array; ragged or non-numeric tables are refused."""
+
+    def numbers_only(item):
+        if isinstance(item, list):
+            return all(numbers_only(v) for v in item)
+        return isinstance(item, (int, float)) and not isinstance(item, bool)
+
+    if not numbers_only(value):
+        raise ProblemError(f"{where} must hold numbers only (nested lists of ms values); see docs/problem_format.md")
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except ValueError:
+        raise ProblemError(f"{where} is ragged: every row of a table must have the same length") from None
 
 
 def _json_default(value):
