@@ -96,7 +96,7 @@ class LatencyCheck:
         if self.status == "skipped":
             return f"measured latency not verified: {self.reason}"
         last = self.rounds[-1]
-        unit = "of dense" if self.budget_unit == "fraction_of_dense" else "ms"
+        unit = unit_label(self.budget_unit)
         text = (
             f"measured {last.measured:.4g} {unit} for a budget of {self.budget:.4g} {unit} "
             f"(measured/budget {last.measured_over_budget:.3f}, tolerance {100 * self.effective_tolerance:.1f}%) "
@@ -141,6 +141,26 @@ def dense_reference(model, space):
     return slice_model(model, space, space.full_choice())
 
 
+def budget_of(config) -> tuple[str, float]:
+    """A PrunableConfig's budget in its own unit: ("ms", budget_ms) or ("fraction_of_dense", budget_fraction)."""
+    if config.budget_ms is not None:
+        return "ms", float(config.budget_ms)
+    return "fraction_of_dense", float(config.budget_fraction)
+
+
+def unit_label(budget_unit: str) -> str:
+    return "of dense" if budget_unit == "fraction_of_dense" else "ms"
+
+
+def measured_in_unit(budget_unit: str, dense: Measurement, pruned: Measurement) -> tuple[float, float]:
+    """The pruned model's measured latency in the budget's unit, and its noise (two relative standard errors;
+    combined with the dense model's for a ratio)."""
+    if budget_unit == "fraction_of_dense":
+        noise = 2 * math.hypot(_relative_standard_error(dense), _relative_standard_error(pruned))
+        return pruned.ms / dense.ms, noise
+    return pruned.ms, 2 * _relative_standard_error(pruned)
+
+
 def _relative_standard_error(measurement: Measurement) -> float:
     # a median's standard error ~ 1.2533 sigma / sqrt(n), with sigma ~ IQR / 1.349
     n = max(len(measurement.samples_ms), 1)
@@ -181,12 +201,7 @@ def land_on_budget(
     def measure(result) -> MeasuredRound:
         pruned = slice_model(model, space, result.choice)
         dense_m, pruned_m = timer([dense, pruned])
-        if budget_unit == "fraction_of_dense":
-            measured = pruned_m.ms / dense_m.ms
-            noise = 2 * math.hypot(_relative_standard_error(dense_m), _relative_standard_error(pruned_m))
-        else:
-            measured = pruned_m.ms
-            noise = 2 * _relative_standard_error(pruned_m)
+        measured, noise = measured_in_unit(budget_unit, dense_m, pruned_m)
         return MeasuredRound(
             solver_budget_ms=float(getattr(result, "solver_budget_ms", None) or result.budget_ms),
             predicted_ms=float(result.predicted_latency_ms),
@@ -199,7 +214,7 @@ def land_on_budget(
             measured_over_budget=measured / budget,
         )
 
-    unit = "of dense" if budget_unit == "fraction_of_dense" else "ms"
+    unit = unit_label(budget_unit)
     result = first
     while True:
         measured = measure(result)

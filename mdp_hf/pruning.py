@@ -19,7 +19,7 @@ from .config import PrunableConfig
 from .distributed import mean_across_ranks, run_on_main_and_broadcast, world_size
 from .importance import ImportanceAccumulator
 from .latency.models import dense_latency_ms
-from .latency_check import LatencyCheck, land_on_budget, unverifiable_reason, verification_settings
+from .latency_check import LatencyCheck, budget_of, land_on_budget, unverifiable_reason, verification_settings
 from .masks import build_problem, choice_from_solution, gate_model, kept_fraction_by_kind
 from .solver import solve as solve_problem
 from .surgery import slice_model
@@ -227,11 +227,7 @@ class PruningSession:
     def _land_on_measured_budget(self, result: PruningStepResult, solve) -> tuple[PruningStepResult, LatencyCheck]:
         """Main rank: time the final choice on the table's device and re-solve until it fits (or skip, saying why)."""
         config = self.config
-        unit, budget = (
-            ("ms", float(config.budget_ms))
-            if config.budget_ms is not None
-            else ("fraction_of_dense", config.budget_fraction)
-        )
+        unit, budget = budget_of(config)
         reason = None if self.latency_timer is not None else unverifiable_reason(self.latency_model)
         if reason is not None:
             logger.warning("MDP: the pruned model's latency is not verified: %s", reason)

@@ -26,7 +26,7 @@ from .config import PrunableConfig
 from .data import check_dataset, num_labels_of
 from .distributed import world_size
 from .hub import push_folder_to_hub, render_model_card, save_pruned_model
-from .latency_check import dense_reference, unverifiable_reason, verification_settings
+from .latency_check import budget_of, dense_reference, measured_in_unit, unverifiable_reason, verification_settings
 from .losses import DistillationSettings, MDPLoss
 from .pruning import PruningSession, _returns_own_loss, latency_model_for, refuse_meta_model
 from .reporting import kept_dims, kept_dims_markdown, latency_breakdown, plot_report
@@ -584,9 +584,8 @@ def _measured_over_budget(config: PrunableConfig, dense_m, pruned_m) -> float | 
     """The export's own measurement against the budget, in the budget's unit (fraction of dense, or ms)."""
     if pruned_m is None:
         return None
-    if config.budget_ms is not None:
-        return pruned_m.ms / config.budget_ms
-    return pruned_m.ms / dense_m.ms / config.budget_fraction
+    unit, budget = budget_of(config)
+    return measured_in_unit(unit, dense_m, pruned_m)[0] / budget
 
 
 def _step_of(folder: str) -> int:
