@@ -14,6 +14,16 @@ sys.path.insert(0, str(Path(__file__).parent))  # subprocess scripts import this
 
 from mdp_hf.adapters import registered_families  # noqa: E402
 
+REPO = str(Path(__file__).resolve().parents[1])
+# two CPU processes through Accelerate's config file (`accelerate launch --cpu --num_processes 2` starts one)
+TWO_PROCESS_LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--config_file",
+    str(Path(REPO) / "recipes" / "accelerate_configs" / "cpu_multiprocess.yaml"),
+]
+
 IMAGE_SIZE = 32
 NUM_LABELS = 5
 VIT_KW = dict(

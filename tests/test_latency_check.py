@@ -4,13 +4,12 @@ import copy
 import json
 import os
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
-from conftest import GROUPS, build
+from conftest import GROUPS, TWO_PROCESS_LAUNCH, build
 
 from mdp_hf import build_space
 from mdp_hf.config import PrunableConfig
@@ -209,15 +208,8 @@ def test_two_ranks_get_the_corrected_masks(tmp_path, synthetic_table):
     synthetic_table.table.save(table_path)
     script = tmp_path / "two_rank.py"
     script.write_text(TWO_RANK_SCRIPT.format(tests=os.path.join(REPO, "tests")))
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        os.path.join(REPO, "recipes", "accelerate_configs", "cpu_multiprocess.yaml"),
-    ]
     run = subprocess.run(
-        launch + [str(script), str(tmp_path / "two"), str(table_path)],
+        TWO_PROCESS_LAUNCH + [str(script), str(tmp_path / "two"), str(table_path)],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import GROUPS, IMAGE_SIZE, VARIANTS, build, logits_of
+from conftest import GROUPS, IMAGE_SIZE, TWO_PROCESS_LAUNCH, VARIANTS, build, logits_of
 from torch.utils.data import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
@@ -330,15 +330,8 @@ def test_two_ranks_get_the_masks_of_one_process(tmp_path, vit_latency):
     script = tmp_path / "two_rank.py"
     script.write_text(TWO_RANK_SCRIPT.format(tests=os.path.join(REPO, "tests")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        os.path.join(REPO, "recipes", "accelerate_configs", "cpu_multiprocess.yaml"),
-    ]
     two = subprocess.run(
-        launch + [str(script), str(tmp_path / "two"), "8", str(table)],
+        TWO_PROCESS_LAUNCH + [str(script), str(tmp_path / "two"), "8", str(table)],
         capture_output=True,
         text=True,
         env=env,
