@@ -301,6 +301,23 @@ def test_group_size_or_min_keep_larger_than_a_dimension_is_an_error(vit, kwargs,
         assert text in str(info.value), (text, str(info.value))
 
 
+def test_group_size_larger_than_some_dimensions_of_its_kind_warns_naming_them():
+    """A kind's group size that fits most of its dimensions but not a narrower one (here ResNet stage 0's inner
+    convs) keeps that one whole: a warning names it and the fix. The stem, kept whole unless prune_stem, is not
+    reported (the residual group size 64 is larger than the 16-channel stem)."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    model = ResNetForImageClassification(
+        ResNetConfig(embedding_size=16, hidden_sizes=[64, 128, 256, 512], depths=[1, 1, 1, 1], num_labels=5)
+    )
+    with pytest.warns(UserWarning) as record:
+        space = build_space(model, group_sizes={"channels": 32, "residual": 64})
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1 and "group_sizes['channels'] = 32" in messages[0], messages
+    assert "'stages.0.layers.0.conv1' (16 units)" in messages[0] and "keep their full width" in messages[0]
+    assert "stem" not in messages[0] and len(space.dimensions["stages.0.layers.0.conv1"].widths()) == 1
+
+
 def tiny_problem_dict():
     return Problem.from_dict(
         {

@@ -20,6 +20,7 @@ from .base import (
     TimingGrid,
     TimingTerm,
     check_group_size_keys,
+    check_group_sizes_fit,
 )
 from .registry import (
     ModelFamily,
@@ -49,6 +50,7 @@ def build_space(
     if undeclared:  # a family bug: such a kind could never be switched on or off by PrunableConfig.prune
         raise AssertionError(f"family {family.name!r} built dimensions of undeclared kinds {undeclared}")
     check_group_size_keys(space, group_sizes)
+    check_group_sizes_fit(space, group_sizes, min_keep, family.adapter.stem_dimensions)
     return space
 
 

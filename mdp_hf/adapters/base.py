@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 
@@ -292,29 +293,14 @@ class ModelAdapter(ABC):
     stem_dimensions: tuple[str, ...] = ()
 
     def _group_and_min(self, name: str, kind: str, size: int, group_sizes, min_keep) -> tuple[int, int]:
-        """(group size, minimum) of one dimension. A group size or minimum the user gave that is larger than the
-        dimension is an error (clamping it would silently make the dimension unprunable); the family's default
-        group size is clamped to a small dimension."""
-        key = group_size_key(name, kind, group_sizes)
-        group = group_sizes[key] if key is not None else self.default_group_sizes.get(kind, 1)
+        """(group size, minimum) of one dimension, clamped to its size; :func:`check_group_sizes_fit` (run by
+        ``build_space``) refuses or reports the values a user gave that do not fit."""
+        group = group_size_for(name, kind, group_sizes, self.default_group_sizes.get(kind, 1))
         if group < 1:
             raise PruningSpaceError(f"group size for '{name}' must be >= 1, got {group}")
-        if group > size and key is not None:
-            raise PruningSpaceError(
-                f"group_sizes[{key!r}] = {group} is larger than dimension '{name}' ({size} units): one group "
-                f"would be the whole dimension, so it could never be pruned. Give it a group size <= {size}, e.g. "
-                f"group_sizes={{..., {name!r}: {max(1, size // 4)}}} (a dimension name overrides its kind), or "
-                "leave its kind out of PrunableConfig.prune to keep it whole"
-            )
         group = min(group, size)
         minimum = (min_keep or {}).get(kind, group)
-        if minimum > size:
-            raise PruningSpaceError(
-                f"min_keep[{kind!r}] = {minimum} is larger than dimension '{name}' ({size} units), so it could never "
-                f"be pruned. Give a minimum <= {size} (min_keep is in units per dimension of that kind), or leave "
-                f"{kind!r} out of PrunableConfig.prune"
-            )
-        return group, max(1, minimum)
+        return group, max(1, min(minimum, size))
 
 
 def group_size_key(name: str, kind: str, group_sizes: dict | None) -> str | None:
@@ -333,6 +319,45 @@ def group_size_for(name: str, kind: str, group_sizes: dict | None, default: int)
     """A dimension's group size: its exact name, else the longest matching glob, else its kind, else ``default``."""
     key = group_size_key(name, kind, group_sizes)
     return group_sizes[key] if key is not None else default
+
+
+def check_group_sizes_fit(space: PruningSpace, group_sizes: dict | None, min_keep: dict | None, keep_full=()) -> None:
+    """A group size or minimum the user gave that is larger than a dimension makes it unprunable (one group is
+    the whole dimension). An error naming the dimension, its size and the value when the key names the dimension
+    itself, or when the value is larger than every dimension it applies to (nothing of it could be pruned); a
+    warning naming the dimensions when it only misses some smaller ones (e.g. a stage's group size on a narrower
+    first stage). Dimensions in ``keep_full`` (a family's stem, kept whole unless prune_stem) are not warned about."""
+    applies: dict[tuple[str, str], list[tuple[str, int]]] = {}  # (mapping, key) -> dimensions it sets
+    for name, dim in space.dimensions.items():
+        key = group_size_key(name, dim.kind, group_sizes)
+        if key is not None:
+            applies.setdefault(("group_sizes", key), []).append((name, dim.size))
+        if dim.kind in (min_keep or {}):
+            applies.setdefault(("min_keep", dim.kind), []).append((name, dim.size))
+    for (mapping, key), dims in applies.items():
+        value = (group_sizes if mapping == "group_sizes" else min_keep)[key]
+        small = [(name, size) for name, size in dims if value > size]
+        if not small:
+            continue
+        label = f"{mapping}[{key!r}] = {value}"
+        shown = ", ".join(f"'{n}' ({size} units)" for n, size in small[:4]) + (" ..." if len(small) > 4 else "")
+        if len(small) == len(dims):
+            raise PruningSpaceError(
+                f"{label} is larger than {'dimension' if len(dims) == 1 else 'every dimension it applies to'} "
+                f"{shown}: {'one group' if mapping == 'group_sizes' else 'the minimum'} would be the whole dimension, "
+                "so it could never be pruned. Give a value "
+                f"<= {min(size for _, size in small)}, or leave that kind out of PrunableConfig.prune to keep it whole"
+            )
+        reported = [(n, size) for n, size in small if n not in keep_full]
+        if reported:
+            name, size = reported[0]
+            warnings.warn(
+                f"{label} is larger than {len(reported)} of the {len(dims)} dimensions it applies to "
+                f"({', '.join(f'{n!r} ({s} units)' for n, s in reported[:4])}{' ...' if len(reported) > 4 else ''}): "
+                f"they keep their full width. Give them a group size of their own by name, e.g. "
+                f"group_sizes={{..., {name!r}: {max(1, size // 4)}}}",
+                stacklevel=3,
+            )
 
 
 def check_group_size_keys(space: PruningSpace, group_sizes: dict | None) -> None:
