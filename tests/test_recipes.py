@@ -333,7 +333,7 @@ def test_recipe_command_line_is_hfargumentparser_throughout():
     """--budget-ms as --help spells it, optional values set back to None with "none", help text on every pruning
     flag and the fixed choices enforced by the parser."""
     from mdp_hf.config import PrunableConfig
-    from mdp_hf.recipes import RECIPE_ARGUMENTS, MDPArgumentParser, parse_args
+    from mdp_hf.recipes import parse_args
 
     sys.path.insert(0, os.path.join(REPO, "recipes"))
     import prune_deit
@@ -349,6 +349,8 @@ def test_recipe_command_line_is_hfargumentparser_throughout():
     assert (pruning.latency_num_threads, pruning.solver_time_limit_s, pruning.latency_table) == (None, None, None)
     assert script.teacher is None and training.report_to in ("none", []) and pruning.monotone is False
     assert prune_deit.DEFAULTS["latency_batch_size"] == 16 and pruning.latency_batch_size == 16  # demo defaults stay
+
+    from mdp_hf.recipes import RECIPE_ARGUMENTS, MDPArgumentParser
 
     parser = MDPArgumentParser(RECIPE_ARGUMENTS)
     actions = {a.dest: a for a in parser._actions if a.option_strings and not a.option_strings[0].startswith("--no_")}
