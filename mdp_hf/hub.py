@@ -2,7 +2,9 @@
 
 A pruned model is saved with transformers' own ``save_pretrained`` (safetensors, never pickle); the
 pruned-model classes are registered for their Auto classes, so their source files and ``auto_map`` are
-written beside the weights and ``trust_remote_code=True`` loads them without mdp_hf installed.
+written beside the weights and ``trust_remote_code=True`` loads them without mdp_hf installed. The model card is
+a ``huggingface_hub.ModelCard`` (metadata from ``ModelCardData``, the MDP figures as its body); uploads create the
+repo and branch they need and never send checkpoints or pickles.
 """
 
 from __future__ import annotations

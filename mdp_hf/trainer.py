@@ -25,7 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from .config import PrunableConfig
 from .distributed import use_cpu_ranks_without_gpu, world_size
-from .hub import hub_repo_id, model_card, push_folder_to_hub, save_pruned_model
+from .hub import _as_list, hub_repo_id, model_card, push_folder_to_hub, save_pruned_model
 from .losses import DistillationSettings, MDPLoss
 from .pruning import PruningSession, _returns_own_loss, latency_model_for
 from .reporting import kept_dims, latency_breakdown, plot_report
@@ -49,13 +49,6 @@ class _MDPCallback(TrainerCallback):
 
     def __init__(self, trainer: MDPTrainer):
         self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        # after the report_to loggers (earlier callbacks) opened their run: the dense metrics go to its logging dir
-        trainer = self.trainer
-        if trainer._dense_evaluation_pending:
-            trainer._dense_evaluation_pending = False
-            trainer.dense_metrics = trainer.evaluate(metric_key_prefix="dense")
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # gradients of the whole (accumulated, rank-averaged) step, unscaled, before the optimizer moves w
@@ -91,6 +84,20 @@ class _MDPCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):
             self.trainer._save_pruning_state(folder)
+
+
+class _DenseEvaluation(TrainerCallback):
+    """The dense model's evaluation, in on_train_begin as the last callback: every logger (report_to's, and any
+    callback added later) has opened its run by then, so the dense metrics land in the run's logging dir."""
+
+    def __init__(self, trainer: MDPTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer._dense_evaluation_pending:
+            trainer._dense_evaluation_pending = False
+            trainer.dense_metrics = trainer.evaluate(metric_key_prefix="dense")
 
 
 class MDPTrainer(Trainer):
@@ -166,8 +173,9 @@ class MDPTrainer(Trainer):
         self.export_report: dict | None = None  # what the last export wrote (main process), see save_model
         self._last_export_key = None
         self._weights_version = 0  # bumped when weights are reloaded (best model, resume): an export is stale then
-        self._mdp_callback = _MDPCallback(self)
-        self.add_callback(self._mdp_callback)
+        self.add_callback(_MDPCallback(self))
+        self._dense_evaluation = _DenseEvaluation(self)
+        self.add_callback(self._dense_evaluation)
 
     # training -------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -228,8 +236,8 @@ class MDPTrainer(Trainer):
         else:  # evaluated in on_train_begin, once every logger is set up (a logger opens its run there)
             self._dense_evaluation_pending = self.eval_dataset is not None and self.dense_metrics is None
         # last in the callback list, so that callbacks added after construction have set up before it evaluates
-        self.callback_handler.remove_callback(self._mdp_callback)
-        self.callback_handler.add_callback(self._mdp_callback)
+        self.callback_handler.remove_callback(self._dense_evaluation)
+        self.callback_handler.add_callback(self._dense_evaluation)
         self._set_loss_phase()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
@@ -484,9 +492,9 @@ class MDPTrainer(Trainer):
         dataset_args: str | list[str] | None = None,
     ) -> None:
         """Trainer's card call, merged into the pruned model's card in ``args.output_dir``: the MDP body (budget,
-        device, latencies, kept dimensions) stays, the arguments are added to its metadata (tags and datasets
-        join the existing ones; ``finetuned_from`` becomes ``base_model`` when it is a Hub repo id). Without a
-        pruned export in the folder it is Trainer's own card."""
+        device, latencies, kept dimensions) stays, the arguments go into its metadata (tags join the existing
+        ones; datasets, license, language replace them when given; ``finetuned_from`` becomes ``base_model``
+        when it is a Hub repo id). Without a pruned export in the folder it is Trainer's own card."""
         if not self.is_world_process_zero():
             return None
         output_dir = self.args.output_dir
@@ -561,12 +569,6 @@ def source_repo_id(model) -> str | None:
 
 def _pipeline_tag(architecture: str) -> str:
     return "image-classification" if "ForImageClassification" in architecture else "image-feature-extraction"
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
 
 
 def _check_process_setup(training_args) -> None:

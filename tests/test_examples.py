@@ -55,8 +55,8 @@ json.dump({{"events": RecordEvents.events, "best": trainer.state.best_model_chec
 
 
 def test_image_classification_example_end_to_end(hub, tmp_path):
-    write_image_folder(tmp_path / "data" / "train", per_class=16, seed=0)
-    write_image_folder(tmp_path / "data" / "validation", per_class=6, seed=1)
+    write_image_folder(tmp_path / "data" / "train", per_class=12, seed=0)
+    write_image_folder(tmp_path / "data" / "validation", per_class=4, seed=1)
     model_dir = tmp_path / "tiny_vit"
     ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
               intermediate_size=64).save_pretrained(model_dir)  # fmt: skip
@@ -65,7 +65,7 @@ def test_image_classification_example_end_to_end(hub, tmp_path):
     )
     argv = [
         "--config_name", str(model_dir), "--train_dir", "data/train", "--validation_dir", "data/validation",
-        "--output_dir", "out", "--do_train", "--do_eval", "--max_steps", "8", "--per_device_train_batch_size", "8",
+        "--output_dir", "out", "--do_train", "--do_eval", "--max_steps", "6", "--per_device_train_batch_size", "8",
         "--learning_rate", "2e-3", "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps",
         "--save_steps", "2", "--load_best_model_at_end", "--metric_for_best_model", "accuracy", "--logging_steps", "1",
         "--report_to", "tensorboard" if HAS_TENSORBOARD else "none", "--use_cpu", "--seed", "0",

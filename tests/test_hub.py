@@ -304,3 +304,19 @@ def test_trainer_push_honours_its_arguments_and_uploads_only_the_pruned_run(hub,
     assert commits[1] == ("/api/models/org/mdp-config/commit/v1", "hf_cfg_token"), commits
     assert "CONFIG " in out and out.rstrip().endswith("True")
     assert "pruning_config.json" in hub.files("org/mdp-config", revision="v1")
+
+
+def test_card_base_model_is_a_hub_repo_id_or_absent(tmp_path):
+    """A card's base_model names the Hub repo the weights came from; never a local folder (nor a model_type)."""
+    from transformers import ViTForImageClassification
+
+    from mdp_hf.hub import hub_repo_id
+    from mdp_hf.trainer import source_repo_id
+
+    build("vit").save_pretrained(tmp_path / "local")
+    assert source_repo_id(ViTForImageClassification.from_pretrained(tmp_path / "local")) is None
+    assert source_repo_id(build("vit")) is None  # built from a config
+    model = build("vit")
+    model.config.name_or_path = "google/vit-base-patch16-224"
+    assert source_repo_id(model) == "google/vit-base-patch16-224"
+    assert [hub_repo_id(n) for n in ("", None, "./out", "/abs/path", "a/b/c", "org/name")] == [None] * 5 + ["org/name"]
