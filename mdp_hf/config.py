@@ -14,6 +14,8 @@ import numbers
 import os
 from dataclasses import dataclass, field
 
+from .solver.api import BACKENDS as SOLVER_BACKENDS
+
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "pruning_config.json"
@@ -45,45 +47,163 @@ class PrunableConfig:
     HALP's linear latency model = ``latency_model="linear"``.
     """
 
-    budget_ms: float | None = None
-    budget_fraction: float | None = None
+    budget_ms: float | None = field(
+        default=None,
+        metadata={
+            "help": "Absolute latency budget in ms, on the latency table's device and settings. Exclusive with "
+            "budget_fraction (a recipe's default fraction is dropped when it is given)."
+        },
+    )
+    budget_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Budget as a fraction in (0, 1] of the dense model's latency under the same latency model "
+            "(e.g. 0.5). Exclusive with budget_ms."
+        },
+    )
     # "all": every kind the model declares, and blocks; or a list of kinds (+ "blocks"), see prunable_kinds()
-    prune: list[str] = field(default_factory=lambda: ["all"])
+    prune: list[str] = field(
+        default_factory=lambda: ["all"],
+        metadata={
+            "help": "What may be pruned: 'all', or dimension kinds of the model's family (ViT: embed heads qk v "
+            "mlp; CNNs: channels residual ...) plus 'blocks' (whole residual branches). Widths only: omit blocks."
+        },
+    )
     # keys: a kind ("mlp"), a dimension name ("layers.3.mlp_dim") or a glob ("stages.*.conv1"); or a preset name
     # (mdp_hf.presets.GROUP_SIZE_PRESETS, e.g. "resnet50_official", "deit_base_paper"). Empty -> the adapter's
     # defaults. On a command line: '{"embed": 16}', embed=16,mlp=32 or resnet50_official
-    group_sizes: dict[str, int] | str | None = field(default_factory=dict)
-    min_keep: dict[str, int] | str | None = field(default_factory=dict)  # per kind, in units; empty -> one group
-    importance: str = "taylor"  # see IMPORTANCE_KINDS
-    ema_decay: float = 0.9
-    monotone: bool = True  # iterative: a pruned unit/block stays pruned; later steps rank only the active units
+    group_sizes: dict[str, int] | str | None = field(
+        default_factory=dict,
+        metadata={
+            "help": "Units pruned together, per kind, dimension name or glob: embed=16,mlp=32, a JSON object, or a "
+            "preset name (resnet50_official, deit_base_paper). Empty: the family's defaults."
+        },
+    )
+    min_keep: dict[str, int] | str | None = field(
+        default_factory=dict,
+        metadata={"help": "Units always kept, per kind (e.g. heads=2,mlp=64). Empty: one group per dimension."},
+    )
+    importance: str = field(
+        default="taylor",
+        metadata={
+            "help": "Unit importance: taylor (each family's official Taylor score), taylor_gates (gate gradients, "
+            "ablation) or magnitude (weights only, baseline).",
+            "choices": list(IMPORTANCE_KINDS),
+        },
+    )
+    ema_decay: float = field(
+        default=0.9, metadata={"help": "EMA decay in [0, 1) blending each pruning step's average score."}
+    )
+    monotone: bool = field(
+        default=True,
+        metadata={
+            "help": "Iterative schedule: a pruned unit or block stays pruned; later steps rank only the active units."
+        },
+    )
     # ViT blocks: "sublayer" (attention and MLP removable separately: every whole-layer choice and more) or
     # "layer" (one keep bit per layer, as the official block notebook)
-    block_granularity: str = "sublayer"
-    prune_stem: bool = False  # CNN stems keep their full width unless set (the official code never prunes them)
-    schedule: str = "one_shot"
-    accumulation_steps: int = 100  # optimizer steps of score accumulation before the (first) pruning step
-    pruning_interval: int = 100  # iterative: optimizer steps between pruning steps
-    num_pruning_steps: int = 1  # iterative: T
-    latency_model: str = "table"
-    latency_table: str | None = None  # file path or Hub id "org/name" (file latency_table.json); None: build
-    latency_device: str = "cpu"
-    latency_batch_size: int = 1
-    latency_num_threads: int | None = 1
-    latency_dtype: str = "float32"
-    latency_repeats: int = 30
-    latency_image_size: int | None = None  # None: the model config's image_size
-    latency_subgrid: int | None = None  # measure every k-th width per axis and interpolate (None: full grid)
-    latency_allow_mismatch: bool = False  # use a table whose metadata differs from this run (warns)
-    solver_backend: str = "auto"
-    solver_time_limit_s: float | None = 60.0
-    dump_problems_dir: str | None = None  # write every solved problem as JSON (for `mdp-hf solve`, bug reports)
+    block_granularity: str = field(
+        default="sublayer",
+        metadata={
+            "help": "ViT blocks: sublayer (attention and MLP removable separately) or layer (one keep bit per layer).",
+            "choices": ["sublayer", "layer"],
+        },
+    )
+    prune_stem: bool = field(
+        default=False,
+        metadata={"help": "Prune CNN stems too (the official code keeps their full width)."},
+    )
+    schedule: str = field(
+        default="one_shot",
+        metadata={
+            "help": "one_shot: prune once after accumulation_steps; iterative: num_pruning_steps steps every "
+            "pruning_interval optimizer steps, with exponentially decreasing budgets.",
+            "choices": list(SCHEDULES),
+        },
+    )
+    accumulation_steps: int = field(
+        default=100,
+        metadata={"help": "Optimizer steps of score accumulation before the (first) pruning step."},
+    )
+    pruning_interval: int = field(
+        default=100, metadata={"help": "Iterative schedule: optimizer steps between pruning steps."}
+    )
+    num_pruning_steps: int = field(
+        default=1, metadata={"help": "Iterative schedule: the number of pruning steps T (one_shot: 1)."}
+    )
+    latency_model: str = field(
+        default="table",
+        metadata={
+            "help": "How latency is predicted: table (measured multi-dimensional lookup tables), linear (HALP-style "
+            "ablation) or flops.",
+            "choices": list(LATENCY_MODELS),
+        },
+    )
+    latency_table: str | None = field(
+        default=None,
+        metadata={
+            "help": "A latency table to use instead of measuring one: a file, or a Hub id org/name (file "
+            "latency_table.json). Default (or none): build it on latency_device when training starts."
+        },
+    )
+    latency_device: str = field(
+        default="cpu", metadata={"help": "Device the latency table is measured on (cpu, cuda, cuda:1, ...)."}
+    )
+    latency_batch_size: int = field(default=1, metadata={"help": "Batch size the latency is measured at."})
+    latency_num_threads: int | None = field(
+        default=1, metadata={"help": "CPU threads while measuring (none: torch's default)."}
+    )
+    latency_dtype: str = field(
+        default="float32",
+        metadata={"help": "Dtype the latency is measured in.", "choices": ["float32", "float16", "bfloat16"]},
+    )
+    latency_repeats: int = field(default=30, metadata={"help": "Timed repeats per measured cell."})
+    latency_image_size: int | None = field(
+        default=None,
+        metadata={"help": "Input resolution of the latency measurement (none: the model config's image_size)."},
+    )
+    latency_subgrid: int | None = field(
+        default=None,
+        metadata={"help": "Measure every k-th width per axis and interpolate the rest (none: measure the full grid)."},
+    )
+    latency_allow_mismatch: bool = field(
+        default=False,
+        metadata={"help": "Use a latency table whose metadata differs from this run (device, batch ...), warning."},
+    )
+    solver_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "Solver: auto (chain_dp when the structure allows, else the MILP), chain_dp, milp, mindtpy, "
+            "greedy or brute_force.",
+            "choices": list(SOLVER_BACKENDS),
+        },
+    )
+    solver_time_limit_s: float | None = field(
+        default=60.0, metadata={"help": "Time limit of one solve in seconds (none: no limit)."}
+    )
+    dump_problems_dir: str | None = field(
+        default=None,
+        metadata={"help": "Write every solved problem as JSON into this folder (for `mdp-hf solve`, bug reports)."},
+    )
     # after the final solve, time the sliced model against the dense one (table's device and protocol) and
     # tighten the solver's budget until the *measured* latency is within the budget (see docs/latency.md)
-    verify_latency: bool = True
-    latency_tolerance: float = 0.01  # measured may exceed the budget by this fraction (or the timing noise)
-    verify_latency_rounds: int = 4  # re-solves at most; then LatencyBudgetError
-    version: int = CONFIG_VERSION
+    verify_latency: bool = field(
+        default=True,
+        metadata={
+            "help": "After the final solve, time the sliced model against the dense one on latency_device and "
+            "tighten the solver's budget until the measured latency is within the budget (docs/latency.md)."
+        },
+    )
+    latency_tolerance: float = field(
+        default=0.01,
+        metadata={"help": "Fraction by which the measured latency may exceed the budget (or the timing noise)."},
+    )
+    verify_latency_rounds: int = field(
+        default=4, metadata={"help": "Re-solves of the latency check at most; then LatencyBudgetError."}
+    )
+    version: int = field(
+        default=CONFIG_VERSION, metadata={"help": "Format version of the saved config (written by mdp_hf)."}
+    )
 
     def __post_init__(self):
         if isinstance(self.prune, str):  # "channels,blocks" (a YAML scalar, a command line) is a list of kinds
@@ -201,6 +321,29 @@ class PrunableConfig:
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(self.to_json_string())
         return path
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str = "Upload pruning config",
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        blocking: bool = True,
+    ):
+        """Upload this config as ``pruning_config.json`` to ``repo_id`` (created if needed, and the branch
+        ``revision``), as peft's configs do; ``from_pretrained(repo_id, revision=...)`` reads it back. Returns the
+        commit URL (``CommitInfo``), or with ``blocking=False`` a ``Future`` of it."""
+        from .hub import hub_api_for
+
+        return hub_api_for(repo_id, token, private, revision).upload_file(
+            path_or_fileobj=self.to_json_string().encode("utf-8"),
+            path_in_repo=CONFIG_NAME,
+            repo_id=repo_id,
+            commit_message=commit_message,
+            revision=revision,
+            run_as_future=not blocking,
+        )
 
     @classmethod
     def from_dict(cls, data: dict) -> PrunableConfig:

@@ -2,7 +2,9 @@
 
 A pruned model is saved with transformers' own ``save_pretrained`` (safetensors, never pickle); the
 pruned-model classes are registered for their Auto classes, so their source files and ``auto_map`` are
-written beside the weights and ``trust_remote_code=True`` loads them without mdp_hf installed.
+written beside the weights and ``trust_remote_code=True`` loads them without mdp_hf installed. The model card is
+a ``huggingface_hub.ModelCard`` (metadata from ``ModelCardData``, the MDP figures as its body); uploads create the
+repo and branch they need and never send checkpoints or pickles.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ def save_pruned_model(
     actual = sum(p.numel() for p in model.parameters())
     if expected != actual:
         raise ValueError(f"refusing to save: the model has {actual} parameters but its config implies {expected}")
+    # every Auto class of the format, not only the saved class's: AutoModel loads the base model of a classifier
+    model.config.auto_map = {**(getattr(model.config, "auto_map", None) or {}), **_auto_map(model)}
     folder = target.resolve()  # a symlinked folder is saved where it points
     recover_interrupted_saves(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -336,6 +340,20 @@ def recover_interrupted_saves(save_directory: str | os.PathLike) -> None:
                 _remove_tree(staging)
 
 
+def _auto_map(model) -> dict[str, str]:
+    """``auto_map`` entries (Auto class -> ``module.Class``) of the format's model classes that ``model``'s
+    modeling file defines: AutoModel -> the base model, AutoModelForImageClassification -> the classifier."""
+    family = next(
+        f for f in registered_families() if f.pruned_classes and isinstance(model.config, f.pruned_classes[0])
+    )
+    module = type(model).__module__
+    return {
+        cls._auto_class: f"{module.rsplit('.', 1)[-1]}.{cls.__name__}"
+        for cls in family.pruned_classes[1:]
+        if getattr(cls, "_auto_class", None) and cls.__module__ == module
+    }
+
+
 _RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1}
 
 
@@ -457,10 +475,59 @@ def _latency_check_line(check: dict | None) -> str:
     return text
 
 
-def render_model_card(report: dict, kept_table: str, repo_or_path: str) -> str:
-    """The README.md of a pruned model, from the template shipped in mdp_hf.hub_cards."""
+CARD_TAGS = ("mdp_hf", "pruning", "structured-pruning", "latency-constrained")
+
+
+def hub_repo_id(name: str | None) -> str | None:
+    """``name`` when it can only mean a Hub repo id ("org/model"), None for a local path, an empty name or
+    anything the Hub would refuse (a card's ``base_model`` must name a Hub model, never a folder)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or os.path.exists(name) or os.path.isabs(name) or name.startswith("."):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def model_card(
+    report: dict,
+    repo_or_path: str,
+    *,
+    model_name: str | None = None,
+    base_model: str | None = None,
+    pipeline_tag: str = "image-classification",
+    tags: str | list[str] | None = None,
+    language: str | list[str] | None = None,
+    license: str | None = None,
+    datasets: str | list[str] | None = None,
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    dataset_split: str | None = None,
+    existing=None,
+):
+    """The model card (a ``huggingface_hub.ModelCard``) of a pruned model: the MDP figures of ``report`` as the
+    body (template ``mdp_hf.hub_cards/pruned_model.md``) and Hub metadata written by ``ModelCardData``:
+    ``library_name``, ``pipeline_tag``, tags, ``base_model`` (only a Hub repo id: ``base_model`` or
+    ``report["base_model_id"]``), datasets, and a ``model-index`` entry with the evaluated accuracy.
+
+    ``existing``: the ``ModelCardData`` of a card already in the folder: its tags are kept (merged with
+    ``tags``), its datasets, language, license and model name unless given here.
+    """
     from importlib.resources import files
     from string import Template
+
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from .reporting import kept_dims_table
 
     template = Template(files("mdp_hf.hub_cards").joinpath("pruned_model.md").read_text(encoding="utf-8"))
 
@@ -470,13 +537,15 @@ def render_model_card(report: dict, kept_table: str, repo_or_path: str) -> str:
         return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
     solver = report.get("solver", {})
+    title = f"{report['base_model']} pruned to {fmt(report['budget_ms'])} ms with MDP"
     fields = {
-        "title": f"{report['base_model']} pruned to {fmt(report['budget_ms'])} ms with MDP",
+        "title": title,
         "base_model": report["base_model"],
         "latency_model": report.get("latency_model", "table"),
         "device_name": report.get("device_name") or report["device"],
-        "kept_table": kept_table,
+        "kept_table": kept_dims_table(report.get("kept_dims", []), report.get("removed_blocks", [])),
         "repo_or_path": repo_or_path,
+        "pipeline_tag": pipeline_tag,
         "solver_backend": solver.get("backend", "n/a"),
         "solver_status": solver.get("status", "n/a"),
         "solver_gap": fmt(solver.get("gap")),
@@ -505,7 +574,50 @@ def render_model_card(report: dict, kept_table: str, repo_or_path: str) -> str:
         "measured_over_budget",
     ):
         fields[key] = fmt(report.get(key), 3 if key.endswith(("spread", "budget")) else 4)
-    return template.substitute(fields)
+    body = template.substitute(fields)
+
+    old = existing.to_dict() if existing is not None else {}
+    all_tags = list(dict.fromkeys([*CARD_TAGS, *_as_list(old.get("tags")), *_as_list(tags)]))
+    all_datasets = _as_list(datasets) or _as_list(old.get("datasets")) or None
+    model_name = model_name or old.get("model_name") or os.path.basename(os.path.normpath(repo_or_path)) or title
+    eval_results = None
+    if report.get("pruned_accuracy") is not None:
+        dataset_id = (all_datasets or [None])[0] or dataset_name or "custom"
+        eval_results = [
+            EvalResult(
+                task_type=pipeline_tag,
+                dataset_type=dataset_id,
+                dataset_name=dataset_name or dataset_id,
+                dataset_config=dataset_config,
+                dataset_split=dataset_split,
+                metric_type="accuracy",
+                metric_name="Accuracy",
+                metric_value=float(report["pruned_accuracy"]),
+            )
+        ]
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        base_model=hub_repo_id(base_model) or hub_repo_id(report.get("base_model_id")),
+        tags=all_tags,
+        language=language or old.get("language"),
+        license=license or old.get("license"),
+        datasets=all_datasets,
+        model_name=model_name,
+        eval_results=eval_results,
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def hub_api_for(repo_id: str, token: str | None = None, private: bool | None = None, revision: str | None = None):
+    """An ``HfApi`` for ``token`` after creating ``repo_id`` and its branch ``revision`` where they are missing."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return api
 
 
 def push_folder_to_hub(
@@ -514,18 +626,22 @@ def push_folder_to_hub(
     token: str | None = None,
     private: bool | None = None,
     commit_message: str = "MDP pruned model",
-) -> str:
-    """Create ``repo_id`` if needed and upload ``folder`` (a saved pruned model) as one commit; returns its URL."""
-    from huggingface_hub import HfApi
-
+    revision: str | None = None,
+    blocking: bool = True,
+):
+    """Create ``repo_id`` (and branch ``revision``) if needed and upload ``folder`` (a saved pruned model) as one
+    commit. Returns the commit URL (a ``CommitInfo``, a str), or with ``blocking=False`` a ``Future`` of it."""
     folder = Path(folder)
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"{folder} is not a saved pruned model (config.json / model.safetensors missing)")
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
+    api = hub_api_for(repo_id, token, private, revision)
     # A run's output folder also holds Trainer checkpoints (full-size weights, pickled optimizer/RNG state)
     # and logs: only the pruned model's own files go up.
-    commit = api.upload_folder(
-        folder_path=str(folder), repo_id=repo_id, commit_message=commit_message, ignore_patterns=PUSH_IGNORE_PATTERNS
+    return api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        commit_message=commit_message,
+        ignore_patterns=PUSH_IGNORE_PATTERNS,
+        revision=revision,
+        run_as_future=not blocking,
     )
-    return str(getattr(commit, "commit_url", commit))

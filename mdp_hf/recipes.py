@@ -6,12 +6,14 @@ model, group sizes, training settings); everything else a user would otherwise c
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import shutil
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 
 import evaluate
@@ -29,11 +31,14 @@ from .adapters import get_adapter
 from .config import PrunableConfig
 from .data import (
     build_transforms,
+    check_data_config,
     check_dataset,
     collate,
+    eval_sizes_from_processor,
     label_names,
     load_image_classification,
     num_labels_of,
+    scaled_eval_sizes,
     train_collator,
     with_transforms,
 )
@@ -136,6 +141,37 @@ class ScriptArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing run in --output_dir."})
 
 
+class MDPArgumentParser(HfArgumentParser):
+    """``HfArgumentParser`` whose optional fields (``X | None``) also take ``none`` (any case) for None, so that a
+    default such as ``latency_num_threads=1`` or ``solver_time_limit_s=60`` can be set back to None from the
+    command line (``--latency_num_threads none``). Fields with fixed choices keep them, and TrainingArguments'
+    text fields keep their own meaning of "none" (``--report_to none``)."""
+
+    def _add_dataclass_arguments(self, dtype):
+        first = len(self._actions)  # argparse keeps every action, argument groups' too, in _actions
+        super()._add_dataclass_arguments(dtype)
+        hints = typing.get_type_hints(dtype)
+        keep_text = issubclass(dtype, TrainingArguments)
+        for action in self._actions[first:]:
+            union = getattr(hints.get(action.dest), "__args__", ())
+            if type(None) not in union or action.type is None or action.choices is not None:
+                continue
+            if keep_text and str in union:
+                continue
+            action.type = _none_or(action.type)
+
+
+def _none_or(convert):
+    def parse(text: str):
+        return None if text.strip().lower() == "none" else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names it in "invalid <type> value"
+    return parse
+
+
+RECIPE_ARGUMENTS = (ScriptArguments, PrunableConfig, TrainingArguments)
+
+
 def parse_args(
     embedded: dict, default_preset: str, argv: list[str] | None = None
 ) -> tuple[ScriptArguments, PrunableConfig, TrainingArguments]:
@@ -147,7 +183,7 @@ def parse_args(
     pretrained model's run."""
     use_cpu_ranks_without_gpu()
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((ScriptArguments, PrunableConfig, TrainingArguments))
+    parser = MDPArgumentParser(RECIPE_ARGUMENTS)
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
         import yaml
 
@@ -155,12 +191,20 @@ def parse_args(
             given = yaml.safe_load(handle) or {}
         defaults = recipe_defaults(embedded, default_preset, given.get("preset"), given.get("model_name_or_path"))
         return parser.parse_dict(_with_defaults(defaults, given))
-    given = {arg[2:].split("=", 1)[0]: True for arg in argv if arg.startswith("--")}
-    defaults = recipe_defaults(
-        embedded, default_preset, _argv_value(argv, "preset"), _argv_value(argv, "model_name_or_path")
-    )
+    given = given_arguments(argv)
+    defaults = recipe_defaults(embedded, default_preset, given.get("preset"), given.get("model_name_or_path"))
     parser.set_defaults(**_with_defaults(defaults, given, only_defaults=True))
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def given_arguments(argv: list[str], dataclass_types=RECIPE_ARGUMENTS) -> dict:
+    """The fields the command line sets, by field name whatever the spelling (``--budget_ms``, ``--budget-ms``,
+    an abbreviation, ``--no_monotone``), parsed by the same parser with every default suppressed."""
+    probe = MDPArgumentParser(dataclass_types, add_help=False)  # --help is left to the real parser
+    for action in probe._actions:  # a suppressed default never enters the namespace (set_defaults would add it)
+        action.default = argparse.SUPPRESS
+    known, _ = probe.parse_known_args(argv)
+    return vars(known)
 
 
 def recipe_defaults(embedded: dict, default_preset: str, preset: str | None, model_name_or_path: str | None) -> dict:
@@ -171,15 +215,6 @@ def recipe_defaults(embedded: dict, default_preset: str, preset: str | None, mod
     keep = {k: embedded[k] for k in ("output_dir",) if k in embedded}
     loss = {k: chosen.loss[k] for k in ("teacher", "kl_weight", "hard_distillation") if k in chosen.loss}
     return {**keep, **chosen.prunable, **chosen.training, **loss, "preset": chosen.name}
-
-
-def _argv_value(argv: list[str], name: str) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == f"--{name}" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(f"--{name}="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def _with_defaults(defaults: dict, given: dict, only_defaults: bool = False) -> dict:
@@ -347,9 +382,8 @@ def input_size(model, args: ScriptArguments) -> int:
     return args.image_size or (configured if isinstance(configured, int) else 224)
 
 
-def attach_transforms(data, model, args: ScriptArguments, augment: dict | None = None):
-    """Train/eval transforms: the preset's augmentation (timm RandAugment, random erasing; or random-resized
-    crop + flip) and the model's own image processor for mean/std and the eval resize/crop."""
+def _transform_settings(model, args: ScriptArguments):
+    """(size, channels, mean, std, the model's HF image processor or None) the recipe's transforms are built from."""
     size = input_size(model, args)
     mean, std, processor = [0.5] * 3, [0.5] * 3, None
     channels = getattr(getattr(model, "config", None), "num_channels", 3)
@@ -367,8 +401,49 @@ def attach_transforms(data, model, args: ScriptArguments, augment: dict | None =
             size = args.image_size or (crop.get("height", size) if isinstance(crop, dict) else size)
         except (OSError, ValueError):
             logger.warning("no image processor for %s: using mean/std 0.5", args.model_name_or_path)
+    return size, channels, mean, std, processor
+
+
+def attach_transforms(data, model, args: ScriptArguments, augment: dict | None = None):
+    """Train/eval transforms: the preset's augmentation (timm RandAugment, random erasing; or random-resized
+    crop + flip) and the model's own image processor for mean/std and the eval resize/crop."""
+    size, channels, mean, std, processor = _transform_settings(model, args)
     train_tf, eval_tf = build_transforms(size, channels, mean, std, augment, processor)
     return with_transforms(data, train_tf, eval_tf, args.image_column, args.label_column)
+
+
+def eval_image_processor(model, args: ScriptArguments, augment: dict | None = None):
+    """A transformers image processor doing what the recipe's evaluation transform does (the sizes
+    ``build_transforms`` chooses: square resize, or resize + centre crop; the same mean/std), saved with the pruned
+    model so that ``pipeline()`` and ``AutoImageProcessor`` work on it. None for a timm model (its folder gets one
+    from the preprocessing its config records) and for inputs that are not RGB."""
+    from transformers import CLIPImageProcessor, DeiTImageProcessor, ViTImageProcessor
+
+    if is_timm_name(args.model_name_or_path):
+        return None
+    size, channels, mean, std, processor = _transform_settings(model, args)
+    if channels != 3:
+        logger.warning("a %d-channel model: no image processor is saved with it (pipeline() feeds RGB)", channels)
+        return None
+    data = check_data_config(augment)
+    interpolation = "bicubic"  # build_transforms' default for the resize + crop pipelines
+    if "eval_resize" in data or "eval_crop" in data:
+        resize, crop = scaled_eval_sizes(size, data.get("eval_resize"), data.get("eval_crop"))
+    elif processor is not None and eval_sizes_from_processor(processor, size) != (None, None):
+        resize, crop = eval_sizes_from_processor(processor, size)
+    else:
+        resize, crop, interpolation = None, None, "bilinear"
+    common = {
+        "image_mean": list(mean)[:3],
+        "image_std": list(std)[:3],
+        "resample": {"bilinear": 2, "bicubic": 3}[interpolation],
+    }
+    if resize is None:
+        return ViTImageProcessor(size={"height": size, "width": size}, **common)
+    crop_size = {"height": crop, "width": crop}
+    if isinstance(resize, tuple):
+        return DeiTImageProcessor(size={"height": resize[0], "width": resize[1]}, crop_size=crop_size, **common)
+    return CLIPImageProcessor(size={"shortest_edge": resize}, crop_size=crop_size, do_convert_rgb=True, **common)
 
 
 def distillation_settings(args: ScriptArguments, training_args: TrainingArguments) -> DistillationSettings | None:
@@ -453,16 +528,15 @@ def run(defaults: dict, default_model_config, default_preset: str) -> dict:
         eval_data_collator=collate,
         compute_metrics=compute_metrics,
         distillation=distillation_settings(args, training_args),
+        processing_class=eval_image_processor(model, args, augment),  # saved with the pruned model
     )
     trainer.train()
-    trainer.save_model()  # one atomic save: model, card, report, latency table, plot
+    # one atomic export: model, card, report, latency table, plot (with --push_to_hub also uploaded, as
+    # Trainer.save_model does); refused if the schedule did not finish
+    report = trainer.save_model()
     _finish_overwrite(training_args, previous_checkpoints, work)
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
     if training_args.process_index != 0:
         return {}
-    with open(os.path.join(training_args.output_dir, REPORT_NAME), encoding="utf-8") as handle:
-        report = json.load(handle)
     print_summary(report, training_args.output_dir, time.time() - start)
     return report
 

@@ -20,11 +20,16 @@ def kept_dims(space: PruningSpace, choice: PruningChoice) -> list[dict]:
 
 
 def kept_dims_markdown(space: PruningSpace, choice: PruningChoice) -> str:
+    return kept_dims_table(kept_dims(space, choice), choice.removed_blocks)
+
+
+def kept_dims_table(rows: list[dict], removed_blocks: list[str]) -> str:
+    """Markdown table of :func:`kept_dims` rows (as a report stores them) and the removed blocks."""
     lines = ["| dimension | kind | kept / size |", "|---|---|---|"]
-    for row in kept_dims(space, choice):
+    for row in rows:
         kept = "removed" if row["kept"] == 0 else f"{row['kept']} / {row['size']}"
         lines.append(f"| {row['dimension']} | {row['kind']} | {kept} |")
-    removed = ", ".join(choice.removed_blocks) or "none"
+    removed = ", ".join(removed_blocks) or "none"
     return "\n".join(lines) + f"\n\nRemoved blocks: {removed}"
 
 

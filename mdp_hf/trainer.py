@@ -3,11 +3,15 @@
 A few short overrides on top of ``transformers.Trainer`` (as in trl):
 - ``__init__`` installs gates and builds the latency terms; a callback accumulates importance after
   every optimizer step and runs the scheduled pruning steps (main rank solves, all ranks apply);
-- ``train`` evaluates the dense model first (for the report) and restores pruning state on resume;
-- ``save_model`` writes the physically pruned model with its card, report and plot;
+- ``train`` evaluates the dense model first (for the report, once the loggers are set up) and restores pruning
+  state on resume;
+- ``save_model`` writes the physically pruned model with its card, report, plot and image processor, once per
+  state, and refuses before the schedule has finished; ``push_to_hub`` uploads that folder;
+  ``create_model_card`` merges into its card;
 - checkpoints carry the pruning state, written into the checkpoint folder before Trainer's own files (its
   ``trainer_state.json``, written last, marks a checkpoint complete), so ``resume_from_checkpoint`` continues
-  exactly and an interrupted save is never mistaken for a complete one.
+  exactly and an interrupted save is never mistaken for a complete one; only checkpoints with the final structure
+  compete for ``load_best_model_at_end``, and none is pushed to the Hub.
 """
 
 from __future__ import annotations
@@ -24,12 +28,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import PrunableConfig
 from .data import check_dataset, num_labels_of
-from .distributed import world_size
-from .hub import push_folder_to_hub, render_model_card, save_pruned_model
+from .distributed import use_cpu_ranks_without_gpu, world_size
+from .hub import _as_list, hub_repo_id, model_card, push_folder_to_hub, save_pruned_model
 from .latency_check import budget_of, dense_reference, measured_in_unit, unverifiable_reason, verification_settings
 from .losses import DistillationSettings, MDPLoss
 from .pruning import PruningSession, _returns_own_loss, latency_model_for, refuse_meta_model
-from .reporting import kept_dims, kept_dims_markdown, latency_breakdown, plot_report
+from .reporting import kept_dims, latency_breakdown, plot_report
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +113,11 @@ def complete_checkpoints(output_dir: str) -> tuple[list[str], dict[str, list[str
     return complete, incomplete
 
 
+# A user's script under `accelerate launch` / torchrun (several processes, no GPU) creates its TrainingArguments
+# after its imports: let them set up CPU ranks (gloo) instead of one independent single-process run per rank.
+use_cpu_ranks_without_gpu()
+
+
 class _MDPCallback(TrainerCallback):
     """Accumulate scores before each optimizer step; prune on schedule."""
 
@@ -142,6 +151,20 @@ class _MDPCallback(TrainerCallback):
             if session.finished:
                 session.gates.freeze()
             trainer._set_loss_phase()
+
+
+class _DenseEvaluation(TrainerCallback):
+    """The dense model's evaluation, in on_train_begin as the last callback: every logger (report_to's, and any
+    callback added later) has opened its run by then, so the dense metrics land in the run's logging dir."""
+
+    def __init__(self, trainer: MDPTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer._dense_evaluation_pending:
+            trainer._dense_evaluation_pending = False
+            trainer.dense_metrics = trainer.evaluate(metric_key_prefix="dense")
 
 
 class MDPTrainer(Trainer):
@@ -185,6 +208,15 @@ class MDPTrainer(Trainer):
                 dataset = kwargs.get(name, args[index] if len(args) > index else None)
                 if dataset is not None and not isinstance(dataset, dict):
                     check_dataset(dataset, f"MDPTrainer {name}", num_labels_of(model))
+        if training_args is not None:
+            _check_process_setup(training_args)
+            if training_args.push_to_hub and training_args.hub_strategy != "end":
+                logger.warning(
+                    "MDPTrainer pushes only the pruned model (save_model / push_to_hub), never a checkpoint: "
+                    "hub_strategy=%r uploads nothing during training (a checkpoint holds the full-size model and "
+                    "pickled training state)",
+                    str(training_args.hub_strategy),
+                )
         smoothing = getattr(training_args, "label_smoothing_factor", 0)
         if smoothing and not hasattr(model, "config"):
             # transformers' Trainer reads model.config when label smoothing is on, which a plain module (timm)
@@ -218,7 +250,13 @@ class MDPTrainer(Trainer):
         self.latency_model = latency_model
         self.mdp = PruningSession(self.model, prunable_config, latency_model, latency_timer)
         self.dense_metrics: dict | None = None
+        self._dense_evaluation_pending = False
+        self.export_report: dict | None = None  # what the last export wrote (main process), see save_model
+        self._last_export_key = None
+        self._weights_version = 0  # bumped when weights are reloaded (best model, resume): an export is stale then
         self.add_callback(_MDPCallback(self))
+        self._dense_evaluation = _DenseEvaluation(self)
+        self.add_callback(self._dense_evaluation)
 
     # training -------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -324,16 +362,43 @@ class MDPTrainer(Trainer):
         if resume_from_checkpoint:
             resume_from_checkpoint = self._resume_checkpoint(resume_from_checkpoint)
             self._load_pruning_state(resume_from_checkpoint)
-        elif self.eval_dataset is not None and self.dense_metrics is None:
-            self.dense_metrics = self.evaluate(metric_key_prefix="dense")
+        else:  # evaluated in on_train_begin, once every logger is set up (a logger opens its run there)
+            self._dense_evaluation_pending = self.eval_dataset is not None and self.dense_metrics is None
+        # last in the callback list, so that callbacks added after construction have set up before it evaluates
+        self.callback_handler.remove_callback(self._dense_evaluation)
+        self.callback_handler.add_callback(self._dense_evaluation)
         self._set_loss_phase()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    # best model: only checkpoints with the final structure compete -------------------------------------------------
+    def _determine_best_metric(self, metrics, trial) -> bool:
+        # An evaluation before the final pruning step scored another structure (the dense model, or an earlier
+        # step's): exporting its weights under the final masks would be a model nobody evaluated.
+        if not self.mdp.finished:
+            return False
+        return super()._determine_best_metric(metrics, trial)
+
+    def _load_best_model(self) -> None:
+        checkpoint = self.state.best_model_checkpoint
+        with open(os.path.join(checkpoint, STATE_JSON), encoding="utf-8") as handle:
+            results = json.load(handle)["results"]
+        final = self.mdp.results[-1].choice
+        saved = results[-1]["choice"] if len(results) == len(self.mdp.results) else None
+        if saved != {"kept": final.kept, "removed_blocks": final.removed_blocks}:
+            raise ValueError(
+                f"load_best_model_at_end: {checkpoint} was saved before the final pruning step (another structure); "
+                "only checkpoints with the final structure can be the best model of a pruned run"
+            )
+        logger.info("Loading the best model (final structure) from %s, %s = %s", checkpoint,
+                    self.args.metric_for_best_model, self.state.best_metric)  # fmt: skip
+        self._load_from_checkpoint(checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # transformers 5.24 writes ViT/DeiT checkpoints with legacy key names (encoder.layer.N...) and
         # Trainer reloads them without converting back, keeping the random weights with only a warning;
         # from_pretrained applies the conversion, so the weights are loaded through it.
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        self._weights_version += 1
         if isinstance(target, PreTrainedModel) and os.path.isfile(
             os.path.join(resume_from_checkpoint, "model.safetensors")
         ):
@@ -420,8 +485,10 @@ class MDPTrainer(Trainer):
     # export ---------------------------------------------------------------------------------------------
     def save_model(
         self, output_dir: str | None = None, _internal_call: bool = False, allow_unfinished: bool = False
-    ) -> None:
-        """Checkpoints (internal calls) keep full shapes; a user's call writes the physically pruned model.
+    ) -> dict | None:
+        """Checkpoints (internal calls) keep full shapes; a user's call writes the physically pruned model (once per
+        training state: a second call for the same folder reuses it) and, as Trainer does, pushes it when
+        ``args.push_to_hub``. Returns the report (main process; None elsewhere).
 
         Refused (ValueError) before the pruning schedule has finished, unless ``allow_unfinished``: then the
         partly pruned model is written with ``schedule_finished: false`` in its report and a warning in its card.
@@ -431,11 +498,22 @@ class MDPTrainer(Trainer):
                 self._begin_checkpoint(output_dir)
             return super().save_model(output_dir, _internal_call=True)
         self._check_exportable(allow_unfinished)
-        output_dir = output_dir or self.args.output_dir
+        report = self._export(output_dir or self.args.output_dir)
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+        return report
+
+    def _export(self, output_dir: str) -> dict | None:
+        """Evaluate and export the pruned model into ``output_dir`` unless it already holds this state's export.
+        Every process calls it (evaluation is collective); the main process writes."""
+        key = (os.path.abspath(output_dir), self.state.global_step, len(self.mdp.results), self._weights_version)
+        if key == self._last_export_key:
+            return self.export_report
         pruned_metrics = self.evaluate(metric_key_prefix="pruned") if self.eval_dataset is not None else None
-        if self.is_world_process_zero():
-            self.export_pruned(output_dir, pruned_metrics)
+        report = self.export_pruned(output_dir, pruned_metrics) if self.is_world_process_zero() else None
         self.accelerator.wait_for_everyone()
+        self._last_export_key, self.export_report = key, report
+        return report
 
     def _begin_checkpoint(self, folder: str) -> None:
         """Inside Trainer._save_checkpoint, before any of Trainer's files: the pruning state goes in first and a
@@ -516,6 +594,7 @@ class MDPTrainer(Trainer):
             "pruned_accuracy": _accuracy(pruned_metrics),
             "world_size": world_size(),
             "base_model": source_name(model),
+            "base_model_id": source_repo_id(model),
             "preprocessing": getattr(pruned.config, "preprocessing", None),
             "latency_model": config.latency_model,
             "distillation": None
@@ -533,12 +612,15 @@ class MDPTrainer(Trainer):
             "latency_breakdown_predicted_ms": latency_breakdown(session.space, result.choice, session.latency_terms),
         }
         report = _jsonable(report)
-        card = render_model_card(
-            report, kept_dims_markdown(session.space, result.choice), repo_or_path=self.args.hub_model_id or output_dir
-        )
-        if not session.finished:
-            card = _mark_unfinished(card, report)
-        processor = self.processing_class if hasattr(self.processing_class, "image_mean") else None
+        card = self._model_card(report, output_dir, pipeline_tag=_pipeline_tag(type(pruned).__name__))
+        # the run's image processor (processing_class), so pipeline() / AutoImageProcessor load from the folder
+        processor = self.processing_class if hasattr(self.processing_class, "save_pretrained") else None
+        if processor is None and not getattr(pruned.config, "preprocessing", None):
+            logger.warning(
+                "MDPTrainer has no processing_class: %s gets no image processor, so pipeline() and "
+                "AutoImageProcessor cannot load it; pass processing_class=<the model's image processor>",
+                output_dir,
+            )
         # one atomic save: the model, its card, report, config, the latency table it was solved with and the plot
         save_pruned_model(
             pruned,
@@ -547,7 +629,7 @@ class MDPTrainer(Trainer):
             extra_files={
                 REPORT_NAME: json.dumps(report, indent=1),
                 "pruning_config.json": config.to_json_string(),
-                "README.md": card,
+                "README.md": str(card),
                 LATENCY_TABLE_NAME: self.latency_model.table.save,
                 PLOT_NAME: lambda path: plot_report(
                     path, session.space, result.choice, session.latency_terms, title=f"MDP: {report['base_model']}"
@@ -556,19 +638,123 @@ class MDPTrainer(Trainer):
         )
         return report
 
-    def push_to_hub(self, commit_message: str | None = "MDP pruned model", **kwargs) -> str:
-        """Upload the pruned model folder (not the dense checkpoint that Trainer.push_to_hub would save)."""
-        self.save_model(self.args.output_dir)
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Trainer's push during training copies a checkpoint's full-size weights into output_dir and uploads them
+        # with the pickled training_args.bin (hub_strategy="checkpoint": the optimizer state too). The repo of a
+        # pruned run holds only the pruned model, which push_to_hub / save_model upload.
+        return
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ):
+        """Upload the pruned model folder ``args.output_dir`` to ``args.hub_model_id``: the folder ``save_model``
+        exported (exported now only if it is not this state's), with its card merged with ``kwargs`` (passed to
+        :meth:`create_model_card`, as Trainer does). Never the dense checkpoint, nor pickled state.
+
+        ``token`` / ``revision`` default to ``args.hub_token`` / ``args.hub_revision`` (a missing branch is
+        created); ``blocking=False`` returns a ``Future`` of the commit. Returns the commit URL (``CommitInfo``)
+        on the main process, None on the others. Every process must call it."""
+        if self.mdp.choice is None:
+            raise RuntimeError(
+                "push_to_hub before the first pruning step: MDPTrainer uploads only a pruned model (train past "
+                f"accumulation_steps={self.prunable_config.accumulation_steps} first)"
+            )
+        self._export(self.args.output_dir)
         if not self.is_world_process_zero():
-            return ""
-        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+            return None
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        model_name = kwargs.pop("model_name", None) or self.hub_model_id.split("/")[-1]
+        self.create_model_card(model_name=model_name, **kwargs)
         return push_folder_to_hub(
             self.args.output_dir,
-            repo_id,
-            token=self.args.hub_token,
-            private=self.args.hub_private_repo,
-            commit_message=commit_message,
+            self.hub_model_id,
+            token=token,
+            private=private if private is not None else self.args.hub_private_repo,
+            commit_message=commit_message or "End of training",
+            revision=revision if revision is not None else self.args.hub_revision,
+            blocking=blocking,
         )
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Trainer's card call, merged into the pruned model's card in ``args.output_dir``: the MDP body (budget,
+        device, latencies, kept dimensions) stays, the arguments go into its metadata (tags join the existing
+        ones; datasets, license, language replace them when given; ``finetuned_from`` becomes ``base_model``
+        when it is a Hub repo id). Without a pruned export in the folder it is Trainer's own card."""
+        if not self.is_world_process_zero():
+            return None
+        output_dir = self.args.output_dir
+        report_path = os.path.join(output_dir, REPORT_NAME)
+        if not os.path.isfile(report_path):
+            return super().create_model_card(
+                language, license, tags, model_name, finetuned_from, tasks, dataset_tags, dataset, dataset_args
+            )
+        with open(report_path, encoding="utf-8") as handle:
+            report = json.load(handle)
+        with open(os.path.join(output_dir, "config.json"), encoding="utf-8") as handle:
+            architectures = json.load(handle).get("architectures") or [""]
+        card = self._model_card(
+            report,
+            output_dir,
+            pipeline_tag=(_as_list(tasks) or [_pipeline_tag(architectures[0])])[0],
+            model_name=model_name,
+            base_model=finetuned_from,
+            tags=tags,
+            language=language,
+            license=license,
+            datasets=dataset_tags,
+            dataset_name=(_as_list(dataset) or [None])[0],
+            dataset_config=(_as_list(dataset_args) or [None])[0],
+        )
+        card.save(os.path.join(output_dir, "README.md"))
+        return None
+
+    def _model_card(self, report: dict, output_dir: str, datasets=None, dataset_config=None, **metadata):
+        """The card for ``report``, merged with the card already in ``output_dir``; the dataset defaults to the
+        evaluation set's (a ``datasets.Dataset``: its builder, config and split, as Trainer's card does)."""
+        from huggingface_hub import ModelCard
+
+        readme = os.path.join(output_dir, "README.md")
+        # a card already there (this run's, or the user's): its metadata is merged, unreadable metadata dropped
+        existing = ModelCard.load(readme, ignore_metadata_errors=True).data if os.path.isfile(readme) else None
+        data = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
+        builder = getattr(data, "builder_name", None)
+        if builder in (None, "csv", "json", "pandas", "parquet", "text", "generator"):  # not datasets on the Hub
+            builder = None
+        if not datasets and not (existing is not None and existing.datasets):
+            datasets = builder
+        split = getattr(data, "split", None)
+        card = model_card(
+            report,
+            self.hub_model_id or self.args.hub_model_id or output_dir,
+            datasets=datasets,
+            dataset_config=dataset_config or (getattr(data, "config_name", None) if builder else None),
+            dataset_split=str(split) if split is not None and builder else None,
+            existing=existing,
+            **metadata,
+        )
+        if report.get("schedule_finished") is False:  # said first, under the metadata, in every version of the card
+            card = ModelCard(_mark_unfinished(str(card), report))
+        return card
 
 
 def source_name(model) -> str:
@@ -603,6 +789,36 @@ def _mark_unfinished(card: str, report: dict) -> str:
         end = card.index("\n---\n", 4) + len("\n---\n")
         return card[:end] + "\n" + warning + card[end:].lstrip("\n")
     return warning + card
+
+
+def source_repo_id(model) -> str | None:
+    """The Hub repo a model's weights came from (a card's ``base_model``), None for a local folder, a model built
+    from a config, or timm random weights."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        return hub_repo_id(config.name_or_path)
+    return hub_repo_id((getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id"))
+
+
+def _pipeline_tag(architecture: str) -> str:
+    return "image-classification" if "ForImageClassification" in architecture else "image-feature-extraction"
+
+
+def _check_process_setup(training_args) -> None:
+    """Refuse a launch whose processes TrainingArguments does not see: each rank would train its own model while
+    mdp_hf averages their scores, and every rank would write the export."""
+    import torch.distributed as dist
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if dist.is_available() and dist.is_initialized():
+        launched = max(launched, dist.get_world_size())
+    if launched > 1 and training_args.world_size != launched:
+        raise ValueError(
+            f"this process is one of {launched} launched processes (WORLD_SIZE={launched}) but its TrainingArguments "
+            f"set up {training_args.world_size} (parallel_mode={training_args.parallel_mode.value}): every rank "
+            "would train a separate model. Without GPUs, create TrainingArguments with use_cpu=True (--use_cpu) or "
+            "set ACCELERATE_USE_CPU=true before creating them (importing mdp_hf.trainer first does that)."
+        )
 
 
 def _accuracy(metrics: dict | None):

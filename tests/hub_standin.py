@@ -8,6 +8,8 @@ for model repositories is implemented, the way the Hub answers it:
 - ``POST /api/{type}s/{repo}/preupload/{rev}``     -> every file ``uploadMode: "regular"`` (content goes inline in
                                                       the commit; no LFS / Xet), ``oid`` = git blob sha1 of the
                                                       current remote file so unchanged files are skipped
+- ``POST /api/{type}s/{repo}/branch/{branch}``    -> a new branch at ``startingPoint`` (default: main); 409 when it
+                                                      exists
 - ``POST /api/{type}s/{repo}/commit/{rev}``        -> NDJSON commit: header, file (base64), deletedFile, deletedFolder
                                                       (``lfsFile`` is refused: the stand-in stores no LFS objects)
 - ``GET  /api/{type}s/{repo}[/revision/{rev}]``    -> repo info (sha, siblings)
@@ -19,7 +21,8 @@ for model repositories is implemented, the way the Hub answers it:
 Repositories live in memory. Writes need an ``Authorization: Bearer ...`` header (any token). The server
 listens on 127.0.0.1 port 0 in a daemon thread, refuses bodies over ``max_body`` bytes, times out idle
 connections, and shuts itself down after ``lifetime_s`` seconds if the test does not stop it first.
-Every request is logged in ``HubStandin.log`` (method, path, status) so a failing test can show it.
+Every request is logged in ``HubStandin.log`` (method, path, status) so a failing test can show it, and the token
+each request carried in ``HubStandin.tokens`` (method, path, token or None).
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class HubStandin:
     def __init__(self, max_body: int = 64 * 2**20, lifetime_s: float = 300.0, request_timeout_s: float = 30.0):
         self.repos: dict[tuple[str, str], Repo] = {}
         self.log: list[tuple[str, str, int]] = []
+        self.tokens: list[tuple[str, str, str | None]] = []
         self.lock = threading.Lock()
         self.max_body = max_body
         self.lifetime_s = lifetime_s
@@ -139,6 +143,7 @@ ROUTES = [
     ("POST", re.compile(r"/api/validate-yaml"), "validate_yaml"),
     ("POST", re.compile(rf"/api/{_TYPE}/{_REPO}/preupload/(?P<rev>[^/]+)"), "preupload"),
     ("POST", re.compile(rf"/api/{_TYPE}/{_REPO}/commit/(?P<rev>[^/]+)"), "commit"),
+    ("POST", re.compile(rf"/api/{_TYPE}/{_REPO}/branch/(?P<branch>[^/]+)"), "create_branch"),
     ("GET", re.compile(rf"/api/{_TYPE}/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?"), "tree"),
     ("GET", re.compile(rf"/api/{_TYPE}/{_REPO}(?:/revision/(?P<rev>[^/]+))?"), "repo_info"),
     ("GET", re.compile(rf"/(?:(?P<type>datasets|spaces)/)?{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)"), "resolve"),
@@ -194,8 +199,10 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as error:  # a bug in the stand-in: answer 500 rather than hang the client
             self._send(500, json.dumps({"error": repr(error)}).encode(), {}, head=method == "HEAD")
         finally:
+            auth = self.headers.get("Authorization", "")
             with self.hub.lock:
                 self.hub.log.append((method, path, status))
+                self.hub.tokens.append((method, path, auth[len("Bearer ") :] if auth.startswith("Bearer ") else None))
 
     def _send(
         self, status: int, body: bytes, headers: dict, content_type: str = "application/json", head: bool = False
@@ -340,6 +347,17 @@ class _Handler(BaseHTTPRequestHandler):
                 "hookOutput": "",
             }
         )
+
+    def create_branch(self, method: str, type: str, repo: str, branch: str) -> int:
+        self._need_token()
+        repo_obj = self._repo(type, repo)
+        start = json.loads(self._body() or b"{}").get("startingPoint") or "main"
+        with self.hub.lock:
+            if branch in repo_obj.branches:
+                raise _Error(409, f"Reference already exists: refs/heads/{branch}")
+            oid, _ = self._snapshot(repo_obj, start)
+            repo_obj.branches[branch] = oid
+        return self._json({})
 
     def repo_info(self, method: str, type: str, repo: str, rev: str | None = None) -> int:
         repo_obj = self._repo(type, repo)

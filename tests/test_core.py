@@ -134,6 +134,7 @@ def test_save_load_same_and_fresh_process(family, tmp_path):
     x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
         expected = logits_of(pruned, x)
+        base = pruned.base_model(x).last_hidden_state  # AutoModel loads this part of a classifier's folder
     out = save_pruned_model(pruned, tmp_path / "pruned")
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".py")  # modeling files travel with the weights
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt")) and not list(out.glob("*.pkl"))
@@ -144,7 +145,7 @@ def test_save_load_same_and_fresh_process(family, tmp_path):
     assert n_params == get_adapter(reloaded).expected_num_parameters(reloaded.config)
 
     # fresh process, mdp_hf made unimportable: trust_remote_code must be enough
-    save_file({"x": x, "expected": expected}, str(tmp_path / "io.safetensors"))
+    save_file({"x": x, "expected": expected, "base": base}, str(tmp_path / "io.safetensors"))
     script = textwrap.dedent(f"""
         import sys, importlib.abc
         class Block(importlib.abc.MetaPathFinder):
@@ -162,12 +163,38 @@ def test_save_load_same_and_fresh_process(family, tmp_path):
             out = model(io["x"])
         got = out.logits if {has_classifier(pruned.config)!r} else out.pooler_output
         assert torch.equal(got, io["expected"]), (got - io["expected"]).abs().max()
+        backbone = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        assert type(backbone).__name__ == {type(pruned.base_model).__name__!r}, type(backbone)
+        with torch.no_grad():
+            assert torch.equal(backbone(io["x"]).last_hidden_state, io["base"])
         assert not any(m.startswith("mdp_hf") for m in sys.modules)
         print("FRESH_OK", sum(p.numel() for p in model.parameters()))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"FRESH_OK {n_params}" in result.stdout
+
+
+@pytest.mark.parametrize("variant", ["vit", "deit_distilled"])
+def test_interpolate_pos_encoding_as_transformers_does(variant):
+    """Another resolution with interpolate_pos_encoding=True: the unpruned export computes what transformers'
+    ViT / DeiT compute, a pruned one what the gated model computes; without the flag it is a clear error."""
+    model = build(variant)
+    space = build_space(model, group_sizes=GROUPS)
+    x = torch.randn(2, 3, IMAGE_SIZE + 16, IMAGE_SIZE + 8)  # another, non-square patch grid
+    full = slice_model(model, space, space.full_choice())
+    choice = random_choice(space, random.Random(1), ALL_KINDS, True)
+    pruned = slice_model(model, space, choice)
+    with torch.no_grad():
+        expected = model(x, interpolate_pos_encoding=True).logits
+        assert (full(x, interpolate_pos_encoding=True).logits - expected).abs().max() < 1e-5
+        with gate_model(model, space, choice):
+            gated = model(x, interpolate_pos_encoding=True).logits
+        assert (pruned(x, interpolate_pos_encoding=True).logits - gated).abs().max() < 1e-5
+        same = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)  # the trained resolution: the embeddings as they are
+        assert torch.equal(pruned(same, interpolate_pos_encoding=True).logits, pruned(same).logits)
+        with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
+            pruned(x)
 
 
 # --- bad input ---------------------------------------------------------------------------------------

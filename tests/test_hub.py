@@ -241,3 +241,82 @@ def test_load_pruned_model_from_the_hub(hub, tmp_path):
     assert "LOADED second mdp_hf" in out and "LOADED first mdp_hf" in out
     assert "REJECTED True" in out
     assert any(p == f"/org/tiny-pruned/resolve/{old}/model.safetensors" for _, p, _ in hub.log), hub.requests()
+
+
+PRUNED_RUN = """
+import json, os, sys
+from transformers import TrainingArguments, ViTImageProcessor
+from conftest import GROUPS, IMAGE_SIZE, build
+from test_trainer import RandomImages
+from mdp_hf import build_space
+from mdp_hf.config import PrunableConfig
+from mdp_hf.latency import TableLatencyModel, build_table
+from mdp_hf.trainer import MDPTrainer
+
+out = "run"
+model = build("vit")
+# a synthetic table (the sum of the cell's widths), saved where a run writes the table it builds
+table = build_table(model, space=build_space(model, group_sizes=GROUPS), timer=lambda t, widths: float(sum(widths)),
+                    repeats=1, warmup=0, progress=False, image_size=IMAGE_SIZE)
+os.makedirs(out)
+table.save(os.path.join(out, "latency_table.json"))
+args = TrainingArguments(output_dir=out, max_steps=6, per_device_train_batch_size=8, learning_rate=1e-3,
+                         report_to="none", save_strategy="steps", save_steps=2, logging_steps=1, use_cpu=True, seed=0,
+                         push_to_hub=True, hub_model_id="org/mdp-run", hub_strategy="checkpoint",
+                         hub_token="hf_args_token")
+cfg = PrunableConfig(budget_fraction=0.6, group_sizes=GROUPS, accumulation_steps=3)
+trainer = MDPTrainer(model=model, args=args, prunable_config=cfg, latency_model=TableLatencyModel(table),
+                     train_dataset=RandomImages(48), eval_dataset=RandomImages(8, seed=1),
+                     compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())},
+                     processing_class=ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}))
+trainer.train()  # checkpoints at steps 2, 4, 6, with push_to_hub=True and hub_strategy="checkpoint"
+future = trainer.push_to_hub(commit_message="pruned ViT", token="hf_push_token", revision="pruned", blocking=False)
+print("FUTURE", type(future).__name__, future.result())
+print("REPORT", json.dumps(trainer.export_report))
+url = cfg.push_to_hub("org/mdp-config", commit_message="the config", token="hf_cfg_token", revision="v1")
+print("CONFIG", url, PrunableConfig.from_pretrained("org/mdp-config", revision="v1") == cfg)
+"""
+
+
+def test_trainer_push_honours_its_arguments_and_uploads_only_the_pruned_run(hub, tmp_path):
+    """Trainer's pushes during training (hub_strategy="checkpoint") upload nothing; push_to_hub uploads the
+    exported folder with the given token, branch, message and blocking=False; PrunableConfig.push_to_hub too."""
+    out = run_client(hub, tmp_path, PRUNED_RUN, timeout=400)
+    assert "FUTURE Future" in out
+    report = json.loads(out.split("REPORT ", 1)[1].splitlines()[0])
+    repo = hub.repos[("model", "org/mdp-run")]
+    assert [msg for _, _, msg in repo.commits] == ["initial commit", "pruned ViT"]  # nothing during training
+    assert set(hub.files("org/mdp-run")) == {".gitattributes"}  # main untouched: the push went to its branch
+    files = hub.files("org/mdp-run", revision="pruned")
+    assert set(files) == {
+        ".gitattributes", "config.json", "model.safetensors", "configuration_mdp_vit.py", "modeling_mdp_vit.py",
+        "configuration_mdp_common.py", "preprocessor_config.json", "README.md", "pruning_config.json", "pruning_report.json", "pruning_report.png",
+        "latency_table.json",
+    }  # fmt: skip
+    assert json.loads(files["config.json"])["model_type"] == "mdp_vit"
+    assert json.loads(files["pruning_report.json"]) == report
+    from safetensors.torch import load as load_safetensors
+
+    assert sum(t.numel() for t in load_safetensors(files["model.safetensors"]).values()) == report["pruned_params"]
+    assert "| dimension | kind | kept / size |" in files["README.md"].decode()
+    commits = [(path, token) for method, path, token in hub.tokens if method == "POST" and "/commit/" in path]
+    assert commits[0] == ("/api/models/org/mdp-run/commit/pruned", "hf_push_token"), commits
+    assert commits[1] == ("/api/models/org/mdp-config/commit/v1", "hf_cfg_token"), commits
+    assert "CONFIG " in out and out.rstrip().endswith("True")
+    assert "pruning_config.json" in hub.files("org/mdp-config", revision="v1")
+
+
+def test_card_base_model_is_a_hub_repo_id_or_absent(tmp_path):
+    """A card's base_model names the Hub repo the weights came from; never a local folder (nor a model_type)."""
+    from transformers import ViTForImageClassification
+
+    from mdp_hf.hub import hub_repo_id
+    from mdp_hf.trainer import source_repo_id
+
+    build("vit").save_pretrained(tmp_path / "local")
+    assert source_repo_id(ViTForImageClassification.from_pretrained(tmp_path / "local")) is None
+    assert source_repo_id(build("vit")) is None  # built from a config
+    model = build("vit")
+    model.config.name_or_path = "google/vit-base-patch16-224"
+    assert source_repo_id(model) == "google/vit-base-patch16-224"
+    assert [hub_repo_id(n) for n in ("", None, "./out", "/abs/path", "a/b/c", "org/name")] == [None] * 5 + ["org/name"]

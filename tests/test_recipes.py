@@ -1,5 +1,6 @@
 """Recipes: a quick end-to-end run, the bad inputs a new user hits, and (slow) the embedded defaults."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -99,6 +100,13 @@ def test_quick_recipe_run_writes_a_loadable_pruned_model(tmp_path, recipe, confi
     from mdp_hf.hub import load_pruned_model
 
     assert load_pruned_model(out).config.model_type.startswith("mdp_")
+    # the recipe's evaluation preprocessing travels with the model: AutoImageProcessor and pipeline() load offline
+    from transformers import AutoImageProcessor, pipeline
+
+    assert AutoImageProcessor.from_pretrained(out).size == {"height": 32, "width": 32}
+    image = load_image_classification("digits", None, None, "image", "label", 0)["validation"][0]["image"]
+    predictions = pipeline("image-classification", model=str(out), trust_remote_code=True)(image)
+    assert len(predictions) == 5 and all(p["label"] in [str(d) for d in range(10)] for p in predictions)
     # a second run into the same folder is refused before any work
     again = run_recipe(recipe, "--model_config", tiny_config(tmp_path, config, "cfg"), "--output_dir", str(out), *QUICK)
     assert again.returncode != 0 and "already holds a finished pruning run" in again.stderr
@@ -128,7 +136,9 @@ def test_quick_recipe_run_on_a_timm_model_by_name(tmp_path, recipe, name, kwargs
     assert report["base_model"] == name.split(":", 1)[1]
     assert (out / "preprocessor_config.json").is_file()
     card = (out / "README.md").read_text()
-    assert f"base_model: {name.split(':', 1)[1]}" in card and "mean [" in card and "interpolation" in card
+    # random weights of a timm architecture: named in the card's body, no base_model (not a Hub repo) in its metadata
+    assert f"pruned from **{name.split(':', 1)[1]}**" in card and "base_model" not in card.split("---")[1]
+    assert "mean [" in card and "interpolation" in card
     from transformers import pipeline
 
     from mdp_hf.data import load_image_classification
@@ -219,7 +229,7 @@ def test_recipe_arguments_from_yaml(tmp_path):
     assert training.num_train_epochs == 2 and training.output_dir == "somewhere" and script.dense_epochs == 7
 
 
-def test_demo_defaults_never_reach_a_pretrained_model_and_presets_apply():
+def test_demo_defaults_never_reach_a_pretrained_model_and_presets_apply(capsys):
     from mdp_hf.presets import GROUP_SIZE_PRESETS
     from mdp_hf.recipes import parse_args
 
@@ -267,8 +277,9 @@ def test_demo_defaults_never_reach_a_pretrained_model_and_presets_apply():
         prune_deit.DEFAULTS, "deit_paper", ["--preset", "deit_paper", "--budget_fraction", "0.5"]
     )
     assert pruning.accumulation_steps == 200 and script.dense_epochs == 0
-    with pytest.raises(ValueError, match="unknown preset 'deit_huge'; presets: \\['deit_paper', 'resnet50_paper'\\]"):
+    with pytest.raises(SystemExit):  # the parser's own choices
         parse_args(prune_deit.DEFAULTS, "deit_paper", ["--preset", "deit_huge", "--budget_fraction", "0.5"])
+    assert "invalid choice: 'deit_huge' (choose from 'deit_paper', 'resnet50_paper')" in capsys.readouterr().err
 
 
 def test_paper_preset_runs_end_to_end_with_augmentation_mixup_and_distillation(tmp_path):
@@ -321,3 +332,66 @@ def test_embedded_default_runs_offline(tmp_path, recipe):
     report = json.loads((tmp_path / "out" / "pruning_report.json").read_text())
     assert report["pruned_latency_ms"] < report["dense_latency_ms"]
     assert report["pruned_accuracy"] > 0.5  # digits: far above chance (0.1) after the short training
+
+
+def test_recipe_command_line_is_hfargumentparser_throughout():
+    """--budget-ms as --help spells it, optional values set back to None with "none", help text on every pruning
+    flag and the fixed choices enforced by the parser."""
+    from mdp_hf.config import PrunableConfig
+    from mdp_hf.recipes import parse_args
+
+    sys.path.insert(0, os.path.join(REPO, "recipes"))
+    import prune_deit
+
+    _, pruning, _ = parse_args(prune_deit.DEFAULTS, "deit_paper", ["--budget-ms", "5"])
+    assert pruning.budget_ms == 5.0 and pruning.budget_fraction is None  # the demo's fraction is dropped
+    script, pruning, training = parse_args(
+        prune_deit.DEFAULTS,
+        "deit_paper",
+        ["--budget_ms=4", "--latency_num_threads", "none", "--solver-time-limit-s", "None", "--latency_table",
+         "none", "--teacher", "none", "--report_to", "none", "--no_monotone"],
+    )  # fmt: skip
+    assert (pruning.latency_num_threads, pruning.solver_time_limit_s, pruning.latency_table) == (None, None, None)
+    assert script.teacher is None and training.report_to in ("none", []) and pruning.monotone is False
+    assert prune_deit.DEFAULTS["latency_batch_size"] == 16 and pruning.latency_batch_size == 16  # demo defaults stay
+
+    from mdp_hf.recipes import RECIPE_ARGUMENTS, MDPArgumentParser
+
+    parser = MDPArgumentParser(RECIPE_ARGUMENTS)
+    actions = {a.dest: a for a in parser._actions if a.option_strings and not a.option_strings[0].startswith("--no_")}
+    fields = [f.name for f in dataclasses.fields(PrunableConfig)]
+    assert [name for name in fields if not actions[name].help] == []
+    choices = {name: actions[name].choices for name in fields if actions[name].choices}
+    assert set(choices) == {"importance", "block_granularity", "schedule", "latency_model", "latency_dtype",
+                            "solver_backend"}  # fmt: skip
+    result = run_recipe("prune_deit.py", "--schedule", "cosine")
+    assert result.returncode == 2 and "invalid choice: 'cosine'" in result.stderr
+    assert "--budget-ms" in run_recipe("prune_deit.py", "--help").stdout
+
+
+def test_the_saved_image_processor_does_what_the_recipe_evaluates_with(tmp_path):
+    """eval_image_processor reproduces the recipe's evaluation transform: the demos' square resize, a model
+    processor's resize + centre crop, a preset's eval_resize / eval_crop."""
+    from transformers import DeiTImageProcessor
+
+    from mdp_hf.recipes import ScriptArguments, attach_transforms, build_model, eval_image_processor, prepare_data
+
+    tiny = DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, architectures=["DeiTForImageClassification"])  # fmt: skip
+    folder = tmp_path / "deit"
+    tiny.save_pretrained(folder)
+    DeiTImageProcessor(size={"height": 40, "width": 48}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    cases = [
+        (ScriptArguments(), None, "ViT"),  # the embedded demo
+        (ScriptArguments(model_name_or_path=str(folder), pretrained=False), None, "DeiT"),
+        (ScriptArguments(), {"eval_resize": 256, "eval_crop": 224}, "CLIP"),
+    ]
+    for args, augment, kind in cases:
+        data = prepare_data(ScriptArguments(max_train_samples=4, max_eval_samples=4), seed=0)
+        model, _ = build_model(args, tiny, [str(d) for d in range(10)])
+        processor = eval_image_processor(model, args, augment)
+        assert type(processor).__name__ == f"{kind}ImageProcessor", type(processor)
+        image = data["validation"][0]["image"]
+        expected = attach_transforms(data, model, args, augment)["validation"][0]["pixel_values"]
+        got = processor(image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        assert got.shape == expected.shape and (got - expected).abs().max() < 0.02, kind

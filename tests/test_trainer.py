@@ -485,3 +485,191 @@ def test_one_shot_prune_runs_on_every_family(family):
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         assert torch.isfinite(logits_of(pruned, data.x[:2])).all()
+
+
+# --- the Hugging Face user path: best model, loggers, card, image processor ----------------------------------
+def test_load_best_model_at_end_exports_one_checkpoint_with_the_final_structure(tmp_path, vit_latency):
+    """The best model is chosen among the evaluations after the final pruning step (step 3 here) only; the
+    export is exactly that checkpoint's model (every tensor), sliced to the final structure."""
+    from transformers import ViTForImageClassification
+
+    from mdp_hf import build_space, slice_model
+
+    scores = {1: 0.97, 2: 0.99, 3: 0.5, 4: 0.9, 5: 0.6, 6: 0.7}  # the dense step 2 would win without the rule
+    holder = {}
+
+    def metrics(prediction):
+        return {"score": scores.get(holder["trainer"].state.global_step, 0.0)}
+
+    trainer = MDPTrainer(
+        model=build("vit"),
+        args=args(
+            tmp_path,
+            eval_strategy="steps",
+            eval_steps=1,
+            save_strategy="steps",
+            save_steps=1,
+            load_best_model_at_end=True,
+            metric_for_best_model="score",
+            greater_is_better=True,
+        ),  # fmt: skip
+        prunable_config=config(),
+        latency_model=vit_latency,
+        train_dataset=RandomImages(48),
+        eval_dataset=RandomImages(8, seed=1),
+        compute_metrics=metrics,
+    )
+    holder["trainer"] = trainer
+    trainer.train()
+    best = os.path.join(str(tmp_path / "run"), "checkpoint-4")
+    assert trainer.state.best_model_checkpoint == best and trainer.state.best_metric == 0.9
+    out = tmp_path / "pruned"
+    trainer.save_model(str(out))
+    reference = ViTForImageClassification.from_pretrained(best)  # the checkpoint alone, converted as saved
+    space = build_space(reference, group_sizes=GROUPS)
+    expected = slice_model(reference, space, trainer.mdp.choice).state_dict()
+    exported = load_pruned_model(out).state_dict()
+    assert exported.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(exported[name], tensor), name
+
+
+class RecordEvents(TrainerCallback):
+    """A logger as TensorBoard's callback is one: it opens its run in on_train_begin."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.events.append(("train_begin", args.output_dir))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.events.append(("log", sorted(logs)))
+
+
+def test_loggers_are_set_up_before_the_dense_evaluation_logs(tmp_path, vit_latency):
+    early, late = RecordEvents(), RecordEvents()
+    trainer = MDPTrainer(
+        model=build("vit"),
+        args=args(tmp_path, max_steps=4),
+        prunable_config=config(),
+        latency_model=vit_latency,
+        train_dataset=RandomImages(32),
+        eval_dataset=RandomImages(8, seed=1),
+        compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())},
+        callbacks=[early],  # as report_to's loggers: before MDPTrainer's own callback
+    )
+    trainer.add_callback(late)  # added after construction: set up before the dense evaluation too
+    trainer.train()
+    for recorder in (early, late):
+        assert recorder.events[0] == ("train_begin", str(tmp_path / "run")), recorder.events[:2]
+        logged = [keys for kind, keys in recorder.events if kind == "log"]
+        assert any("dense_accuracy" in keys for keys in logged) and any("mdp/budget_ms" in keys for keys in logged)
+    assert trainer.dense_metrics["dense_accuracy"] is not None
+
+
+def test_export_saves_the_processing_class_and_merges_the_card(tmp_path, vit_latency):
+    """A user script's image processor travels with the pruned model (pipeline / AutoImageProcessor offline),
+    and its closing create_model_card() keeps the MDP card, adding Hub metadata written by ModelCardData."""
+    from huggingface_hub import ModelCard
+    from transformers import AutoImageProcessor, ViTImageProcessor, pipeline
+
+    processor = ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3,
+                                  image_std=[0.5] * 3)  # fmt: skip
+    trainer = MDPTrainer(
+        model=build("vit"),
+        args=args(tmp_path, max_steps=4),
+        prunable_config=config(),
+        latency_model=vit_latency,
+        train_dataset=RandomImages(32),
+        eval_dataset=RandomImages(8, seed=1),
+        compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())},
+        processing_class=processor,
+    )
+    trainer.train()
+    out = tmp_path / "run"
+    report = trainer.save_model()
+    assert report == json.loads((out / "pruning_report.json").read_text()) == trainer.export_report
+    card_before = ModelCard.load(out / "README.md")
+    trainer.create_model_card(
+        finetuned_from="google/vit-base-patch16-224", tasks="image-classification", dataset="beans",
+        dataset_tags="beans", tags=["vision"], license="apache-2.0",
+    )  # fmt: skip
+    card = ModelCard.load(out / "README.md")
+    assert card.text == card_before.text  # the MDP body stays: budget, latencies, kept dimensions
+    assert f"{report['budget_ms']:.4g} ms" in card.text and "| dimension | kind | kept / size |" in card.text
+    data = card.data
+    assert data.library_name == "transformers" and data.pipeline_tag == "image-classification"
+    assert data.base_model == "google/vit-base-patch16-224" and data.license == "apache-2.0"
+    assert {"mdp_hf", "pruning", "vision"} <= set(data.tags) and data.datasets == ["beans"]
+    (result,) = data.eval_results
+    assert (result.metric_type, result.dataset_type) == ("accuracy", "beans")
+    assert result.metric_value == pytest.approx(report["pruned_accuracy"])
+    assert card_before.data.base_model is None  # a model built from a config: no base_model, never a path
+
+    assert type(AutoImageProcessor.from_pretrained(out)).__name__ == "ViTImageProcessor"
+    from PIL import Image
+
+    image = Image.fromarray((RandomImages(1).x[0].permute(1, 2, 0).clamp(-1, 1).add(1).mul(127.5)).byte().numpy())
+    predictions = pipeline("image-classification", model=str(out), trust_remote_code=True)(image)
+    assert len(predictions) == 5 and {p["label"] for p in predictions} <= set(trainer.model.config.id2label.values())
+
+
+USER_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, {tests!r})
+    mode, out, table = sys.argv[1:4]
+    if mode == "refused":  # TrainingArguments set up before mdp_hf is imported: one single-process run per rank
+        from transformers import TrainingArguments
+        early = TrainingArguments(output_dir=out, report_to="none")
+        print("device", early.device)  # (the standard example logs it): the process setup is decided now
+    from mdp_hf.trainer import MDPTrainer  # a user's own script: no mdp_hf.distributed call, no use_cpu
+    from transformers import TrainingArguments
+    from mdp_hf.config import PrunableConfig
+    from test_trainer import RandomImages
+    from conftest import GROUPS, build
+    cfg = PrunableConfig(budget_fraction=0.5, group_sizes=GROUPS, accumulation_steps=2, latency_table=table)
+    if mode == "refused":
+        try:
+            MDPTrainer(model=build("vit"), args=early, prunable_config=cfg, train_dataset=RandomImages(16))
+        except ValueError as error:
+            print("REFUSED", error)
+        sys.exit(0)
+    args = TrainingArguments(output_dir=out, max_steps=3, per_device_train_batch_size=8, learning_rate=1e-3,
+                             report_to="none", save_strategy="no", seed=0)
+    trainer = MDPTrainer(model=build("vit"), args=args, prunable_config=cfg, train_dataset=RandomImages(16),
+                         eval_dataset=RandomImages(8, seed=1))
+    trainer.train()
+    report = trainer.save_model()
+    with open(os.path.join(out, f"rank{{args.process_index}}.json"), "w") as f:
+        json.dump({{"world_size": args.world_size, "kept": trainer.mdp.choice.kept, "report": report}}, f)
+""")
+
+
+def test_a_users_script_under_two_processes_is_one_run_or_refused(tmp_path, vit_latency):
+    """Under cpu_multiprocess.yaml (2 ranks) a user's script that imports mdp_hf.trainer before creating its
+    TrainingArguments trains as one run of two ranks (one export, by rank 0); one whose TrainingArguments were
+    set up for a single process is refused at construction, saying what to set."""
+    table = tmp_path / "table.json"
+    vit_latency.table.save(table)
+    script = tmp_path / "user.py"
+    script.write_text(USER_SCRIPT.format(tests=os.path.join(REPO, "tests")))
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        os.path.join(REPO, "recipes", "accelerate_configs", "cpu_multiprocess.yaml"), str(script),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env["OMP_NUM_THREADS"] = "1"
+    run = subprocess.run(launch + ["train", str(tmp_path / "out"), str(table)], capture_output=True, text=True,
+                         env=env, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["kept"] == ranks[1]["kept"]
+    assert ranks[0]["report"]["world_size"] == 2 and ranks[1]["report"] is None  # rank 0 exported, alone
+    assert load_pruned_model(tmp_path / "out").config.model_type == "mdp_vit"
+
+    refused = subprocess.run(launch + ["refused", str(tmp_path / "refused"), str(table)], capture_output=True,
+                             text=True, env=env, timeout=600)  # fmt: skip
+    assert refused.returncode == 0, refused.stderr[-4000:]
+    assert refused.stdout.count("REFUSED") == 2 and "use_cpu=True" in refused.stdout
+    assert "WORLD_SIZE=2" in refused.stdout and "ACCELERATE_USE_CPU=true" in refused.stdout

@@ -58,7 +58,9 @@ class MDPViTEmbeddings(nn.Module):
     """CLS (+ distillation for DeiT) tokens, patch embeddings and learned position embeddings.
 
     Position embeddings cover the extra tokens too (added after they are prepended), or with
-    ``no_embed_class`` only the patch tokens (added before)."""
+    ``no_embed_class`` only the patch tokens (added before). ``interpolate_pos_encoding=True`` accepts another
+    resolution: the patch position embeddings are resized bicubically to the new patch grid, as transformers'
+    ViT / DeiT do (the extra tokens' embeddings unchanged)."""
 
     def __init__(self, config: MDPViTConfig):
         super().__init__()
@@ -73,19 +75,39 @@ class MDPViTEmbeddings(nn.Module):
         self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """The position embeddings for a ``height`` x ``width`` input: the patch part resized (bicubic,
+        ``align_corners=False``) from the trained patch grid to the input's, as transformers' ViT does."""
+        grid = tuple(s // p for s, p in zip(self.patch_embeddings.image_size, self.patch_embeddings.patch_size))
+        new_grid = (height // self.patch_embeddings.patch_size[0], width // self.patch_embeddings.patch_size[1])
+        if new_grid == grid and not torch.jit.is_tracing():
+            return self.position_embeddings
+        extra = 0 if self.no_embed_class else self.num_extra_tokens
+        extra_pos, patch_pos = self.position_embeddings[:, :extra], self.position_embeddings[:, extra:]
+        dim = patch_pos.shape[-1]
+        patch_pos = patch_pos.reshape(1, grid[0], grid[1], dim).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, size=new_grid, mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)
+        return torch.cat((extra_pos, patch_pos), dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         height, width = pixel_values.shape[-2:]
-        if (height, width) != tuple(self.patch_embeddings.image_size):
+        if interpolate_pos_encoding:
+            position_embeddings = self.interpolate_pos_encoding(height, width)
+        elif (height, width) != tuple(self.patch_embeddings.image_size):
             raise ValueError(
-                f"Input image size ({height}*{width}) doesn't match model {tuple(self.patch_embeddings.image_size)}."
+                f"Input image size ({height}*{width}) doesn't match model {tuple(self.patch_embeddings.image_size)}; "
+                "pass interpolate_pos_encoding=True to resize the position embeddings to it."
             )
+        else:
+            position_embeddings = self.position_embeddings
         embeddings = self.patch_embeddings(pixel_values)
         batch_size = embeddings.shape[0]
         tokens = [t.expand(batch_size, -1, -1) for t in (self.cls_token, self.distillation_token) if t is not None]
         if self.no_embed_class:
-            embeddings = torch.cat(tokens + [embeddings + self.position_embeddings], dim=1)
+            embeddings = torch.cat(tokens + [embeddings + position_embeddings], dim=1)
         else:
-            embeddings = torch.cat(tokens + [embeddings], dim=1) + self.position_embeddings
+            embeddings = torch.cat(tokens + [embeddings], dim=1) + position_embeddings
         return self.dropout(embeddings)
 
 
@@ -234,9 +256,15 @@ class MDPViTModel(MDPViTPreTrainedModel):
         self.pooler = MDPViTPooler(config) if add_pooling_layer else None
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False, **kwargs):
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ):
         expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
-        hidden_states = self.embeddings(pixel_values.to(expected_dtype))
+        hidden_states = self.embeddings(pixel_values.to(expected_dtype), interpolate_pos_encoding)
         if self.pre_layernorm is not None:
             hidden_states = self.pre_layernorm(hidden_states)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
@@ -284,8 +312,18 @@ class MDPViTForImageClassification(MDPViTPreTrainedModel):
             pooled = self.fc_norm(pooled)
         return self.dropout(pooled)
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
-        outputs = self.vit(pixel_values, output_hidden_states=kwargs.get("output_hidden_states", False))
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ):
+        outputs = self.vit(
+            pixel_values,
+            output_hidden_states=kwargs.get("output_hidden_states", False),
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
         pooled = self.pool(outputs.last_hidden_state)
         cls_logits = distillation_logits = None
         if self.config.classifier_heads == "cls+distillation":
