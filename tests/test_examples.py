@@ -63,6 +63,8 @@ def test_image_classification_example_end_to_end(hub, tmp_path):
     ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
         model_dir
     )
+    # verify_latency off: a tiny model on a loaded 2-core machine cannot land on a measured budget (its smallest
+    # structure measures above it); the measured check is tested in tests/test_latency_check.py
     argv = [
         "--config_name", str(model_dir), "--train_dir", "data/train", "--validation_dir", "data/validation",
         "--output_dir", "out", "--do_train", "--do_eval", "--max_steps", "6", "--per_device_train_batch_size", "8",
@@ -70,7 +72,7 @@ def test_image_classification_example_end_to_end(hub, tmp_path):
         "--save_steps", "2", "--load_best_model_at_end", "--metric_for_best_model", "accuracy", "--logging_steps", "1",
         "--report_to", "tensorboard" if HAS_TENSORBOARD else "none", "--use_cpu", "--seed", "0",
         "--dataloader_num_workers", "0", "--budget_fraction", "0.6", "--accumulation_steps", "3",
-        "--group_sizes", "embed=8,mlp=16", "--latency_repeats", "3", "--latency_subgrid", "2",
+        "--group_sizes", "embed=8,mlp=16", "--latency_repeats", "3", "--latency_subgrid", "2", "--verify_latency", "false",
         "--push_to_hub", "--hub_model_id", "org/tiny-vit-mdp",
     ]  # fmt: skip
     example = str(REPO_ROOT / "examples" / "image_classification.py")
