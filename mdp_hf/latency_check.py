@@ -3,7 +3,11 @@
 The table model predicts well (a few % at real shapes) but a user's promise is "N ms on this device", so after
 the final solve the sliced model is timed against the dense one, interleaved, under the table's own protocol.
 If it measures over the budget by more than the tolerance, the solver's budget is lowered by the measured
-excess and the problem solved again, for at most ``verify_latency_rounds`` rounds.
+excess and the problem solved again; once one structure measured over and one within, the next solver budget
+is interpolated between the two (secant), so a table that is off by a factor, not a constant, is not
+overcorrected far below the budget. A structure that fits but measures more than twice the tolerance under
+the budget is loosened the same way. At most ``verify_latency_rounds`` re-solves; the exported structure is
+the largest one that measured within the budget.
 
 What "the budget" means when measured:
 - ``budget_fraction``: the pruned/dense ratio of the two medians, timed in the same process (robust to the
@@ -65,10 +69,16 @@ class LatencyCheck:
     tolerance: float
     reason: str = ""
     rounds: list[MeasuredRound] = field(default_factory=list)
+    chosen: int = -1  # index into rounds of the exported structure (the last round unless a later one overshot)
+
+    @property
+    def final(self) -> MeasuredRound | None:
+        """The round of the structure that was exported."""
+        return self.rounds[self.chosen] if self.rounds else None
 
     @property
     def noise(self) -> float:
-        return self.rounds[-1].noise if self.rounds else 0.0
+        return self.final.noise if self.rounds else 0.0
 
     @property
     def effective_tolerance(self) -> float:
@@ -95,7 +105,7 @@ class LatencyCheck:
     def summary(self) -> str:
         if self.status == "skipped":
             return f"measured latency not verified: {self.reason}"
-        last = self.rounds[-1]
+        last = self.final
         unit = unit_label(self.budget_unit)
         text = (
             f"measured {last.measured:.4g} {unit} for a budget of {self.budget:.4g} {unit} "
@@ -215,10 +225,14 @@ def land_on_budget(
         )
 
     unit = unit_label(budget_unit)
+    # table ms per unit of measured excess: the dense model's prediction per fraction of dense, or per ms
+    scale = dense_predicted_ms if budget_unit == "fraction_of_dense" else None
     result = first
+    seen: list[tuple[object, MeasuredRound]] = []  # (result, its round), every distinct structure measured
     while True:
         measured = measure(result)
         check.rounds.append(measured)
+        seen.append((result, measured))
         logger.info(
             "MDP latency check %d: solver budget %.4g ms, predicted %.4g ms, measured %.4g %s (budget %.4g, "
             "measured/budget %.3f, noise %.1f%%)",
@@ -231,9 +245,14 @@ def land_on_budget(
             measured.measured_over_budget,
             100 * measured.noise,
         )
-        if measured.measured <= budget * (1 + check.effective_tolerance):
-            return result, check
+        tolerance_now = max(check.tolerance, measured.noise)
+        fits = [(r, m) for r, m in seen if m.measured <= budget * (1 + max(check.tolerance, m.noise))]
+        if fits and measured.measured <= budget * (1 + tolerance_now):
+            if measured.measured >= budget * (1 - 2 * tolerance_now):
+                return result, check  # landed: within the tolerance on both sides
         if len(check.rounds) > max_rounds:
+            if fits:
+                return _largest_fitting(check, fits)
             raise LatencyBudgetError(
                 f"the pruned model still measures {measured.measured:.4g} {unit} against a budget of {budget:.4g} "
                 f"{unit} after {max_rounds} re-solve(s) with tighter solver budgets (tolerance "
@@ -241,26 +260,52 @@ def land_on_budget(
                 "latency_tolerance, time on a quieter machine, or set verify_latency=False to trust the table.",
                 check,
             )
-        # tighten the table's budget by the measured excess (in table ms), from below the current prediction so
-        # the choice changes; additive, so an error in fixed costs (embeddings, stem) is corrected in one round
-        excess_ms = (measured.measured - budget) * (
-            dense_predicted_ms if budget_unit == "fraction_of_dense" else dense_predicted_ms / measured.dense_ms
-        )
-        tightened = max(min(measured.solver_budget_ms, measured.predicted_ms) - excess_ms, 1e-9 * dense_predicted_ms)
+        next_budget = _next_solver_budget(seen, budget, scale or dense_predicted_ms / measured.dense_ms)
         try:
-            tighter = resolve(tightened)
+            candidate = resolve(next_budget)
         except InfeasibleBudgetError as error:
-            tighter = resolve(error.min_latency_ms * (1 + 1e-9))  # the table's smallest structure
-            if _same_choice(tighter.choice, result.choice):
+            candidate = resolve(error.min_latency_ms * (1 + 1e-9))  # the table's smallest structure
+            if any(_same_choice(candidate.choice, r.choice) for r, _ in seen):
+                if fits:
+                    return _largest_fitting(check, fits)
                 raise _floor_error(check, budget, unit) from error
-            floor = measure(tighter)
+            floor = measure(candidate)
             check.rounds.append(floor)
-            if floor.measured <= budget * (1 + check.effective_tolerance):
-                return tighter, check  # the table's smallest structure does fit, as measured
+            if floor.measured <= budget * (1 + max(check.tolerance, floor.noise)):
+                return candidate, check  # the table's smallest structure does fit, as measured
             raise _floor_error(check, budget, unit) from error
-        if _same_choice(tighter.choice, result.choice):  # no smaller structure left (latencies <= 0 at the bottom)
+        if any(_same_choice(candidate.choice, r.choice) for r, _ in seen):
+            # the solver has no structure between those measured: export the largest that fits
+            if fits:
+                return _largest_fitting(check, fits)
             raise _floor_error(check, budget, unit)
-        result = tighter
+        result = candidate
+
+
+def _next_solver_budget(seen, budget: float, scale_ms: float) -> float:
+    """The solver budget (table ms) to try next. Bracketed (one structure measured over the budget, one within):
+    the secant between the closest two, kept strictly inside the bracket. Otherwise: shift the lowest (or
+    highest) solver budget by the measured excess or slack, converted to table ms, from its prediction (so the
+    choice changes) -- additive, so an error in fixed costs (embeddings, stem) is corrected in one round."""
+    points = sorted(
+        ((min(m.solver_budget_ms, m.predicted_ms), m.measured) for _, m in seen), key=lambda point: point[0]
+    )
+    under = [p for p in points if p[1] <= budget]
+    over = [p for p in points if p[1] > budget]
+    if under and over:
+        (s_lo, m_lo), (s_hi, m_hi) = max(under), min(over)
+        if s_hi > s_lo and m_hi > m_lo:
+            guess = s_lo + (budget - m_lo) * (s_hi - s_lo) / (m_hi - m_lo)
+            return min(max(guess, s_lo + 0.05 * (s_hi - s_lo)), s_hi - 0.05 * (s_hi - s_lo))
+        return 0.5 * (s_lo + s_hi)
+    s_ref, m_ref = points[0] if over else points[-1]
+    return max(s_ref - (m_ref - budget) * scale_ms, 1e-9 * scale_ms)
+
+
+def _largest_fitting(check: LatencyCheck, fits):
+    result, chosen = max(fits, key=lambda pair: pair[1].measured)
+    check.chosen = check.rounds.index(chosen)
+    return result, check
 
 
 def _same_choice(a, b) -> bool:

@@ -56,9 +56,10 @@ class PruningStepResult:
         logs.update({f"mdp/kept_{kind}": value for kind, value in self.kept_fraction.items()})
         rounds = (self.latency_check or {}).get("rounds") or []
         if rounds:  # the final step's measured check: what the exported structure measured against the budget
-            logs["mdp/measured_over_budget"] = rounds[-1]["measured_over_budget"]
+            exported = rounds[self.latency_check.get("chosen", -1)]
+            logs["mdp/measured_over_budget"] = exported["measured_over_budget"]
             logs["mdp/latency_check_resolves"] = float(len(rounds) - 1)
-            logs["mdp/solver_budget_ms"] = rounds[-1]["solver_budget_ms"]
+            logs["mdp/solver_budget_ms"] = exported["solver_budget_ms"]
         return logs
 
 
