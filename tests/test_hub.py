@@ -44,8 +44,8 @@ def hub():
         yield server
 
 
-def run_client(hub, tmp_path, script, prelude="", timeout=240):
-    """Run ``prelude + script`` in a fresh interpreter whose huggingface_hub talks to the stand-in only."""
+def client_env(hub, tmp_path) -> dict:
+    """The environment of a fresh process whose huggingface_hub talks to the stand-in only."""
     drop = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_OFFLINE")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and not k.lower().endswith("_proxy")}
     env.update(
@@ -58,9 +58,14 @@ def run_client(hub, tmp_path, script, prelude="", timeout=240):
         NO_PROXY="127.0.0.1,localhost",
         PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     )
+    return env
+
+
+def run_client(hub, tmp_path, script, prelude="", timeout=240):
+    """Run ``prelude + script`` in a fresh interpreter whose huggingface_hub talks to the stand-in only."""
     result = subprocess.run(
         [sys.executable, "-c", prelude + textwrap.dedent(script)],
-        env=env,
+        env=client_env(hub, tmp_path),
         cwd=tmp_path,
         capture_output=True,
         text=True,

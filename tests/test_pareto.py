@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/pareto.py: tiny models, 512 images, every stage, resumable results file."""
+"""Smoke test of benchmarks/pareto.py: tiny models, 512 images, every stage and method, resumable results file."""
 
 import importlib.util
 import json
@@ -29,13 +29,16 @@ def test_pareto_smoke(tmp_path):
     bench.main(argv)
     results = json.load(open(tmp_path / "deit" / "results.json"))
     assert "dense" in results and "measurement" in results
+    # the smoke's table costs what the widths cost (benchmarks/pareto.py smoke_timer): every method is pruned,
+    # fine-tuned, evaluated, saved and timed at every budget, whatever the machine's load
     for budget in bench.BUDGETS:
         for method in methods:
             entry = results[f"{method}@{budget}"]
-            assert entry["status"] in ("ok", "failed")  # an infeasible budget is recorded, not hidden
-            if entry["status"] == "ok":
-                assert 0 <= entry["accuracy"] <= 1 and entry["measured_ms"] > 0
-    assert any(results[f"mdp@{b}"]["status"] == "ok" for b in bench.BUDGETS)
+            assert entry["status"] == "ok", (method, budget, entry.get("error"))
+            assert entry["predicted_ms"] <= entry["budget_ms"] * (1 + 1e-9), (method, budget)
+            assert entry["params"] < results["dense"]["params"], (method, budget)
+            assert 0 <= entry["accuracy_before_ft"] <= 1 and 0 <= entry["accuracy"] <= 1 and entry["finetune_s"] > 0
+            assert entry["measured_ms"] > 0 and (tmp_path / "deit" / entry["folder"] / "config.json").is_file()
     # resumable: a second run finds everything done and changes nothing
     before = (tmp_path / "deit" / "results.json").read_text()
     bench.main(["--smoke", "--stage", "run", "--out", str(tmp_path), "--family", "deit", "--methods", *methods])
