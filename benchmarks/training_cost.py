@@ -237,7 +237,9 @@ def run(spec: dict) -> dict:
         env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])},
     )
     if process.returncode != 0:
-        raise RuntimeError(f"{spec['mode']} ({spec['family']}, budget {spec['budget']}) failed:\n{process.stderr[-4000:]}")
+        raise RuntimeError(
+            f"{spec['mode']} ({spec['family']}, budget {spec['budget']}) failed:\n{process.stderr[-4000:]}"
+        )
     return json.loads(process.stdout.strip().splitlines()[-1])
 
 
@@ -271,12 +273,16 @@ def main() -> None:
             dense = run({**common, "mode": "dense", "family": family, "budget": None})
             results.append(dense)
             print(f"\n{NAMES[family]}{' (tiny)' if options.tiny else ''}: dense step {dense['step_s']:.4g} s")
-            print(f"{'budget':>6} {'mode':>8} {'step s':>9} {'x dense':>8} {'x pruned':>8} {'peak MB':>8} {'params':>10}")
+            print(
+                f"{'budget':>6} {'mode':>8} {'step s':>9} {'x dense':>8} {'x pruned':>8} {'peak MB':>8} {'params':>10}"
+            )
             for budget in options.budgets:
                 folder = os.path.join(scratch, f"{family}_{budget}")
                 rows = {}
                 for mode in ("scoring", "sliced", "masked", "pruned"):
-                    rows[mode] = run({**common, "mode": mode, "family": family, "budget": budget, "pruned_folder": folder})
+                    rows[mode] = run(
+                        {**common, "mode": mode, "family": family, "budget": budget, "pruned_folder": folder}
+                    )
                     results.append(rows[mode])
                 for mode, row in rows.items():
                     peak = f"{row['peak_memory_mb']:.0f}" if row["peak_memory_mb"] is not None else "-"

@@ -74,7 +74,12 @@ def parameter_sources(model, space: PruningSpace, choice: PruningChoice) -> dict
     taken: dict[str, tuple[str, torch.Tensor]] = {}  # source parameter -> (first sliced user, entries it took)
     for name, values in numbered.items():
         flat = values.flatten()
-        ok = bool(flat.numel()) and bool(torch.all(flat == flat.round())) and 0 <= flat.min() and flat.max() < sizes.sum()
+        ok = (
+            bool(flat.numel())
+            and bool(torch.all(flat == flat.round()))
+            and 0 <= flat.min()
+            and flat.max() < sizes.sum()
+        )
         owner = int(torch.searchsorted(starts, flat.min(), right=True)) - 1 if ok else -1
         ok = ok and owner == int(torch.searchsorted(starts, flat.max(), right=True)) - 1
         index = (flat - starts[owner]).long() if ok else None

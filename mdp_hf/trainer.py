@@ -503,7 +503,9 @@ class MDPTrainer(Trainer):
                 "only checkpoints with the final structure can be the best model of a pruned run"
             )
         if bool(meta.get("sliced", False)) != self._sliced:
-            held, training = ("sliced", "masked dense-shaped") if not self._sliced else ("masked dense-shaped", "sliced")
+            held, training = (
+                ("sliced", "masked dense-shaped") if not self._sliced else ("masked dense-shaped", "sliced")
+            )
             raise ValueError(
                 f"load_best_model_at_end: {checkpoint} holds the {held} model but training ended on the {training} "
                 "one; only checkpoints of this run's form can be loaded into it"
