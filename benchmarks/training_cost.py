@@ -220,7 +220,8 @@ def worker(spec: dict) -> dict:
         "step_s": statistics.median(timer.times),
         "step_times_s": timer.times,
         "peak_memory_mb": timer.peak,
-        "params": sum(p.numel() for p in trained.parameters()),
+        # the model the measured steps ran on (scoring: the dense model, sliced only at the step after them)
+        "params": dense_params if mode == "scoring" else sum(p.numel() for p in trained.parameters()),
         "dense_params": dense_params,
     }
     if mode == "sliced":
