@@ -201,6 +201,14 @@ class PrunableConfig:
     verify_latency_rounds: int = field(
         default=4, metadata={"help": "Re-solves of the latency check at most; then LatencyBudgetError."}
     )
+    slice_after_pruning: bool = field(
+        default=True,
+        metadata={
+            "help": "MDPTrainer: after the last pruning step, fine-tune the physically sliced model (its optimizer "
+            "state sliced along) at the pruned model's speed; false: fine-tune the dense-shaped model with the "
+            "pruned units masked."
+        },
+    )
     version: int = field(
         default=CONFIG_VERSION, metadata={"help": "Format version of the saved config (written by mdp_hf)."}
     )
@@ -395,6 +403,7 @@ _FIELD_TYPES = {
     "monotone": (_BOOL, False),
     "block_granularity": (_STR, False),
     "prune_stem": (_BOOL, False),
+    "slice_after_pruning": (_BOOL, False),
     "schedule": (_STR, False),
     "latency_model": (_STR, False),
     "latency_table": ((str, os.PathLike), True),

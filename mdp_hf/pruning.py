@@ -22,7 +22,7 @@ from .latency.models import dense_latency_ms
 from .latency_check import LatencyCheck, budget_of, land_on_budget, unverifiable_reason, verification_settings
 from .masks import build_problem, choice_from_solution, gate_model, kept_fraction_by_kind
 from .solver import solve as solve_problem
-from .surgery import slice_model
+from .surgery import copy_sliced_model, slice_model
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class PruningSession:
         self.keep_full = _kept_full(self.adapter, self.space, config)
         self.merge_blocks = _merged_blocks(self.adapter, self.space, config)
         self.results: list[PruningStepResult] = []
+        self.sliced_model = None  # the model training continues on after the last step (MDPTrainer), if sliced
         self.check_budget()  # before touching the model: a bad budget fails fast and leaves it as it was
         self.gates = gate_model(model, self.space)
         # "taylor": the family's official score (ViT: linked w * dL/dw); "taylor_gates": gate gradients
@@ -250,9 +251,12 @@ class PruningSession:
         return result, check
 
     def export(self):
-        """The physically pruned model for the current choice (the dense model itself if none yet)."""
+        """The physically pruned model for the current choice: a copy of :attr:`sliced_model` once training
+        continues on the sliced model, else the gated model sliced now."""
         if self.choice is None:
             raise RuntimeError("no pruning step has run yet: nothing to export")
+        if self.sliced_model is not None:
+            return copy_sliced_model(self.sliced_model)
         return slice_model(self.model, self.space, self.choice)
 
     # checkpoint state -------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ A few short overrides on top of ``transformers.Trainer`` (as in trl):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,8 +33,10 @@ from .distributed import use_cpu_ranks_without_gpu, world_size
 from .hub import _as_list, hub_repo_id, model_card, push_folder_to_hub, save_pruned_model
 from .latency_check import budget_of, dense_reference, measured_in_unit, unverifiable_reason, verification_settings
 from .losses import DistillationSettings, MDPLoss
+from .optimizer_state import OptimizerNotSliceable, check_sliceable, slice_optimizer_
 from .pruning import PruningSession, _returns_own_loss, latency_model_for, refuse_meta_model
 from .reporting import kept_dims, latency_breakdown, plot_report
+from .surgery import NotASelectionError, parameter_sources
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +127,12 @@ class _MDPCallback(TrainerCallback):
     def __init__(self, trainer: MDPTrainer):
         self.trainer = trainer
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        # Trainer's loop zeroes the gradients of the model it started with after each optimizer step; after slicing
+        # the live model's are zeroed here, before the step's first micro-batch
+        if self.trainer._sliced:
+            self.trainer.model_wrapped.zero_grad()
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # gradients of the whole (accumulated, rank-averaged) step, unscaled, before the optimizer moves w
         if not self.trainer.mdp.finished:
@@ -150,6 +159,8 @@ class _MDPCallback(TrainerCallback):
             )
             if session.finished:
                 session.gates.freeze()
+                if trainer.prunable_config.slice_after_pruning:
+                    trainer._continue_on_sliced_model()
             trainer._set_loss_phase()
 
 
@@ -254,6 +265,8 @@ class MDPTrainer(Trainer):
         self.export_report: dict | None = None  # what the last export wrote (main process), see save_model
         self._last_export_key = None
         self._weights_version = 0  # bumped when weights are reloaded (best model, resume): an export is stale then
+        self._sliced = False  # training continues on the sliced model (PrunableConfig.slice_after_pruning)
+        self._resume_into_sliced = False  # the checkpoint resumed from holds the sliced model
         self.add_callback(_MDPCallback(self))
         self._dense_evaluation = _DenseEvaluation(self)
         self.add_callback(self._dense_evaluation)
@@ -302,10 +315,109 @@ class MDPTrainer(Trainer):
 
     def _clip_grad_norm(self, model):
         # remember the clipping factor so that scores are taken from the unclipped gradients (as officially)
-        norm = super()._clip_grad_norm(model)
+        norm = super()._clip_grad_norm(self._live_model(model))
         total = float(norm)
         self._clip_coefficient = min(1.0, self.args.max_grad_norm / (total + 1e-6)) if math.isfinite(total) else 1.0
         return norm
+
+    # fine-tuning on the sliced model ----------------------------------------------------------------------
+    def _live_model(self, model):
+        """The model being trained: Trainer's inner loop keeps the (wrapped) model it started with in a local
+        variable for the whole train() call, so after slicing the live one is ``self.model_wrapped``."""
+        return self.model_wrapped if self._sliced else model
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self._sliced or model is self.model_wrapped:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # the loop's no_sync context was the gated model's: the sliced model skips its own all-reduce on the
+        # accumulation micro-batches (DDP)
+        model = self.model_wrapped
+        sync = contextlib.nullcontext() if self.accelerator.sync_gradients else self.accelerator.no_sync(model)
+        with sync:
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return super()._get_grad_norm(self._live_model(model), grad_norm)
+
+    def _masked_only_reason(self) -> str | None:
+        """Why this run cannot continue on the sliced model (None: it can): setups whose wrapping of the model
+        and optimizer MDPTrainer does not redo."""
+        wrapped_by = [
+            name
+            for name, on in (
+                ("DeepSpeed", self.is_deepspeed_enabled),
+                ("FSDP", self.is_fsdp_enabled or self.is_fsdp_xla_enabled),
+                ("torch.nn.DataParallel (several GPUs in one process)", self.args.n_gpu > 1),
+                ("tensor parallelism", self.is_distributed_loading_by_transformers),
+            )
+            if on
+        ]
+        if wrapped_by:
+            return f"the model and optimizer are wrapped by {wrapped_by[0]}, which MDPTrainer does not re-wrap"
+        try:
+            check_sliceable(self.optimizer)
+        except OptimizerNotSliceable as error:
+            return str(error)
+        return None
+
+    def _continue_on_sliced_model(self, weights_from: str | None = None) -> bool:
+        """After the last pruning step: continue this train() call on the physically sliced model. The optimizer
+        keeps its groups and hyperparameters with its state sliced to the kept entries (so the LR scheduler and the
+        step count go on unchanged), and Accelerate prepares the sliced model as it did the dense one (device,
+        mixed precision, torch.compile, DDP: every rank holds the same sliced model). ``weights_from``: a
+        checkpoint holding the sliced model's weights (resume). Every rank calls it at the same step.
+
+        Returns False, warning with the reason, when the optimizer state cannot be sliced exactly (fine-tuning
+        then goes on masked, as with ``slice_after_pruning=False``)."""
+        session = self.mdp
+        gated = session.model
+        reason = self._masked_only_reason()
+        if reason is None:
+            try:
+                sources = parameter_sources(gated, session.space, session.choice)
+            except NotASelectionError as error:
+                reason = str(error)
+        if reason is not None:
+            logger.warning(
+                "MDPTrainer: fine-tuning continues on the masked dense-shaped model, not on the sliced one "
+                "(PrunableConfig.slice_after_pruning): %s",
+                reason,
+            )
+            return False
+        sliced = session.export()
+        old_params = dict(gated.named_parameters())
+        for name, param in sliced.named_parameters():
+            param.requires_grad_(old_params[sources[name][0]].requires_grad)
+        sliced.to(self.args.device)
+        if weights_from is not None:
+            self._load_from_checkpoint(weights_from, model=sliced)
+        slice_optimizer_(self.optimizer, old_params, dict(sliced.named_parameters()), sources)
+        gated.zero_grad(set_to_none=True)
+        # Accelerate keeps every prepared model; the gated one is not trained any more (frees its DDP buffers)
+        old = self.model_wrapped
+        self.accelerator._models = [m for m in self.accelerator._models if m is not old and m is not gated]
+        self.model_wrapped = self.accelerator.prepare_model(sliced)
+        self.model = self.callback_handler.model = sliced
+        session.sliced_model = sliced
+        self._sliced = True
+        logger.info(
+            "MDP: fine-tuning continues on the sliced model (%d parameters, dense %d)",
+            sum(p.numel() for p in sliced.parameters()),
+            sum(p.numel() for p in gated.parameters()),
+        )
+        return True
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is not None and self._resume_into_sliced and not self._sliced:
+            # the checkpoint holds the sliced model and the sliced optimizer state: the optimizer Trainer built for
+            # the gated model is sliced the same way first, so the saved state fits it entry by entry
+            self._resume_into_sliced = False
+            if not self._continue_on_sliced_model(weights_from=checkpoint):
+                raise ValueError(
+                    f"{checkpoint} holds the sliced model, but this run cannot continue on it (see the warning "
+                    "above); resume with the optimizer and setup of the run that wrote it"
+                )
+        return super()._load_optimizer_and_scheduler(checkpoint)
 
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)
@@ -381,13 +493,22 @@ class MDPTrainer(Trainer):
     def _load_best_model(self) -> None:
         checkpoint = self.state.best_model_checkpoint
         with open(os.path.join(checkpoint, STATE_JSON), encoding="utf-8") as handle:
-            results = json.load(handle)["results"]
+            meta = json.load(handle)
+        results = meta["results"]
         final = self.mdp.results[-1].choice
         saved = results[-1]["choice"] if len(results) == len(self.mdp.results) else None
         if saved != {"kept": final.kept, "removed_blocks": final.removed_blocks}:
             raise ValueError(
                 f"load_best_model_at_end: {checkpoint} was saved before the final pruning step (another structure); "
                 "only checkpoints with the final structure can be the best model of a pruned run"
+            )
+        if bool(meta.get("sliced", False)) != self._sliced:
+            held, training = (
+                ("sliced", "masked dense-shaped") if not self._sliced else ("masked dense-shaped", "sliced")
+            )
+            raise ValueError(
+                f"load_best_model_at_end: {checkpoint} holds the {held} model but training ended on the {training} "
+                "one; only checkpoints of this run's form can be loaded into it"
             )
         logger.info("Loading the best model (final structure) from %s, %s = %s", checkpoint,
                     self.args.metric_for_best_model, self.state.best_metric)  # fmt: skip
@@ -397,6 +518,8 @@ class MDPTrainer(Trainer):
         # transformers 5.24 writes ViT/DeiT checkpoints with legacy key names (encoder.layer.N...) and
         # Trainer reloads them without converting back, keeping the random weights with only a warning;
         # from_pretrained applies the conversion, so the weights are loaded through it.
+        if model is None and self._resume_into_sliced and not self._sliced:
+            return  # a sliced checkpoint: loaded into the sliced model once it exists (_load_optimizer_and_scheduler)
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         self._weights_version += 1
         if isinstance(target, PreTrainedModel) and os.path.isfile(
@@ -427,6 +550,7 @@ class MDPTrainer(Trainer):
                 "has_ema": scores["ema"] is not None,
             },
             "dense_metrics": self.dense_metrics,
+            "sliced": self._sliced,  # the checkpoint's model is the sliced one (pruned format)
             "prunable_config": self.prunable_config.to_dict(),
             "latency_model": getattr(self.latency_model, "describe", lambda: type(self.latency_model).__name__)(),
         }
@@ -481,6 +605,7 @@ class MDPTrainer(Trainer):
         if self.mdp.finished:
             self.mdp.gates.freeze()
         self.dense_metrics = meta.get("dense_metrics")
+        self._resume_into_sliced = bool(meta.get("sliced", False))
 
     # export ---------------------------------------------------------------------------------------------
     def save_model(
@@ -550,7 +675,7 @@ class MDPTrainer(Trainer):
         from .latency import measure_latencies
 
         session, config = self.mdp, self.prunable_config
-        model = self.accelerator.unwrap_model(self.model)
+        model = session.model  # the gated dense model (after slicing, self.model is the sliced one)
         pruned = session.export()
         dense = dense_reference(model, session.space)
         # the table's own protocol and settings, dense and pruned interleaved in one process: comparable

@@ -193,8 +193,10 @@ def test_trainer_prunes_on_schedule_logs_and_exports(tmp_path, vit_latency):
         assert int(gate.sum()) == len(result.choice.kept_indices(trainer.mdp.space, name))
 
     x = RandomImages(4, seed=5).x
+    # fine-tuning went on on the sliced model (PrunableConfig.slice_after_pruning): the export is the model trained
+    assert trainer.model is not model and trainer.model.config.model_type == "mdp_vit"
     with torch.no_grad():
-        gated = logits_of(model.eval(), x)
+        trained = logits_of(trainer.model.eval(), x)
     out = tmp_path / "pruned"
     trainer.save_model(str(out))
     report = json.loads((out / "pruning_report.json").read_text())
@@ -210,7 +212,7 @@ def test_trainer_prunes_on_schedule_logs_and_exports(tmp_path, vit_latency):
     assert PrunableConfig.from_pretrained(out) == trainer.prunable_config
     reloaded = load_pruned_model(out)
     with torch.no_grad():
-        assert (logits_of(reloaded, x) - gated).abs().max() < 1e-5
+        assert (logits_of(reloaded, x) - trained).abs().max() < 1e-5
     assert reloaded.config.base_config["model_type"] == "vit"
 
 
@@ -488,9 +490,11 @@ def test_one_shot_prune_runs_on_every_family(family):
 
 
 # --- the Hugging Face user path: best model, loggers, card, image processor ----------------------------------
-def test_load_best_model_at_end_exports_one_checkpoint_with_the_final_structure(tmp_path, vit_latency):
+@pytest.mark.parametrize("sliced", [True, False])
+def test_load_best_model_at_end_exports_one_checkpoint_with_the_final_structure(tmp_path, vit_latency, sliced):
     """The best model is chosen among the evaluations after the final pruning step (step 3 here) only; the
-    export is exactly that checkpoint's model (every tensor), sliced to the final structure."""
+    export is exactly that checkpoint's model (every tensor): the sliced model the checkpoint holds, or (masked
+    fine-tuning) the checkpoint's dense-shaped model sliced to the final structure."""
     from transformers import ViTForImageClassification
 
     from mdp_hf import build_space, slice_model
@@ -513,7 +517,7 @@ def test_load_best_model_at_end_exports_one_checkpoint_with_the_final_structure(
             metric_for_best_model="score",
             greater_is_better=True,
         ),  # fmt: skip
-        prunable_config=config(),
+        prunable_config=config(slice_after_pruning=sliced),
         latency_model=vit_latency,
         train_dataset=RandomImages(48),
         eval_dataset=RandomImages(8, seed=1),
@@ -525,9 +529,12 @@ def test_load_best_model_at_end_exports_one_checkpoint_with_the_final_structure(
     assert trainer.state.best_model_checkpoint == best and trainer.state.best_metric == 0.9
     out = tmp_path / "pruned"
     trainer.save_model(str(out))
-    reference = ViTForImageClassification.from_pretrained(best)  # the checkpoint alone, converted as saved
-    space = build_space(reference, group_sizes=GROUPS)
-    expected = slice_model(reference, space, trainer.mdp.choice).state_dict()
+    if sliced:  # the checkpoint holds the sliced model (pruned format) itself
+        expected = load_pruned_model(best).state_dict()
+    else:
+        reference = ViTForImageClassification.from_pretrained(best)  # the checkpoint alone, converted as saved
+        space = build_space(reference, group_sizes=GROUPS)
+        expected = slice_model(reference, space, trainer.mdp.choice).state_dict()
     exported = load_pruned_model(out).state_dict()
     assert exported.keys() == expected.keys()
     for name, tensor in expected.items():

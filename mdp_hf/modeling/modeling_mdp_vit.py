@@ -332,7 +332,9 @@ class MDPViTForImageClassification(MDPViTPreTrainedModel):
             logits = (cls_logits + distillation_logits) / 2
         else:
             logits = self.classifier(pooled)
-        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        # as transformers' ViT: the loss kwargs (Trainer's num_items_in_batch under gradient accumulation) reach the
+        # loss, so a loss Trainer treats as already scaled for accumulation is scaled
+        loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
         return MDPImageClassifierOutput(
             loss=loss,
             logits=logits,
