@@ -19,8 +19,8 @@ import torch
 from conftest import GROUPS, IMAGE_SIZE, TWO_PROCESS_LAUNCH, build, logits_of
 from hub_standin import HubStandin
 from test_hub import client_env
-from torch.utils.data import Dataset
-from transformers import TrainerCallback, TrainingArguments
+from test_trainer import RandomImages, StopAfter
+from transformers import TrainingArguments
 
 from mdp_hf import PruningChoice, build_space, slice_model
 from mdp_hf.config import PrunableConfig
@@ -49,35 +49,9 @@ def synthetic_table(cfg: PrunableConfig) -> LatencyTable:
     return build_table(model, space=space, settings=cfg.timing_settings(), timer=width_product, progress=False)
 
 
-class RandomImages(Dataset):
-    """Fixed random images with labels that depend on them (so training has something to learn)."""
-
-    def __init__(self, n, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
-        self.y = (self.x.mean(dim=(1, 2, 3)) > 0).long() + 2 * (self.x[:, 0].mean(dim=(1, 2)) > 0).long()
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
-
-
 def batches(n=3, seed=0):
     data = RandomImages(8 * n, seed)
     return [{"pixel_values": data.x[i : i + 8], "labels": data.y[i : i + 8]} for i in range(0, 8 * n, 8)]
-
-
-class StopAfter(TrainerCallback):
-    """A job killed right after optimizer step ``step`` (same max_steps, so the same LR schedule)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
 
 
 # --- a latency table on the Hub, through the installed command ---------------------------------------------
