@@ -247,9 +247,8 @@ def land_on_budget(
         )
         tolerance_now = max(check.tolerance, measured.noise)
         fits = [(r, m) for r, m in seen if m.measured <= budget * (1 + max(check.tolerance, m.noise))]
-        if fits and measured.measured <= budget * (1 + tolerance_now):
-            if measured.measured >= budget * (1 - 2 * tolerance_now):
-                return result, check  # landed: within the tolerance on both sides
+        if budget * (1 - 2 * tolerance_now) <= measured.measured <= budget * (1 + tolerance_now):
+            return result, check  # landed: within the tolerance on both sides
         if len(check.rounds) > max_rounds:
             if fits:
                 return _largest_fitting(check, fits)
@@ -287,9 +286,7 @@ def _next_solver_budget(seen, budget: float, scale_ms: float) -> float:
     the secant between the closest two, kept strictly inside the bracket. Otherwise: shift the lowest (or
     highest) solver budget by the measured excess or slack, converted to table ms, from its prediction (so the
     choice changes) -- additive, so an error in fixed costs (embeddings, stem) is corrected in one round."""
-    points = sorted(
-        ((min(m.solver_budget_ms, m.predicted_ms), m.measured) for _, m in seen), key=lambda point: point[0]
-    )
+    points = sorted((min(m.solver_budget_ms, m.predicted_ms), m.measured) for _, m in seen)
     under = [p for p in points if p[1] <= budget]
     over = [p for p in points if p[1] > budget]
     if under and over:
