@@ -587,9 +587,11 @@ class MDPTrainer(Trainer):
                 f"{tensor_path} is damaged ({type(error).__name__}: {error}): the importance scores cannot be "
                 f"restored. {earlier}"
             ) from None
-        if meta["prunable_config"] != self.prunable_config.to_dict():
+        differing = _config_differences(meta["prunable_config"], self.prunable_config, json_path)
+        if differing:
             raise ValueError(
-                f"the checkpoint in {folder} was made with a different PrunableConfig; resume with the same one"
+                f"the checkpoint in {folder} was made with a different PrunableConfig ({'; '.join(differing)}); "
+                "resume with the same one"
             )
         score_meta = meta["scores"]
         scores = {
@@ -897,6 +899,26 @@ def _measured_over_budget(config: PrunableConfig, dense_m, pruned_m) -> float | 
         return None
     unit, budget = budget_of(config)
     return measured_in_unit(unit, dense_m, pruned_m)[0] / budget
+
+
+def _config_differences(saved: dict, current: PrunableConfig, source: str) -> list[str]:
+    """The fields in which the PrunableConfig a checkpoint was made with differs from ``current``, as
+    "field: checkpoint X, now Y". A field the checkpoint lacks (written by an earlier mdp_hf) counts with its
+    default, so adding a field does not lock out old checkpoints."""
+    try:
+        saved = type(current).from_dict(saved).to_dict()
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source} holds a PrunableConfig this mdp_hf cannot read ({error})") from None
+
+    def normal(value):  # the checkpoint's side went through JSON (tuples are lists there)
+        return json.loads(json.dumps(value))
+
+    now = current.to_dict()
+    return [
+        f"{name}: checkpoint {normal(saved[name])!r}, now {normal(now[name])!r}"
+        for name in now
+        if normal(saved[name]) != normal(now[name])
+    ]
 
 
 def _step_of(folder: str) -> int:

@@ -275,8 +275,39 @@ def test_resume_with_another_config_is_refused(tmp_path, vit_latency):
         latency_model=vit_latency,
         train_dataset=RandomImages(24),
     )
-    with pytest.raises(ValueError, match="different PrunableConfig"):
+    # the message names the field that differs and both values
+    with pytest.raises(ValueError, match=r"different PrunableConfig \(budget_fraction: checkpoint 0.6, now 0.7\)"):
         other.train(resume_from_checkpoint=True)
+
+
+def test_checkpoint_of_an_earlier_version_lacking_a_new_field_resumes(tmp_path, vit_latency):
+    # a checkpoint written before a PrunableConfig field existed (here: slice_after_pruning, added later) holds
+    # the config without it; the field's default stands in, so the run resumes instead of being refused
+    from mdp_hf.trainer import STATE_JSON
+
+    first = MDPTrainer(
+        model=build("vit"),
+        args=args(tmp_path, max_steps=3, save_strategy="steps", save_steps=3),
+        prunable_config=config(),
+        latency_model=vit_latency,
+        train_dataset=RandomImages(24),
+    )
+    first.train()
+    state_path = os.path.join(tmp_path, "run", "checkpoint-3", STATE_JSON)
+    with open(state_path, encoding="utf-8") as handle:
+        meta = json.load(handle)
+    del meta["prunable_config"]["slice_after_pruning"]
+    with open(state_path, "w", encoding="utf-8") as handle:
+        json.dump(meta, handle)
+    resumed = MDPTrainer(
+        model=build("vit"),
+        args=args(tmp_path, max_steps=4),
+        prunable_config=config(),
+        latency_model=vit_latency,
+        train_dataset=RandomImages(24),
+    )
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4
 
 
 def test_infeasible_budget_fails_before_training_and_leaves_the_model_alone(tmp_path):
