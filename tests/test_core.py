@@ -83,6 +83,29 @@ def test_qk_width_differs_from_v_width_and_scaling_is_kept():
 
 
 @pytest.mark.parametrize("family", [v for _, v in VARIANTS])
+def test_open_gates_compute_exactly_the_ungated_model(family):
+    # frozen all-one gates (scoring from the weights' gradients, before the first pruning step) skip their hooks:
+    # the logits are bit-identical to the ungated model's (a masked LayerNorm recomputed in a hook is not)
+    model = build(family).eval()
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    ungated = logits_of(model, x)
+    space = build_space(model, group_sizes=GROUPS)
+    gates = gate_model(model, space)
+    assert not gates.open  # gates that record gradients must run their hooks
+    gates.freeze()
+    assert gates.open
+    assert torch.equal(logits_of(model, x), ungated)
+    choice = random_choice(space, random.Random(0), get_family(FAMILY_OF[family]).kinds, remove_blocks=False)
+    gates.apply_choice(choice)
+    assert not gates.open  # a pruned choice is applied again
+    with torch.no_grad():
+        assert (logits_of(model, x) - logits_of(slice_model(model, space, choice), x)).abs().max() < 1e-5
+    gates.apply_choice(space.full_choice())
+    assert gates.open
+    gates.remove()
+
+
+@pytest.mark.parametrize("family", [v for _, v in VARIANTS])
 def test_pruned_model_can_be_pruned_again(family):
     model = build(family)
     space = build_space(model, group_sizes=GROUPS)

@@ -156,6 +156,11 @@ class GateSet:
     gates are plain tensors with ``requires_grad`` (not module parameters): the optimizer never sees,
     steps or decays them, and after a backward ``gate.grad`` holds the first-order Taylor score of each
     unit (dL/dg at g=1 equals the sum over the unit's activations of a * dL/da).
+
+    Hooks registered through :meth:`on_output` / :meth:`on_input` return at once while the gates are *open*
+    (every gate 1 and none recording a gradient, e.g. before the first pruning step with scores taken from
+    the weights' own gradients): the model then computes exactly what it computes ungated, without the
+    hooks' extra work (masked LayerNorm statistics, per-unit products) in every training step.
     """
 
     def __init__(self, space: PruningSpace, device: torch.device | str = "cpu"):
@@ -165,6 +170,7 @@ class GateSet:
         }
         self.blocks = {name: torch.ones((), device=device, requires_grad=True) for name in space.blocks}
         self._handles: list = []
+        self._open = False  # gates record gradients until frozen
 
     # gate values -----------------------------------------------------------------------------
     def dim(self, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -187,24 +193,53 @@ class GateSet:
         removed = set(choice.removed_blocks)
         for name, gate in self.blocks.items():
             gate.fill_(0.0 if name in removed else 1.0)
+        self._refresh_open()
 
     @torch.no_grad()
     def reset(self) -> None:
         for gate in list(self.dims.values()) + list(self.blocks.values()):
             gate.fill_(1.0)
+        self._refresh_open()
 
     def freeze(self) -> None:
         """Stop computing gate gradients (after the last pruning step: the gates are fixed masks)."""
         for gate in list(self.dims.values()) + list(self.blocks.values()):
             gate.requires_grad_(False)
             gate.grad = None
+        self._refresh_open()
+
+    @property
+    def open(self) -> bool:
+        """Every gate is 1 and none records a gradient: the gated model computes exactly the ungated one."""
+        return self._open
+
+    def _refresh_open(self) -> None:
+        gates = list(self.dims.values()) + list(self.blocks.values())
+        self._open = not any(g.requires_grad for g in gates) and all(bool((g == 1).all()) for g in gates)
 
     def zero_grad(self) -> None:
         for gate in list(self.dims.values()) + list(self.blocks.values()):
             gate.grad = None
 
     # hooks --------------------------------------------------------------------------------------
+    def on_output(self, module: torch.nn.Module, hook) -> None:
+        """Register a forward hook ``hook(module, args, output) -> output`` that applies gates; skipped while
+        the gates are :attr:`open`."""
+        self._handles.append(module.register_forward_hook(self._unless_open(hook)))
+
+    def on_input(self, module: torch.nn.Module, hook) -> None:
+        """Register a forward pre-hook ``hook(module, args) -> args`` that applies gates; skipped while the
+        gates are :attr:`open`."""
+        self._handles.append(module.register_forward_pre_hook(self._unless_open(hook)))
+
+    def _unless_open(self, hook):
+        def gated(*args):
+            return None if self._open else hook(*args)  # None: the module's input/output is left as it is
+
+        return gated
+
     def add_hook(self, handle) -> None:
+        """Keep a hook handle registered elsewhere (runs whatever the gates are) to remove it with the gates."""
         self._handles.append(handle)
 
     def remove(self) -> None:

@@ -244,31 +244,28 @@ class ConvNextAdapter(ModelAdapter):
 
             return hook
 
-        gates.add_hook(base.embeddings.layernorm.register_forward_hook(masked_norm(_residual(0))))
+        gates.on_output(base.embeddings.layernorm, masked_norm(_residual(0)))
         for s, stage in enumerate(base.encoder.stages):
             if s > 0:
                 norm, conv = stage.downsampling_layer
-                gates.add_hook(norm.register_forward_hook(masked_norm(_residual(s - 1))))
-                gates.add_hook(
-                    conv.register_forward_hook(scale_output(lambda dtype, r=_residual(s): gates.dim(r, dtype), 1))
-                )
+                gates.on_output(norm, masked_norm(_residual(s - 1)))
+                gates.on_output(conv, scale_output(lambda dtype, r=_residual(s): gates.dim(r, dtype), 1))
         for s, j, flat, layer in self._layers(base):
             block = f"stages.{s}.layers.{j}"
             if layer is None or block not in space.blocks:
                 continue
-            gates.add_hook(layer.layernorm.register_forward_hook(masked_norm(_residual(s))))
+            gates.on_output(layer.layernorm, masked_norm(_residual(s)))
 
             def gate_hidden(module, args, name=f"{block}.mlp"):
                 # on pwconv2's input (after the activation), so gating is exact whatever act(0) is
                 return (args[0] * gates.dim(name, args[0].dtype),) + tuple(args[1:])
 
-            gates.add_hook(layer.pwconv2.register_forward_pre_hook(gate_hidden))
-            gates.add_hook(
-                layer.pwconv2.register_forward_hook(
-                    scale_output(lambda dtype, r=_residual(s), b=block: gates.dim(r, dtype) * gates.block(b, dtype), -1)
-                )
+            gates.on_input(layer.pwconv2, gate_hidden)
+            gates.on_output(
+                layer.pwconv2,
+                scale_output(lambda dtype, r=_residual(s), b=block: gates.dim(r, dtype) * gates.block(b, dtype), -1),
             )
-        gates.add_hook(base.layernorm.register_forward_hook(masked_norm(_residual(len(base.encoder.stages) - 1))))
+        gates.on_output(base.layernorm, masked_norm(_residual(len(base.encoder.stages) - 1)))
         return gates
 
     # surgery ----------------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ class MobileNetV2Adapter(BatchNormTaylorScores, ModelAdapter):
             def hook(module, args, output):
                 return output * get_gate(output.dtype).view(1, -1, 1, 1)
 
-            gates.add_hook(conv_layer.normalization.register_forward_hook(hook))
+            gates.on_output(conv_layer.normalization, hook)
 
         def dim(name):
             return lambda dtype: gates.dim(name, dtype)

@@ -175,7 +175,7 @@ class ResNetAdapter(BatchNormTaylorScores, ModelAdapter):
             def hook(module, args, output):
                 return output * get_gate(output.dtype).view(1, -1, 1, 1)
 
-            gates.add_hook(norm.register_forward_hook(hook))
+            gates.on_output(norm, hook)
 
         for k, conv in enumerate(self._stem_convs(base), start=1):
             gate_output(conv.normalization, lambda dtype, n=f"stem.conv{k}": gates.dim(n, dtype))

@@ -258,16 +258,16 @@ class TimmViTAdapter(ModelAdapter):
             return normed * gates.dim("embed", x.dtype)
 
         # pos_drop ends _pos_embed (both classes): patches + tokens + position embeddings, gated as one
-        gates.add_hook(model.pos_drop.register_forward_hook(scale_output(embed)))
+        gates.on_output(model.pos_drop, scale_output(embed))
         for name in ("norm_pre", "norm", "fc_norm"):
             norm = getattr(model, name)
             if isinstance(norm, nn.LayerNorm):
-                gates.add_hook(norm.register_forward_hook(masked_layernorm))
+                gates.on_output(norm, masked_layernorm)
         for i, (block, shape) in enumerate(zip(model.blocks, info["layers"])):
             attn, heads, hd = block.attn, shape["heads"], shape["qk"]
             attention, mlp = f"layers.{i}.attention", f"layers.{i}.mlp"
-            gates.add_hook(block.norm1.register_forward_hook(masked_layernorm))
-            gates.add_hook(block.norm2.register_forward_hook(masked_layernorm))
+            gates.on_output(block.norm1, masked_layernorm)
+            gates.on_output(block.norm2, masked_layernorm)
 
             def gate_query(module, args, output, i=i, heads=heads, hd=hd):
                 qk = gates.dim(f"layers.{i}.qk_dim", output.dtype)
@@ -279,17 +279,11 @@ class TimmViTAdapter(ModelAdapter):
                 per_unit = gates.dim(f"layers.{i}.heads", x.dtype)[:, None] * gates.dim(f"layers.{i}.v_dim", x.dtype)
                 return ((x.unflatten(-1, (heads, hd)) * per_unit).flatten(-2),) + tuple(args[1:])
 
-            gates.add_hook(attn.qkv.register_forward_hook(gate_query))
-            gates.add_hook(attn.proj.register_forward_pre_hook(gate_heads_and_values))
-            gates.add_hook(
-                attn.proj.register_forward_hook(scale_output(lambda dt, b=attention: embed(dt) * gates.block(b, dt)))
-            )
-            gates.add_hook(
-                block.mlp.fc1.register_forward_hook(scale_output(lambda dt, i=i: gates.dim(f"layers.{i}.mlp_dim", dt)))
-            )
-            gates.add_hook(
-                block.mlp.fc2.register_forward_hook(scale_output(lambda dt, b=mlp: embed(dt) * gates.block(b, dt)))
-            )
+            gates.on_output(attn.qkv, gate_query)
+            gates.on_input(attn.proj, gate_heads_and_values)
+            gates.on_output(attn.proj, scale_output(lambda dt, b=attention: embed(dt) * gates.block(b, dt)))
+            gates.on_output(block.mlp.fc1, scale_output(lambda dt, i=i: gates.dim(f"layers.{i}.mlp_dim", dt)))
+            gates.on_output(block.mlp.fc2, scale_output(lambda dt, b=mlp: embed(dt) * gates.block(b, dt)))
         return gates
 
     # surgery ----------------------------------------------------------------------------------------------

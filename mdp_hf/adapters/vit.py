@@ -175,16 +175,16 @@ class ViTAdapter(ModelAdapter):
             return normed * gates.dim("embed", x.dtype)
 
         embed = lambda dtype: gates.dim("embed", dtype)  # noqa: E731
-        gates.add_hook(base.embeddings.register_forward_hook(scale_output(embed)))
+        gates.on_output(base.embeddings, scale_output(embed))
         for norm in self._norms(model, base).values():
-            gates.add_hook(norm.register_forward_hook(masked_layernorm))
+            gates.on_output(norm, masked_layernorm)
         for i, layer in enumerate(base.layers):
             if layer.attention is not None:
                 attn, block = layer.attention, f"layers.{i}.attention"
                 heads = attn.num_attention_heads
                 qk = attn.q_proj.out_features // heads
                 v = attn.v_proj.out_features // heads
-                gates.add_hook(layer.layernorm_before.register_forward_hook(masked_layernorm))
+                gates.on_output(layer.layernorm_before, masked_layernorm)
 
                 def gate_query(module, args, output, i=i, heads=heads, qk=qk):
                     shaped = output.unflatten(-1, (heads, qk)) * gates.dim(f"layers.{i}.qk_dim", output.dtype)
@@ -197,29 +197,21 @@ class ViTAdapter(ModelAdapter):
                     )
                     return ((x.unflatten(-1, (heads, v)) * per_unit).flatten(-2),) + tuple(args[1:])
 
-                gates.add_hook(attn.q_proj.register_forward_hook(gate_query))
-                gates.add_hook(attn.o_proj.register_forward_pre_hook(gate_heads_and_values))
-                gates.add_hook(
-                    attn.o_proj.register_forward_hook(
-                        scale_output(lambda dtype, block=block: embed(dtype) * gates.block(block, dtype))
-                    )
+                gates.on_output(attn.q_proj, gate_query)
+                gates.on_input(attn.o_proj, gate_heads_and_values)
+                gates.on_output(
+                    attn.o_proj, scale_output(lambda dtype, block=block: embed(dtype) * gates.block(block, dtype))
                 )
             if layer.mlp is not None:
                 block = f"layers.{i}.mlp"
-                gates.add_hook(layer.layernorm_after.register_forward_hook(masked_layernorm))
-                gates.add_hook(
-                    layer.mlp.fc1.register_forward_hook(
-                        scale_output(lambda dtype, i=i: gates.dim(f"layers.{i}.mlp_dim", dtype))
-                    )
-                )
-                gates.add_hook(
-                    layer.mlp.fc2.register_forward_hook(
-                        scale_output(lambda dtype, block=block: embed(dtype) * gates.block(block, dtype))
-                    )
+                gates.on_output(layer.layernorm_after, masked_layernorm)
+                gates.on_output(layer.mlp.fc1, scale_output(lambda dtype, i=i: gates.dim(f"layers.{i}.mlp_dim", dtype)))
+                gates.on_output(
+                    layer.mlp.fc2, scale_output(lambda dtype, block=block: embed(dtype) * gates.block(block, dtype))
                 )
         pooler = getattr(base, "pooler", None)
         if pooler is not None:
-            gates.add_hook(pooler.dense.register_forward_pre_hook(lambda m, args: (args[0] * embed(args[0].dtype),)))
+            gates.on_input(pooler.dense, lambda m, args: (args[0] * embed(args[0].dtype),))
         return gates
 
     # surgery ----------------------------------------------------------------------------------------
