@@ -3,17 +3,22 @@
 For a DeiT-shaped ViT (width 192, 6 layers, 64x64 inputs, as measured in issue #14) and a ResNet-50-shaped
 ResNet (64x64 inputs), batch 16, CPU, 1 thread, at 70 / 50 / 30 % budgets:
 
-- ``dense``: plain ``transformers.Trainer`` on the dense model;
+- ``dense``: plain ``transformers.Trainer`` on the dense model (timed first, and again last as ``dense_again``);
 - ``scoring``: ``MDPTrainer`` while importance scores accumulate (before the pruning step);
 - ``sliced``: ``MDPTrainer`` fine-tuning after the pruning step on the sliced model (``slice_after_pruning=True``,
   the default);
-- ``masked``: the same with ``slice_after_pruning=False`` (the dense-shaped model, pruned units masked);
-- ``pruned``: plain ``Trainer`` on the pruned model that the ``sliced`` run saved.
+- ``distilled``: the same with the dense model as KL teacher (``DistillationSettings(teacher="dense")``); the
+  teacher's own forward time per step is reported separately (``teacher s``);
+- ``pruned``: plain ``Trainer`` on the pruned model that the ``sliced`` run saved;
+- ``masked``: ``MDPTrainer`` fine-tuning with ``slice_after_pruning=False`` (dense-shaped, pruned units masked).
 
-Each configuration runs in a fresh process. Reported: the median wall time of the measured optimizer steps
-(after ``--warmup`` steps; the pruning step itself is never measured) and the peak resident memory during
-them (Linux: the high-water mark is reset when the measured steps begin, after freed heap is returned with
-malloc_trim; on CUDA: torch's peak allocated memory). The latency model is a synthetic table (cost = product
+Every phase of one family and budget runs in one fresh process, one after another, so that each ratio is to a
+dense step timed in the same process (``x dense``: to the mean of ``dense`` and ``dense_again``, which brackets
+any drift; ``x pruned``: to ``pruned``); steps in separate processes differed by up to 20 % on this machine.
+Reported: the median wall time of the measured optimizer steps (after ``--warmup`` steps; the pruning step
+itself is never measured) and the peak resident memory during them (Linux: the high-water mark is reset when
+the measured steps begin, after freed heap is returned with malloc_trim, so it includes what earlier phases of
+the process still hold; on CUDA: torch's peak allocated memory). The latency model is a synthetic table (cost = product
 of a cell's widths, FLOP-like), so the pruned structure does not depend on this machine's timing; the latency
 stage is benchmarked in benchmarks/latency_model.py.
 
@@ -123,41 +128,14 @@ def peak_memory_mb() -> float | None:
     return None
 
 
-def worker(spec: dict) -> dict:
-    """One configuration in this (fresh) process; returns its step times and peak memory."""
+PHASES = ("dense", "scoring", "sliced", "distilled", "pruned", "masked", "dense_again")
+
+
+def make_args(out: str, max_steps: int, batch: int):
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainingArguments
 
-    torch.set_num_threads(spec["threads"])
-    mode, family, tiny = spec["mode"], spec["family"], spec["tiny"]
-    warmup, steps = spec["warmup"], spec["steps"]
-    # the measured steps: (first, last] in optimizer-step numbers; MDP runs prune at step `prune_at`
-    prune_at = {"scoring": warmup + steps + 1, "sliced": 1, "masked": 1}.get(mode)
-    first = warmup + (1 if mode in ("sliced", "masked") else 0)
-    last = first + steps
-    max_steps = max(last, prune_at or 0)
-    batch = spec["batch_size"]
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self.peak = [], None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == first:
-                reset_peak_memory()
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - self.start
-            if first < state.global_step <= last:
-                self.times.append(elapsed)
-            if state.global_step == last:
-                self.peak = peak_memory_mb()
-
-    out = tempfile.mkdtemp(prefix=f"training_cost_{mode}_")
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=out,
         max_steps=max_steps,
         per_device_train_batch_size=batch,
@@ -171,63 +149,127 @@ def worker(spec: dict) -> dict:
         disable_tqdm=True,
         seed=0,
     )
+
+
+def time_phase(mode: str, spec: dict, table, folder: str) -> dict:
+    """Train one configuration for warmup + steps measured optimizer steps; its median step time and peak memory."""
+    import torch
+    from transformers import Trainer, TrainerCallback
+
+    family, tiny, warmup, steps, batch = spec["family"], spec["tiny"], spec["warmup"], spec["steps"], spec["batch_size"]
+    sliced_modes = ("sliced", "distilled", "masked")
+    # the measured steps: (first, last] in optimizer-step numbers; MDP runs prune at step `prune_at`
+    prune_at = warmup + steps + 1 if mode == "scoring" else 1
+    first = warmup + (1 if mode in sliced_modes else 0)
+    last = first + steps
+    max_steps = max(last, prune_at if mode in ("scoring", *sliced_modes) else 0)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.peak = [], None
+            self.loss = None  # MDPLoss of a distilled run: its teacher time at the first measured step
+            self.teacher_at_first = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == first:
+                reset_peak_memory()
+                if self.loss is not None:
+                    self.teacher_at_first = self.loss.teacher_seconds
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - self.start
+            if first < state.global_step <= last:
+                self.times.append(elapsed)
+            if state.global_step == last:
+                self.peak = peak_memory_mb()
+
+    args = make_args(tempfile.mkdtemp(prefix=f"training_cost_{mode}_"), max_steps, batch)
     data = RandomImages(batch * max_steps, image_size(tiny))
     timer = StepTimer()
-    if mode == "pruned":
-        from mdp_hf.hub import load_pruned_model
+    teacher_s = None
+    if mode in ("dense", "dense_again", "pruned"):
+        if mode == "pruned":
+            from mdp_hf.hub import load_pruned_model
 
-        model = load_pruned_model(spec["pruned_folder"])
-    else:
-        model = build_model(family, tiny)
-    dense_params = sum(p.numel() for p in build_model(family, tiny).parameters())
-    if mode in ("dense", "pruned"):
+            model = load_pruned_model(folder)
+        else:
+            model = build_model(family, tiny)
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[timer])
+        trainer.train()
     else:
-        from mdp_hf import PrunableConfig, build_space
-        from mdp_hf.latency import TableLatencyModel, build_table
+        from mdp_hf import PrunableConfig
+        from mdp_hf.latency import TableLatencyModel
+        from mdp_hf.losses import DistillationSettings
         from mdp_hf.trainer import MDPTrainer
 
-        groups = group_sizes(family, tiny)
-        space = build_space(model, group_sizes=groups)
-        table = build_table(
-            model,
-            space=space,
-            timer=lambda _table, widths: float(torch.tensor(widths, dtype=torch.float64).prod()),
-            repeats=1,
-            warmup=0,
-            progress=False,
-            image_size=image_size(tiny),
-        )
         config = PrunableConfig(
             budget_fraction=spec["budget"],
-            group_sizes=groups,
+            group_sizes=group_sizes(family, tiny),
             accumulation_steps=prune_at,
             verify_latency=False,
             slice_after_pruning=mode != "masked",
         )
         trainer = MDPTrainer(
-            model=model,
+            model=build_model(family, tiny),
             args=args,
             prunable_config=config,
             latency_model=TableLatencyModel(table),
+            distillation=DistillationSettings(teacher="dense", kl_weight=1.0) if mode == "distilled" else None,
             train_dataset=data,
             callbacks=[timer],
         )
-    trainer.train()
-    trained = trainer.model
-    result = {
-        **{k: spec[k] for k in ("mode", "family", "budget")},
+        timer.loss = trainer.mdp_loss
+        trainer.train()
+        if mode == "distilled":  # the teacher's forward time over the measured steps only
+            teacher_s = (trainer.mdp_loss.teacher_seconds - timer.teacher_at_first) / steps
+        if mode == "sliced":
+            trainer.save_model(folder)
+    model = trainer.model
+    row = {
+        "mode": mode,
         "step_s": statistics.median(timer.times),
         "step_times_s": timer.times,
         "peak_memory_mb": timer.peak,
         # the model the measured steps ran on (scoring: the dense model, sliced only at the step after them)
-        "params": dense_params if mode == "scoring" else sum(p.numel() for p in trained.parameters()),
-        "dense_params": dense_params,
+        "params": sum(p.numel() for p in model.parameters()) if mode != "scoring" else None,
+        "sliced_during_training": bool(getattr(trainer, "_sliced", False)) if mode in sliced_modes else None,
+        "teacher_forward_s_per_step": teacher_s,
     }
-    if mode == "sliced":
-        trainer.save_model(spec["pruned_folder"])
-        result["sliced_during_training"] = bool(trainer._sliced)
-    return result
+    del trainer, model
+    import gc
+
+    gc.collect()
+    return row
+
+
+def worker(spec: dict) -> dict:
+    """Every phase of one family at one budget in this (fresh) process, so that each ratio is to a dense step
+    timed in the same process (timed first and last: the ratio is to their mean)."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from mdp_hf import build_space
+    from mdp_hf.latency import build_table
+
+    model = build_model(spec["family"], spec["tiny"])
+    table = build_table(
+        model,
+        space=build_space(model, group_sizes=group_sizes(spec["family"], spec["tiny"])),
+        timer=lambda _table, widths: float(torch.tensor(widths, dtype=torch.float64).prod()),
+        repeats=1,
+        warmup=0,
+        progress=False,
+        image_size=image_size(spec["tiny"]),
+    )
+    dense_params = sum(p.numel() for p in model.parameters())
+    del model
+    with tempfile.TemporaryDirectory() as folder:
+        rows = {mode: time_phase(mode, spec, table, folder) for mode in PHASES}
+    rows["scoring"]["params"] = dense_params
+    return {"family": spec["family"], "budget": spec["budget"], "dense_params": dense_params, "phases": rows}
 
 
 def run(spec: dict) -> dict:
@@ -238,9 +280,7 @@ def run(spec: dict) -> dict:
         env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])},
     )
     if process.returncode != 0:
-        raise RuntimeError(
-            f"{spec['mode']} ({spec['family']}, budget {spec['budget']}) failed:\n{process.stderr[-4000:]}"
-        )
+        raise RuntimeError(f"{spec['family']} at budget {spec['budget']} failed:\n{process.stderr[-4000:]}")
     return json.loads(process.stdout.strip().splitlines()[-1])
 
 
@@ -269,28 +309,25 @@ def main() -> None:
         tiny=options.tiny,
     )
     results = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for family in families:
-            dense = run({**common, "mode": "dense", "family": family, "budget": None})
-            results.append(dense)
-            print(f"\n{NAMES[family]}{' (tiny)' if options.tiny else ''}: dense step {dense['step_s']:.4g} s")
-            print(
-                f"{'budget':>6} {'mode':>8} {'step s':>9} {'x dense':>8} {'x pruned':>8} {'peak MB':>8} {'params':>10}"
-            )
-            for budget in options.budgets:
-                folder = os.path.join(scratch, f"{family}_{budget}")
-                rows = {}
-                for mode in ("scoring", "sliced", "masked", "pruned"):
-                    rows[mode] = run(
-                        {**common, "mode": mode, "family": family, "budget": budget, "pruned_folder": folder}
-                    )
-                    results.append(rows[mode])
-                for mode, row in rows.items():
-                    peak = f"{row['peak_memory_mb']:.0f}" if row["peak_memory_mb"] is not None else "-"
-                    print(
-                        f"{budget:>6} {mode:>8} {row['step_s']:>9.4g} {row['step_s'] / dense['step_s']:>8.3f} "
-                        f"{row['step_s'] / rows['pruned']['step_s']:>8.3f} {peak:>8} {row['params']:>10}"
-                    )
+    for family in families:
+        print(f"\n{NAMES[family]}{' (tiny)' if options.tiny else ''}")
+        print(
+            f"{'budget':>6} {'mode':>11} {'step s':>9} {'x dense':>8} {'x pruned':>8} {'peak MB':>8} {'params':>10}"
+            f" {'teacher s':>9}"
+        )
+        for budget in options.budgets:
+            result = run({**common, "family": family, "budget": budget})
+            results.append(result)
+            rows = result["phases"]
+            dense_s = (rows["dense"]["step_s"] + rows["dense_again"]["step_s"]) / 2
+            for mode, row in rows.items():
+                peak = f"{row['peak_memory_mb']:.0f}" if row["peak_memory_mb"] is not None else "-"
+                teacher = row["teacher_forward_s_per_step"]
+                print(
+                    f"{budget:>6} {mode:>11} {row['step_s']:>9.4g} {row['step_s'] / dense_s:>8.3f} "
+                    f"{row['step_s'] / rows['pruned']['step_s']:>8.3f} {peak:>8} {row['params']:>10}"
+                    f" {'' if teacher is None else f'{teacher:.4g}':>9}"
+                )
     if options.out:
         machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()}
         if hasattr(os, "getloadavg"):
