@@ -77,8 +77,9 @@ def test_space_is_the_backbones_with_the_input_projection_coupled():
     space = build_space(model, group_sizes=GROUPS)
     assert get_family(model).name == "detr" and space.model_type == "detr"
     last = space.dimensions["stages.2.residual"]
-    assert "model.input_projection (in)" in last.coupled and "model.backbone.model.encoder.stages.2.layers.0.layer.2" in (
-        last.coupled
+    assert (
+        "model.input_projection (in)" in last.coupled
+        and "model.backbone.model.encoder.stages.2.layers.0.layer.2" in (last.coupled)
     )
     assert last.min_keep < last.size  # the detector's consumer is sliced with it, so it is prunable
     assert set(space.blocks) == {f"stages.{s}.layers.{j}" for s, n in enumerate([2, 2, 1]) for j in range(n)}
@@ -287,7 +288,12 @@ def test_latency_plan_covers_the_whole_detector(variant):
     space = build_space(model, group_sizes=GROUPS)
     settings = TimingSettings(image_size=IMAGE)
     table = build_table(
-        model, space=space, timer=flops_timer(model, space, settings), image_size=IMAGE, repeats=1, warmup=0,
+        model,
+        space=space,
+        timer=flops_timer(model, space, settings),
+        image_size=IMAGE,
+        repeats=1,
+        warmup=0,
         progress=False,
     )
     terms = {t.name: t for t in table.terms}

@@ -355,7 +355,9 @@ def _detr(embedding_size, hidden_sizes, depths, layer_type, num_labels, *, d_mod
 #: tiny variants (64x64 RGB works, 5 labels) for tests/test_family_detr.py; not in ``test_models`` yet because the
 #: registry-driven matrix, prune() and load_pruned_model still assume classifiers (see the family tests)
 TEST_MODELS = {
-    "detr_bottleneck": _detr(8, [16, 24, 32], [2, 2, 1], "bottleneck", 5, d_model=16, layers=1, ffn=32, heads=2, queries=6),
+    "detr_bottleneck": _detr(
+        8, [16, 24, 32], [2, 2, 1], "bottleneck", 5, d_model=16, layers=1, ffn=32, heads=2, queries=6
+    ),
     # stage 0 has an identity shortcut: stem and stage-0 widths are coupled
     "detr_basic": _detr(8, [8, 16], [2, 2], "basic", 5, d_model=16, layers=1, ffn=32, heads=2, queries=6),
 }
@@ -370,7 +372,15 @@ register_family(
         latency_cells=DetrCells,
         presets={
             "detr-resnet50": _detr(
-                64, [256, 512, 1024, 2048], [3, 4, 6, 3], "bottleneck", 91, d_model=256, layers=6, ffn=2048, heads=8,
+                64,
+                [256, 512, 1024, 2048],
+                [3, 4, 6, 3],
+                "bottleneck",
+                91,
+                d_model=256,
+                layers=6,
+                ffn=2048,
+                heads=8,
                 queries=100,
             ),
         },
