@@ -42,7 +42,7 @@ from .data import (
     train_collator,
     with_transforms,
 )
-from .distributed import use_cpu_ranks_without_gpu
+from .distributed import run_on_main_and_broadcast, use_cpu_ranks_without_gpu
 from .losses import DistillationSettings, MDPLoss
 from .metrics import ACCURACY_PATH
 from .paths import check_local_path
@@ -232,16 +232,27 @@ def check_output_dir(args: ScriptArguments, training_args: TrainingArguments) ->
     With ``--overwrite_output_dir`` nothing is deleted here: the new run builds its intermediates in
     ``<output_dir>/_mdp_run`` and its final save replaces the previous model's files in one atomic swap, so a
     run that fails leaves the previous one as it was. Returns the previous run's checkpoints (folder name ->
-    mtime of its trainer_state.json), which a successful run removes if it did not rewrite them."""
-    out = training_args.output_dir
+    mtime of its trainer_state.json), which a successful run removes if it did not rewrite them.
+
+    The main process looks at the folder and every rank gets its verdict: the main process creates ``_mdp_run``
+    there soon after, and a slower rank looking for itself would find the folder no longer empty and refuse."""
+    refusal, checkpoints = run_on_main_and_broadcast(lambda: _inspect_output_dir(args, training_args.output_dir))
+    if refusal is not None:
+        raise SystemExit(refusal)
+    return checkpoints
+
+
+def _inspect_output_dir(args: ScriptArguments, out: str) -> tuple[str | None, dict[str, int]]:
+    """(why ``out`` may not be used, or None; the previous run's checkpoints): see :func:`check_output_dir`."""
     if not (os.path.isdir(out) and os.listdir(out)):
-        return {}
+        return None, {}
     previous = os.path.join(out, REPORT_NAME)
     what = "a finished pruning run" if os.path.isfile(previous) else "other files"
     if not args.overwrite_output_dir:
-        raise SystemExit(
+        return (
             f"error: --output_dir {out} already holds {what}. Pass --overwrite_output_dir to replace it, "
-            "or choose another --output_dir."
+            "or choose another --output_dir.",
+            {},
         )
     logger.info("--overwrite_output_dir: %s holds %s, replaced once this run has written its own", out, what)
     checkpoints = {}
@@ -249,7 +260,7 @@ def check_output_dir(args: ScriptArguments, training_args: TrainingArguments) ->
         state = os.path.join(out, name, "trainer_state.json")
         if name.startswith("checkpoint-") and os.path.isdir(os.path.join(out, name)):
             checkpoints[name] = os.stat(state).st_mtime_ns if os.path.isfile(state) else -1
-    return checkpoints
+    return None, checkpoints
 
 
 def _work_dir(training_args: TrainingArguments) -> str:

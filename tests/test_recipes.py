@@ -77,9 +77,10 @@ def tiny_config(tmp_path, config, name):
                 architectures=["DeiTForImageClassification"],
             ),
         ),
-        (
+        pytest.param(  # the ResNet recipe end to end: test_main_job's resnet_job (the shared code: the DeiT case)
             "prune_resnet.py",
             ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck"),
+            marks=pytest.mark.slow,
         ),
     ],
 )

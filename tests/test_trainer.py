@@ -357,6 +357,10 @@ TWO_RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
+# slow: two ranks == one process (scores, choices, weights) is test_user_paths'
+# test_two_ranks_with_gradient_accumulation_and_a_resumed_checkpoint_equal_one_process, and distillation from the
+# dense model on two ranks runs in test_main_job's deit_two_processes (the README's DeiT recipe under accelerate)
+@pytest.mark.slow
 def test_two_ranks_get_the_masks_of_one_process(tmp_path, vit_latency):
     table = tmp_path / "table.json"
     vit_latency.table.save(table)

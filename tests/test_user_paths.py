@@ -130,6 +130,7 @@ def test_installed_mdp_hf_command_solves_a_dumped_problem(tmp_path):
 
 
 # --- resume at the edges of a schedule -------------------------------------------------------------------
+ITERATIVE_TWO_STEPS = dict(schedule="iterative", num_pruning_steps=2, accumulation_steps=2, pruning_interval=2)
 RESUME_CASES = {
     "one_shot_before_its_step": (dict(schedule="one_shot", accumulation_steps=3), 2),
     "one_shot_after_its_step": (dict(schedule="one_shot", accumulation_steps=3), 4),
@@ -141,7 +142,18 @@ RESUME_CASES = {
         dict(schedule="iterative", num_pruning_steps=2, accumulation_steps=2, pruning_interval=2),
         5,
     ),
+    # gate-gradient scores and masked fine-tuning: the gates are live during pruning and must be frozen again when
+    # a finished schedule is resumed (the default ViT score never needs gate gradients, the sliced model no gates)
+    "iterative_after_the_last_step_masked_gates": (
+        dict(ITERATIVE_TWO_STEPS, importance="taylor_gates", slice_after_pruning=False),
+        5,
+    ),
 }
+
+
+def gate_tensors(trainer):
+    gates = trainer.mdp.gates
+    return [*gates.dims.values(), *gates.blocks.values()]
 
 
 @pytest.mark.parametrize("case", sorted(RESUME_CASES))
@@ -176,6 +188,11 @@ def test_resume_at_the_edges_of_the_schedule_equals_an_uninterrupted_run(tmp_pat
         assert torch.allclose(resumed.mdp.scores.ema[name], ema, rtol=1e-6, atol=1e-15), name
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
+    # after the last step the gates are fixed masks: no gradient is computed for them, resumed or not
+    assert not any(gate.requires_grad or gate.grad is not None for gate in gate_tensors(straight))
+    assert [(g.requires_grad, g.grad is None) for g in gate_tensors(resumed)] == [(False, True)] * len(
+        gate_tensors(straight)
+    )
     x = RandomImages(4, seed=5).x
     outputs = []
     for trainer, folder in ((straight, "straight_export"), (resumed, "resumed_export")):
@@ -298,6 +315,54 @@ def test_two_ranks_with_gradient_accumulation_and_a_resumed_checkpoint_equal_one
     for name, values in single["weights"].items():
         assert ranks[0]["weights"][name] == ranks[1]["weights"][name], name
         assert np.allclose(ranks[0]["weights"][name], values, atol=1e-5), name
+
+
+OUTPUT_DIR_CHECK = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {tests!r})
+    from mdp_hf.distributed import use_cpu_ranks_without_gpu
+    use_cpu_ranks_without_gpu()
+    from transformers import TrainingArguments
+    from mdp_hf.recipes import RUN_WORK_DIR, ScriptArguments, _work_dir, check_output_dir
+    out, wait_s = sys.argv[1], float(sys.argv[2])
+    args = TrainingArguments(output_dir=out, report_to="none")  # sets up the two ranks (gloo)
+    rank = args.process_index
+
+    def check():
+        try:
+            check_output_dir(ScriptArguments(), args)
+            return "ok"
+        except SystemExit as refusal:
+            return f"refused: {{refusal}}"
+
+    if rank == 1:  # a slower rank: it looks at the folder once the main rank has created its work folder there
+        deadline = time.monotonic() + wait_s  # (the main rank may be waiting for this rank instead: then go on)
+        while not os.path.isdir(os.path.join(out, RUN_WORK_DIR)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    first = check()
+    if rank == 0 and first == "ok":
+        _work_dir(args)  # what recipes.run does next on the main rank
+    second = check()  # the folder now holds the run's work folder: a second run is refused
+    with open(os.path.join(out, f"rank{{rank}}.txt"), "w") as f:
+        f.write(first + "\\n" + second)
+""")
+
+
+def test_every_rank_takes_the_main_ranks_verdict_on_the_output_dir(tmp_path):
+    """Every rank calls recipes.check_output_dir, but only the main rank creates `<output_dir>/_mdp_run` (right
+    after, in recipes.run): a rank that looks at the folder later must not find it taken and stop a fresh run with
+    "already holds other files". Rank 1 here looks once `_mdp_run` exists (or after 10 s: the main rank may be
+    waiting for it in the check, which then holds its verdict for every rank)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "output_dir_check.py"
+    script.write_text(OUTPUT_DIR_CHECK.format(tests=str(TESTS)))
+    result = two_ranks(script, out, 10)
+    assert result.returncode == 0, result.stderr[-4000:]
+    verdicts = [(out / f"rank{r}.txt").read_text().split("\n") for r in (0, 1)]
+    assert [first for first, _ in verdicts] == ["ok", "ok"], verdicts
+    assert verdicts[0][1] == verdicts[1][1], verdicts
+    assert verdicts[0][1].startswith(f"refused: error: --output_dir {out} already holds other files"), verdicts
 
 
 # --- what may be pruned ----------------------------------------------------------------------------------
