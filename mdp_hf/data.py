@@ -562,7 +562,7 @@ def train_collator(data: dict | None, num_classes: int):
 
 
 # object detection ------------------------------------------------------------------------------------------------
-# Detection batches (transformers' detector convention, e.g. YolosForObjectDetection): ``pixel_values`` [B, C, H, W]
+# Detection batches (the convention of transformers' ...ForObjectDetection models): ``pixel_values`` [B, C, H, W]
 # and ``labels``, a list of B dicts with ``class_labels`` (int64 [n]) and ``boxes`` (float [n, 4], normalised
 # centre x, centre y, width, height in [0, 1]).
 _BOX_SLACK = 1e-4  # float rounding of boxes that touch the image border

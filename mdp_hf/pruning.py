@@ -444,7 +444,7 @@ def _check_labels_fit_task(model, labels) -> None:
     elif isinstance(labels, (list, tuple)) and labels and isinstance(labels[0], dict):
         raise ValueError(
             f"the batches hold detection labels (a list of dicts: {sorted(labels[0])}) but the model is an {task} "
-            f"model ({type(model).__name__}); prune a detector (e.g. YolosForObjectDetection) with them, or give "
+            f"model ({type(model).__name__}); prune a model of an object-detection family with them, or give "
             "this model integer class labels"
         )
 
