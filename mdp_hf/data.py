@@ -164,11 +164,14 @@ def num_labels_of(model) -> int | None:
     return None
 
 
-def check_dataset(dataset, what: str = "train_dataset", num_labels: int | None = None, label_column=None) -> None:
+def check_dataset(
+    dataset, what: str = "train_dataset", num_labels: int | None = None, label_column=None, task: str | None = None
+) -> None:
     """Refuse, before any work is spent, an empty dataset and integer labels outside ``[0, num_labels)`` (which
     would fail in the middle of training, or as a device-side assert on CUDA). Labels are read from a
     ``datasets.Dataset``'s ``label_column`` (default: ``labels`` or ``label``); other datasets are only
-    checked for emptiness."""
+    checked for emptiness. ``task="object-detection"``: the first examples' ``labels`` are checked as detection
+    targets (:func:`check_detection_labels`: boxes present, normalised cxcywh inside the image)."""
     try:
         size = len(dataset)
     except TypeError:
@@ -178,6 +181,11 @@ def check_dataset(dataset, what: str = "train_dataset", num_labels: int | None =
             f"{what} is empty (0 examples): check the dataset name / folders, the split and max_train_samples / "
             "max_eval_samples; importance scores and training need data"
         )
+    if task == "object-detection":
+        sample = [dataset[i] for i in range(min(size, DETECTION_CHECKED_EXAMPLES))]
+        labels = [example.get("labels") if isinstance(example, dict) else None for example in sample]
+        check_detection_labels(labels, f"{what} labels (its first {len(sample)} examples)", num_labels)
+        return
     if num_labels is None or not isinstance(dataset, Dataset):
         return
     columns = dataset.column_names
@@ -551,3 +559,100 @@ def train_collator(data: dict | None, num_classes: int):
     return MixupCollator(
         num_classes, mixup, cutmix, float(data.get("mixup_switch_prob", 0.5)), float(data.get("label_smoothing", 0.1))
     )
+
+
+# object detection ------------------------------------------------------------------------------------------------
+# Detection batches (the convention of transformers' ...ForObjectDetection models): ``pixel_values`` [B, C, H, W]
+# and ``labels``, a list of B dicts with ``class_labels`` (int64 [n]) and ``boxes`` (float [n, 4], normalised
+# centre x, centre y, width, height in [0, 1]).
+_BOX_SLACK = 1e-4  # float rounding of boxes that touch the image border
+DETECTION_CHECKED_EXAMPLES = 16  # how many examples check_dataset reads (through their transform) up front
+
+
+def coco_boxes_to_cxcywh(boxes, width: int, height: int, where: str = "annotation") -> torch.Tensor:
+    """COCO boxes (absolute x_min, y_min, width, height in pixels) as normalised (cx, cy, w, h), refusing boxes
+    outside a ``width`` x ``height`` image (or with a non-positive size) with an error naming ``where``."""
+    xywh = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    if xywh.numel() and ((xywh[:, 2:] <= 0).any() or (xywh[:, :2] < -0.5).any()):
+        raise ValueError(f"{where}: COCO boxes need x, y >= 0 and width, height > 0 (pixels), got {xywh.tolist()[:3]}")
+    if xywh.numel() and ((xywh[:, 0] + xywh[:, 2] > width + 0.5) | (xywh[:, 1] + xywh[:, 3] > height + 0.5)).any():
+        raise ValueError(
+            f"{where}: a COCO box (x, y, w, h) {xywh.tolist()[:3]} reaches outside the {width}x{height} image; "
+            "boxes are absolute pixels of the image they annotate"
+        )
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    centre = xywh[:, :2] + xywh[:, 2:] / 2
+    return (torch.cat([centre, xywh[:, 2:]], dim=1) / scale).clamp(0.0, 1.0)
+
+
+def check_detection_labels(labels, where: str = "labels", num_labels: int | None = None) -> None:
+    """Refuse detection targets a detector's loss would misread: not a list of dicts with ``class_labels`` and
+    ``boxes``, boxes not [n, 4] or not normalised cxcywh inside the image (values and box edges in [0, 1], positive
+    width and height), class labels not integers in ``[0, num_labels)``. The error names the example and the fix."""
+    if not isinstance(labels, (list, tuple)):
+        raise ValueError(
+            f"{where}: detection labels are a list with one dict per image ({{'class_labels': ..., 'boxes': ...}}), "
+            f"got {type(labels).__name__}; use mdp_hf.data.detection_collate as the data collator"
+        )
+    for index, target in enumerate(labels):
+        at = f"{where}[{index}]"
+        if not isinstance(target, dict) or "class_labels" not in target or "boxes" not in target:
+            keys = sorted(target) if isinstance(target, dict) else type(target).__name__
+            raise ValueError(
+                f"{at}: a detection target needs 'class_labels' and 'boxes' (normalised cx, cy, w, h), got {keys}. "
+                "A dataset without boxes cannot train a detector: give every image its boxes (COCO format: "
+                "coco_boxes_to_cxcywh converts x, y, w, h pixels)"
+            )
+        boxes = torch.as_tensor(target["boxes"])
+        classes = torch.as_tensor(target["class_labels"])
+        if boxes.numel() == 0 and classes.numel() == 0:
+            continue  # an image without objects: every prediction is "no object"
+        if boxes.ndim != 2 or boxes.shape[-1] != 4 or classes.ndim != 1 or len(classes) != len(boxes):
+            raise ValueError(
+                f"{at}: 'boxes' must be [n, 4] and 'class_labels' [n] for the same n, got {tuple(boxes.shape)} and "
+                f"{tuple(classes.shape)}"
+            )
+        if not boxes.is_floating_point() or classes.is_floating_point() or classes.dtype == torch.bool:
+            raise ValueError(f"{at}: 'boxes' must be floats (normalised cxcywh) and 'class_labels' integers")
+        cx, cy, w, h = boxes.double().unbind(-1)
+        edges = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+        bad = (
+            ~torch.isfinite(boxes).all(-1)
+            | (boxes < 0).any(-1)
+            | (boxes > 1).any(-1)
+            | (w <= 0)
+            | (h <= 0)
+            | (edges < -_BOX_SLACK).any(-1)
+            | (edges > 1 + _BOX_SLACK).any(-1)
+        )
+        if bad.any():
+            first = boxes[bad.nonzero()[0, 0]].tolist()
+            raise ValueError(
+                f"{at}: {int(bad.sum())} box(es) lie outside the image, e.g. {[round(v, 4) for v in first]}: boxes are "
+                "normalised (cx, cy, w, h) with the box inside [0, 1] x [0, 1] and w, h > 0. Convert pixel boxes with "
+                "coco_boxes_to_cxcywh (COCO x, y, w, h) or divide by the image width / height"
+            )
+        if num_labels is not None and ((classes < 0) | (classes >= num_labels)).any():
+            shown = sorted({int(c) for c in classes[(classes < 0) | (classes >= num_labels)]})[:5]
+            raise ValueError(
+                f"{at}: class labels {shown} are outside [0, {num_labels}): the detector predicts {num_labels} "
+                "classes (plus 'no object'); give it num_labels >= the largest class + 1, or remap the classes"
+            )
+
+
+def detection_collate(examples) -> dict:
+    """Collate detection examples (``pixel_values`` [C, H, W] and ``labels`` a dict with ``class_labels`` and
+    normalised cxcywh ``boxes``) into a detector batch, checked by :func:`check_detection_labels`."""
+    labels = [e.get("labels") if isinstance(e, dict) else None for e in examples]
+    check_detection_labels(labels, "detection_collate: labels")
+    return {
+        "pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples]),
+        "labels": [
+            {
+                **{k: v for k, v in target.items() if k not in ("class_labels", "boxes")},
+                "class_labels": torch.as_tensor(target["class_labels"], dtype=torch.int64),
+                "boxes": torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4),
+            }
+            for target in labels
+        ],
+    }

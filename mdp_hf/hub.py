@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers import AutoConfig
 from transformers.utils import cached_file
 
-from .adapters import get_adapter, registered_families
+from .adapters import auto_class_for_config, get_adapter, registered_families
 
 PUSH_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "_*", "runs/**", "*.pt", "*.pth", "*.pkl", "*.bin"]
 
@@ -80,7 +80,11 @@ def save_pruned_model(
     staging = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
     try:
         model.save_pretrained(staging)  # safetensors + config.json + modeling files + auto_map
-        image_processor = image_processor or image_processor_from_preprocessing(model.config)
+        image_processor = (
+            image_processor
+            or image_processor_from_preprocessing(model.config)
+            or get_adapter(model).default_image_processor(model.config)
+        )
         if image_processor is not None:
             image_processor.save_pretrained(staging)
         for name, content in (extra_files or {}).items():
@@ -427,11 +431,7 @@ def load_pruned_model(path_or_repo_id: str | os.PathLike, **kwargs):
     except ValueError as error:  # e.g. a config.json edited after the save (structure fingerprint)
         raise CheckpointError(f"{path_or_repo_id}: {error}") from error
     try:
-        auto_cls = (
-            AutoModelForImageClassification
-            if config.architectures and "ForImageClassification" in config.architectures[0]
-            else AutoModel
-        )
+        auto_cls = auto_class_for_config(config)  # the task's Auto class for a head model, else AutoModel
         _check_shapes_against_config(path_or_repo_id, config, auto_cls, kwargs)
         model, info = auto_cls.from_pretrained(path_or_repo_id, config=config, output_loading_info=True, **kwargs)
     except (SafetensorError, OSError, RuntimeError) as error:

@@ -371,8 +371,9 @@ class _ModelStatePreserved:
 def accumulate_importance(session: PruningSession, model, dataloader, num_batches: int, loss_fn=None) -> None:
     """Forward + backward over ``num_batches`` batches (no optimizer step), adding scores each batch.
 
-    Batches are dicts (``pixel_values``, ``labels``) or ``(pixel_values, labels)`` tuples. The loss is the
-    model's own; for models without one (timm models, DeiT with its teacher head) cross-entropy on the
+    Batches are dicts (``pixel_values``, ``labels``) or ``(pixel_values, labels)`` tuples; a detector's ``labels`` are a
+    list of dicts (``class_labels``, normalised cxcywh ``boxes``; checked first, see ``mdp_hf.data.detection_collate``).
+    The loss is the model's own; for models without one (timm models, DeiT with its teacher head) cross-entropy on the
     labels; ``loss_fn(outputs, batch_or_labels)`` overrides both. The passes run in train mode; the model
     comes back unchanged (buffers such as BatchNorm statistics, train/eval flags and ``.grad`` restored)."""
     with _ModelStatePreserved(model):
@@ -390,11 +391,13 @@ def _score_batches(session: PruningSession, model, dataloader, num_batches: int,
         if seen >= num_batches:
             break
         if isinstance(batch, dict):
-            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            inputs = {k: _to_device(v, device) for k, v in batch.items()}
             given = inputs
         else:
-            inputs = dict(zip(("pixel_values", "labels"), (t.to(device) for t in batch[:2])))
+            inputs = dict(zip(("pixel_values", "labels"), (_to_device(t, device) for t in batch[:2])))
             given = inputs["labels"]
+        if loss_fn is None:
+            _check_labels_fit_task(model, inputs.get("labels"))
         if cross_entropy is not None:
             loss, _ = cross_entropy(model, inputs)
         elif loss_fn is not None:  # the user's loss on the model's outputs; labels are not passed to the model
@@ -413,6 +416,37 @@ def _score_batches(session: PruningSession, model, dataloader, num_batches: int,
     model.zero_grad(set_to_none=True)
     if seen == 0:
         raise ValueError("the dataloader yielded no batches: importance needs data")
+
+
+def _to_device(value, device):
+    """A batch field on ``device``: tensors moved, detection labels (lists of dicts of tensors) moved inside."""
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def _check_labels_fit_task(model, labels) -> None:
+    """Detection labels (a list of dicts with boxes) for a detector, checked before its loss reads them; refused
+    for a model of another task, where they would fail deep inside its loss."""
+    from .adapters import task_of
+
+    task = task_of(model)
+    if task == "object-detection":
+        from .data import check_detection_labels
+
+        if labels is not None:
+            num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+            check_detection_labels(labels, "importance batch labels", num_labels)
+    elif isinstance(labels, (list, tuple)) and labels and isinstance(labels[0], dict):
+        raise ValueError(
+            f"the batches hold detection labels (a list of dicts: {sorted(labels[0])}) but the model is an {task} "
+            f"model ({type(model).__name__}); prune a model of an object-detection family with them, or give "
+            "this model integer class labels"
+        )
 
 
 def refuse_meta_model(model, where: str) -> None:

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .adapters.registry import task_of, task_of_architecture
 from .config import PrunableConfig
 from .data import check_dataset, num_labels_of
 from .distributed import use_cpu_ranks_without_gpu, world_size
@@ -218,7 +219,7 @@ class MDPTrainer(Trainer):
             for index, name in ((3, "train_dataset"), (4, "eval_dataset")):
                 dataset = kwargs.get(name, args[index] if len(args) > index else None)
                 if dataset is not None and not isinstance(dataset, dict):
-                    check_dataset(dataset, f"MDPTrainer {name}", num_labels_of(model))
+                    check_dataset(dataset, f"MDPTrainer {name}", num_labels_of(model), task=task_of(model))
         if training_args is not None:
             _check_process_setup(training_args)
             if training_args.push_to_hub and training_args.hub_strategy != "end":
@@ -928,7 +929,7 @@ def source_repo_id(model) -> str | None:
 
 
 def _pipeline_tag(architecture: str) -> str:
-    return "image-classification" if "ForImageClassification" in architecture else "image-feature-extraction"
+    return task_of_architecture(architecture) or "image-feature-extraction"
 
 
 def _check_process_setup(training_args) -> None:

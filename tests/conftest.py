@@ -42,6 +42,7 @@ GROUPS = {"embed": 4, "heads": 1, "qk": 2, "v": 2, "mlp": 8, "channels": 2, "res
 VARIANTS = [(family.name, variant) for family in registered_families() for variant in family.test_models]
 _BUILDERS = {variant: family.test_models[variant] for family in registered_families() for variant in family.test_models}
 FAMILY_OF = dict((variant, family) for family, variant in VARIANTS)
+_TASKS = {variant: family.task for family in registered_families() for variant in family.test_models}
 assert len(_BUILDERS) == len(VARIANTS), "test variant names must be unique across families"
 
 
@@ -66,12 +67,35 @@ def build(variant: str, seed: int = 0):
 
 
 def logits_of(model, x):
-    """The model's main output: logits (HF heads, timm models return a tensor) or a headless model's pooler output."""
+    """The model's main output: logits (HF heads, timm models return a tensor; a detector's class logits and its
+    boxes, concatenated per detection token) or a headless model's pooler output."""
     out = model(x)
     if torch.is_tensor(out):
         return out
     logits = getattr(out, "logits", None)
+    boxes = getattr(out, "pred_boxes", None)
+    if logits is not None and boxes is not None:
+        return torch.cat([logits, boxes], dim=-1)
     return logits if logits is not None else out.pooler_output
+
+
+def is_detector(variant: str) -> bool:
+    """Whether a registered variant's family is an object detector (``ModelFamily.task``)."""
+    return _TASKS[variant] == "object-detection"
+
+
+def detection_targets(batch: int, seed: int = 0, num_labels: int = NUM_LABELS) -> list[dict]:
+    """Random detection labels (1-3 objects per image: class labels and boxes inside the image, normalised cxcywh)."""
+    g = torch.Generator().manual_seed(seed)
+    targets = []
+    for _ in range(batch):
+        n = int(torch.randint(1, 4, (1,), generator=g))
+        size = 0.1 + 0.4 * torch.rand(n, 2, generator=g)
+        centre = size / 2 + (1 - size) * torch.rand(n, 2, generator=g)
+        targets.append(
+            {"class_labels": torch.randint(0, num_labels, (n,), generator=g), "boxes": torch.cat([centre, size], 1)}
+        )
+    return targets
 
 
 def example_images(batch: int = 3):

@@ -13,8 +13,7 @@ from safetensors.torch import save_file
 from transformers import BertConfig, BertModel
 
 from mdp_hf import PruningChoice, build_space, gate_model, slice_model
-from mdp_hf.adapters import PruningSpaceError, UnsupportedModelError, get_adapter, get_family
-from mdp_hf.adapters.base import has_classifier
+from mdp_hf.adapters import PruningSpaceError, UnsupportedModelError, auto_class_for_config, get_adapter, get_family
 from mdp_hf.hub import CheckpointError, load_pruned_model, save_pruned_model
 
 
@@ -155,13 +154,17 @@ def test_save_load_same_and_fresh_process(family, tmp_path):
         sys.meta_path.insert(0, Block())
         import torch
         from safetensors.torch import load_file
-        from transformers import AutoModel, AutoModelForImageClassification
+        import transformers
+        from transformers import AutoModel
         io = load_file({str(tmp_path / "io.safetensors")!r})
-        cls = AutoModelForImageClassification if {has_classifier(pruned.config)!r} else AutoModel
+        cls = getattr(transformers, {auto_class_for_config(pruned.config).__name__!r})  # the task's Auto class
         model = cls.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
         with torch.no_grad():
             out = model(io["x"])
-        got = out.logits if {has_classifier(pruned.config)!r} else out.pooler_output
+        if getattr(out, "pred_boxes", None) is not None:  # a detector: class logits and boxes
+            got = torch.cat([out.logits, out.pred_boxes], dim=-1)
+        else:
+            got = out.logits if cls is not AutoModel else out.pooler_output
         assert torch.equal(got, io["expected"]), (got - io["expected"]).abs().max()
         backbone = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
         assert type(backbone).__name__ == {type(pruned.base_model).__name__!r}, type(backbone)

@@ -23,8 +23,10 @@ from .base import (
     check_group_sizes_fit,
 )
 from .registry import (
+    TASK_AUTO_CLASSES,
     ModelFamily,
     UnsupportedModelError,
+    auto_class_for_config,
     find_family,
     get_adapter,
     get_family,
@@ -32,6 +34,7 @@ from .registry import (
     registered_families,
     registered_kinds,
     supported_model_types,
+    task_of,
 )
 
 _INFRASTRUCTURE = {"base", "registry"}
@@ -55,6 +58,7 @@ def build_space(
 
 
 __all__ = [
+    "TASK_AUTO_CLASSES",
     "Block",
     "Dimension",
     "GateSet",
@@ -67,6 +71,7 @@ __all__ = [
     "TimingGrid",
     "TimingTerm",
     "UnsupportedModelError",
+    "auto_class_for_config",
     "build_space",
     "find_family",
     "get_adapter",
@@ -75,4 +80,5 @@ __all__ = [
     "registered_families",
     "registered_kinds",
     "supported_model_types",
+    "task_of",
 ]

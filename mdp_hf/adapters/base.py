@@ -292,6 +292,11 @@ class ModelAdapter(ABC):
     #: dimensions that keep their full width unless the user asks to prune them (CNN stems, as officially)
     stem_dimensions: tuple[str, ...] = ()
 
+    def default_image_processor(self, config):
+        """The image processor a saved pruned model gets when the run gives none (so ``pipeline`` loads it), or None.
+        Default: none (timm exports build theirs from ``config.preprocessing``)."""
+        return None
+
     def _group_and_min(self, name: str, kind: str, size: int, group_sizes, min_keep) -> tuple[int, int]:
         """(group size, minimum) of one dimension, clamped to its size; :func:`check_group_sizes_fit` (run by
         ``build_space``) refuses or reports the values a user gave that do not fit."""

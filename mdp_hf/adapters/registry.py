@@ -19,6 +19,16 @@ from dataclasses import dataclass, field
 from .base import LatencyCells, ModelAdapter, PruningSpaceError
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+#: task -> the transformers Auto class of its head models (also the pipeline task name)
+TASK_AUTO_CLASSES = {
+    "image-classification": "AutoModelForImageClassification",
+    "object-detection": "AutoModelForObjectDetection",
+}
+#: task -> the suffix of its head models' class names (``architectures[0]`` of a saved config)
+TASK_ARCHITECTURE_SUFFIXES = {
+    "image-classification": "ForImageClassification",
+    "object-detection": "ForObjectDetection",
+}
 
 
 @dataclass(frozen=True)
@@ -31,10 +41,14 @@ class ModelFamily:
     - ``model_types``: transformers ``config.model_type`` values it handles (dense and pruned).
     - ``module_classes``: qualified class names of plain modules it handles (subclasses match too), e.g.
       ``"timm.models.resnet.ResNet"``.
-    - ``pruned_classes``: ``(config class, base model class, classification model class)`` of the pruned
-      format it defines; registered with transformers' Auto API and copied next to saved weights so
-      ``trust_remote_code=True`` loads a pruned model without mdp_hf. Families that export into another
-      family's format leave it empty.
+    - ``task``: what the models compute, a key of :data:`TASK_AUTO_CLASSES`: ``"image-classification"`` (default;
+      batches of integer or soft labels) or ``"object-detection"`` (``labels`` a list of dicts with
+      ``class_labels`` and normalised cxcywh ``boxes``; outputs ``logits`` and ``pred_boxes``). It names the
+      Auto class of the pruned head model, the pipeline, and what the test matrix compares.
+    - ``pruned_classes``: ``(config class, base model class, head model class)`` of the pruned format it
+      defines; registered with transformers' Auto API (the head model under the task's Auto class) and copied
+      next to saved weights so ``trust_remote_code=True`` loads a pruned model without mdp_hf. Families that
+      export into another family's format leave it empty.
     - ``latency_cells``: the :class:`~mdp_hf.adapters.base.LatencyCells` subclass that says which blocks
       to time for a lookup table and builds one at given widths.
     - ``test_models``: tiny variants (name -> zero-argument builder; 32x32 RGB input, 5 labels) that the
@@ -48,6 +62,7 @@ class ModelFamily:
     kinds: tuple[str, ...]
     model_types: tuple[str, ...] = ()
     module_classes: tuple[str, ...] = ()
+    task: str = "image-classification"
     pruned_classes: tuple[type, ...] = ()
     latency_cells: type | None = None
     test_models: Mapping[str, Callable] = field(default_factory=dict)
@@ -87,8 +102,10 @@ def register_family(family: ModelFamily) -> ModelFamily:
     for cls_name in family.module_classes:
         if cls_name in _BY_CLASS or "." not in cls_name:
             bad("module_classes", f"{cls_name!r} is a duplicate or not a qualified class name (module.Class)")
+    if family.task not in TASK_AUTO_CLASSES:
+        bad("task", f"must be one of {sorted(TASK_AUTO_CLASSES)}, got {family.task!r}")
     if family.pruned_classes and len(family.pruned_classes) != 3:
-        bad("pruned_classes", "must be (config class, base model class, classification model class)")
+        bad("pruned_classes", "must be (config class, base model class, head model class)")
     if family.latency_cells is not None and not (
         isinstance(family.latency_cells, type) and issubclass(family.latency_cells, LatencyCells)
     ):
@@ -98,7 +115,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
             if not callable(builder):
                 bad(mapping_name, f"entry {key!r} is not callable")
     if family.pruned_classes:
-        register_auto_classes(*family.pruned_classes)
+        register_auto_classes(*family.pruned_classes, task=family.task)
     _FAMILIES[family.name] = family
     for model_type in family.model_types:
         _BY_MODEL_TYPE[model_type] = family
@@ -107,17 +124,43 @@ def register_family(family: ModelFamily) -> ModelFamily:
     return family
 
 
-def register_auto_classes(config_cls, base_cls, head_cls) -> None:
-    """Map a pruned format in the Auto API, and mark its classes so that ``save_pretrained`` copies their
-    source files next to the weights and writes ``auto_map`` (transformers' own custom-code mechanism)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+def register_auto_classes(config_cls, base_cls, head_cls, task: str = "image-classification") -> None:
+    """Map a pruned format in the Auto API (the head model under ``task``'s Auto class), and mark its classes so
+    that ``save_pretrained`` copies their source files next to the weights and writes ``auto_map``
+    (transformers' own custom-code mechanism)."""
+    import transformers
+    from transformers import AutoConfig, AutoModel
 
+    head_auto = getattr(transformers, TASK_AUTO_CLASSES[task])
     AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
     AutoModel.register(config_cls, base_cls, exist_ok=True)
-    AutoModelForImageClassification.register(config_cls, head_cls, exist_ok=True)
+    head_auto.register(config_cls, head_cls, exist_ok=True)
     config_cls.register_for_auto_class()
     base_cls.register_for_auto_class("AutoModel")
-    head_cls.register_for_auto_class("AutoModelForImageClassification")
+    head_cls.register_for_auto_class(TASK_AUTO_CLASSES[task])
+
+
+def task_of_architecture(architecture: str | None) -> str | None:
+    """The task whose head models are named ``...<suffix>`` (``TASK_ARCHITECTURE_SUFFIXES``); None: a base model."""
+    for task, suffix in TASK_ARCHITECTURE_SUFFIXES.items():
+        if architecture and architecture.endswith(suffix):
+            return task
+    return None
+
+
+def auto_class_for_config(config):
+    """The transformers Auto class that loads a saved model of ``config``: its task's Auto class for a head model
+    (``config.architectures[0]`` ends with the task's suffix), else ``AutoModel``."""
+    import transformers
+
+    task = task_of_architecture((getattr(config, "architectures", None) or [None])[0])
+    return getattr(transformers, TASK_AUTO_CLASSES[task] if task else "AutoModel")
+
+
+def task_of(model_or_type) -> str:
+    """The task of a model's family (``"image-classification"`` for a model no family handles)."""
+    family = find_family(model_or_type)
+    return family.task if family is not None else "image-classification"
 
 
 def registered_families() -> list[ModelFamily]:

@@ -82,14 +82,18 @@ def load_config(spec: str):
 def load_model(spec: str):
     """A model for timing: a preset name, or a directory with config.json (random weights)."""
     import torch
-    from transformers import AutoModelForImageClassification
+    import transformers
+
+    from ..adapters import TASK_AUTO_CLASSES, task_of
 
     available = presets()
     torch.manual_seed(0)
     if spec in available:
         return available[spec]().eval()
     if Path(spec, "config.json").exists():
-        return AutoModelForImageClassification.from_config(_read_config(spec)).eval()
+        config = _read_config(spec)
+        head = getattr(transformers, TASK_AUTO_CLASSES[task_of(config.model_type)])  # its family's task
+        return head.from_config(config).eval()
     raise _model_spec_error(spec, available)
 
 

@@ -28,6 +28,14 @@ NOT_STRUCTURE = frozenset(
         "classifier_dropout_prob",
         "drop_path_rate",
         "dropout_rate",
+        # detection training losses (Hungarian matching costs, loss weights): they never change the outputs
+        "auxiliary_loss",
+        "class_cost",
+        "bbox_cost",
+        "giou_cost",
+        "bbox_loss_coefficient",
+        "giou_loss_coefficient",
+        "eos_coefficient",
     }
 )
 #: generic transformers fields that define the function. Not ``num_labels``: from_pretrained(..., num_labels=N)
