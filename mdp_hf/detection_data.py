@@ -1,5 +1,5 @@
 """Object-detection data for the detector recipe: a generated offline data set, COCO-style checks, the image
-processor transform, the collator and COCO mAP (torchmetrics).
+processor transform and COCO mAP (torchmetrics); batches are collated by ``mdp_hf.data.detection_collate``.
 
 The layout is the one of Hub detection sets such as ``cppe-5``: columns ``image``, ``objects`` (a dict of lists:
 ``bbox`` [[x_min, y_min, width, height], ...] in pixels, ``category`` [int, ...], optionally ``id`` and
@@ -303,14 +303,6 @@ def detection_transform(image_processor, image_column: str = "image", objects_co
         return {"pixel_values": list(encoded["pixel_values"]), "labels": [dict(t) for t in encoded["labels"]]}
 
     return transform
-
-
-def collate_detection(examples) -> dict:
-    """Batch of ``pixel_values`` (stacked) and ``labels`` (a list of one dict per image), as detectors take it."""
-    return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-        "labels": [dict(e["labels"]) for e in examples],
-    }
 
 
 def mean_average_precision(predictions: list[dict], targets: list[dict], class_metrics: bool = False) -> dict:

@@ -30,11 +30,11 @@ from transformers import AutoConfig, AutoModelForObjectDetection, TrainingArgume
 
 from mdp_hf.adapters import get_adapter
 from mdp_hf.config import PrunableConfig
+from mdp_hf.data import detection_collate
 from mdp_hf.detection_data import (
     DetectionMAP,
     category_names,
     check_detection_dataset,
-    collate_detection,
     detection_transform,
     load_detection,
 )
@@ -267,7 +267,7 @@ def run() -> dict:
             }
         )
         logger.info("training the dense detector for %s epochs", args.dense_epochs)
-        DenseTrainer(model=model, args=dense_args, train_dataset=data["train"], data_collator=collate_detection).train()
+        DenseTrainer(model=model, args=dense_args, train_dataset=data["train"], data_collator=detection_collate).train()
         shutil.rmtree(dense_args.output_dir, ignore_errors=True)
 
     trainer = MDPTrainer(
@@ -277,7 +277,7 @@ def run() -> dict:
         latency_model=latency_model,
         train_dataset=data["train"],
         eval_dataset=data["validation"],
-        data_collator=collate_detection,
+        data_collator=detection_collate,
         compute_metrics=compute_metrics,
         processing_class=processor,  # saved with the pruned detector: pipeline("object-detection") works
     )
