@@ -32,6 +32,10 @@ setup(
         "tqdm>=4.70.1,<5",
         "pyyaml>=6.0.3,<7",
     ],
-    extras_require={"test": ["pytest>=9.0.3,<10", "ruff>=0.17.6,<1"]},
+    # detection: COCO mAP for recipes/prune_detector.py (torchmetrics MeanAveragePrecision on pycocotools)
+    extras_require={
+        "detection": ["torchmetrics>=1.9.0,<2", "pycocotools>=2.0.11,<3"],
+        "test": ["pytest>=9.0.3,<10", "ruff>=0.17.6,<1", "torchmetrics>=1.9.0,<2", "pycocotools>=2.0.11,<3"],
+    },
     entry_points={"console_scripts": ["mdp-hf=mdp_hf.cli:main"]},
 )

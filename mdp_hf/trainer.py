@@ -720,6 +720,8 @@ class MDPTrainer(Trainer):
             "latency_repeats": settings.repeats,
             "dense_accuracy": _accuracy(self.dense_metrics),
             "pruned_accuracy": _accuracy(pruned_metrics),
+            "dense_map": _metric(self.dense_metrics, "_map"),  # detectors: COCO mAP (compute_metrics "map")
+            "pruned_map": _metric(pruned_metrics, "_map"),
             "world_size": world_size(),
             "base_model": source_name(model),
             "base_model_id": source_repo_id(model),
@@ -976,6 +978,11 @@ def _accuracy(metrics: dict | None):
         if key.endswith("_accuracy"):
             return float(value)
     return None
+
+
+def _metric(metrics: dict | None, suffix: str):
+    """The first metric whose prefixed name ends with ``suffix`` (``dense_map`` for "_map"), else None."""
+    return next((float(v) for k, v in (metrics or {}).items() if k.endswith(suffix)), None)
 
 
 def _jsonable(value):
