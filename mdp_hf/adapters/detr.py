@@ -352,8 +352,7 @@ def _detr(embedding_size, hidden_sizes, depths, layer_type, num_labels, *, d_mod
     return build
 
 
-#: tiny variants (64x64 RGB works, 5 labels) for tests/test_family_detr.py; not in ``test_models`` yet because the
-#: registry-driven matrix, prune() and load_pruned_model still assume classifiers (see the family tests)
+#: tiny variants (5 labels) for the registry-driven matrix and tests/test_family_detr.py
 TEST_MODELS = {
     "detr_bottleneck": _detr(
         8, [16, 24, 32], [2, 2, 1], "bottleneck", 5, d_model=16, layers=1, ffn=32, heads=2, queries=6
@@ -366,10 +365,12 @@ register_family(
     ModelFamily(
         name="detr",
         adapter=DetrAdapter(),
+        task="object-detection",
         kinds=("channels", "residual"),
         model_types=("detr", "mdp_detr"),
         pruned_classes=(MDPDetrConfig, MDPDetrModel, MDPDetrForObjectDetection),
         latency_cells=DetrCells,
+        test_models=TEST_MODELS,
         presets={
             "detr-resnet50": _detr(
                 64,
@@ -386,15 +387,3 @@ register_family(
         },
     )
 )
-
-
-def _register_detection_auto_class() -> None:
-    """The pruned detector is an AutoModelForObjectDetection (register_family maps the format's third class as a
-    classifier): mapped in the Auto API, and ``auto_map`` names it so trust_remote_code loads it without mdp_hf."""
-    from transformers import AutoModelForObjectDetection
-
-    AutoModelForObjectDetection.register(MDPDetrConfig, MDPDetrForObjectDetection, exist_ok=True)
-    MDPDetrForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
-
-
-_register_detection_auto_class()

@@ -259,12 +259,12 @@ class YolosAdapter(ModelAdapter):
             normed = (x - mean) / torch.sqrt(var + module.eps) * module.weight + module.bias
             return normed * gates.dim("embed", x.dtype)
 
-        gates.add_hook(parts.base.embeddings.register_forward_hook(scale_output(embed)))
-        gates.add_hook(parts.final_norm.register_forward_hook(masked_layernorm))
+        gates.on_output(parts.base.embeddings, scale_output(embed))
+        gates.on_output(parts.final_norm, masked_layernorm)
         for i, layer in enumerate(parts.layers):
             if layer.has_attention:
                 block, heads, qk, v = f"layers.{i}.attention", layer.heads, layer.qk, layer.v_dim
-                gates.add_hook(layer.ln_before.register_forward_hook(masked_layernorm))
+                gates.on_output(layer.ln_before, masked_layernorm)
 
                 def gate_query(module, args, output, i=i, heads=heads, qk=qk):
                     shaped = output.unflatten(-1, (heads, qk)) * gates.dim(f"layers.{i}.qk_dim", output.dtype)
@@ -277,24 +277,16 @@ class YolosAdapter(ModelAdapter):
                     )
                     return ((x.unflatten(-1, (heads, v)) * per_unit).flatten(-2),) + tuple(args[1:])
 
-                gates.add_hook(layer.q.register_forward_hook(gate_query))
-                gates.add_hook(layer.o.register_forward_pre_hook(gate_heads_and_values))
-                gates.add_hook(
-                    layer.o.register_forward_hook(scale_output(lambda dt, b=block: embed(dt) * gates.block(b, dt)))
-                )
+                gates.on_output(layer.q, gate_query)
+                gates.on_input(layer.o, gate_heads_and_values)
+                gates.on_output(layer.o, scale_output(lambda dt, b=block: embed(dt) * gates.block(b, dt)))
             if layer.has_mlp:
                 block = f"layers.{i}.mlp"
-                gates.add_hook(layer.ln_after.register_forward_hook(masked_layernorm))
-                gates.add_hook(
-                    layer.fc1.register_forward_hook(scale_output(lambda dt, i=i: gates.dim(f"layers.{i}.mlp_dim", dt)))
-                )
-                gates.add_hook(
-                    layer.fc2.register_forward_hook(scale_output(lambda dt, b=block: embed(dt) * gates.block(b, dt)))
-                )
+                gates.on_output(layer.ln_after, masked_layernorm)
+                gates.on_output(layer.fc1, scale_output(lambda dt, i=i: gates.dim(f"layers.{i}.mlp_dim", dt)))
+                gates.on_output(layer.fc2, scale_output(lambda dt, b=block: embed(dt) * gates.block(b, dt)))
         if parts.pooler is not None:
-            gates.add_hook(
-                parts.pooler.dense.register_forward_pre_hook(lambda m, args: (args[0] * embed(args[0].dtype),))
-            )
+            gates.on_input(parts.pooler.dense, lambda m, args: (args[0] * embed(args[0].dtype),))
         return gates
 
     # surgery ----------------------------------------------------------------------------------------------
