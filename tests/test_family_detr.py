@@ -320,3 +320,14 @@ def test_latency_plan_covers_the_whole_detector(variant):
     assert lm.predict(model) == pytest.approx(mflops(model), rel=1e-9)
     transformer = terms["transformer"]
     assert lm.predict(model) > float(table.tables[transformer.table].values.reshape(-1)[0]) > 0
+
+
+def test_a_pruned_detector_saved_without_a_processor_gets_detrs_standard_one(tmp_path):
+    # pipeline("object-detection", model=dir) needs a processor in the folder; a run that gives none gets DETR's own
+    model = build("detr_basic")
+    space = build_space(model, group_sizes=GROUPS)
+    pruned = slice_model(model, space, random_choice(space, random.Random(1), KINDS, False))
+    out = save_pruned_model(pruned, tmp_path / "pruned")
+    saved = json.loads((out / "preprocessor_config.json").read_text())
+    assert saved["image_processor_type"].startswith("DetrImageProcessor")
+    assert saved["size"] == DetrImageProcessor().size

@@ -177,6 +177,13 @@ class DetrAdapter(ResNetAdapter):
         pruned.load_state_dict(state, strict=True)
         return pruned.to(next(model.parameters()).dtype).eval()
 
+    def default_image_processor(self, config):
+        """DETR's standard ``DetrImageProcessor`` (shortest edge 800, longest 1333, padded with a pixel mask), for
+        ``pipeline("object-detection", ...)`` of a saved pruned detector; the run's own processor replaces it."""
+        from transformers import DetrImageProcessor
+
+        return DetrImageProcessor()
+
     def expected_num_parameters(self, config: MDPDetrConfig) -> int:
         backbone = MDPResNetConfig(**(config.backbone_structure or {}))
         with torch.device("meta"):  # frozen BatchNorms hold buffers: the ResNet count less its BN affine parameters
