@@ -552,14 +552,18 @@ def run(defaults: dict, default_model_config, default_preset: str) -> dict:
     return report
 
 
-def print_summary(report: dict, output_dir: str, seconds: float) -> None:
+def print_summary(report: dict, output_dir: str, seconds: float, quality: tuple[str, str] = ("accuracy", "accuracy")):
+    """The run's result table. ``quality``: (row label, report key suffix) of the quality metric, e.g.
+    ("mAP (COCO 0.5:0.95)", "map") reads ``dense_map`` / ``pruned_map``."""
+    label, key = quality
+
     def fmt(value, spec=".3f"):
         return "n/a" if value is None else format(value, spec)
 
     rows = [
         ("measured latency (ms)", fmt(report["dense_latency_ms"]), fmt(report["pruned_latency_ms"])),
         ("predicted latency (ms)", fmt(report.get("dense_predicted_latency_ms")), fmt(report["predicted_latency_ms"])),
-        ("accuracy", fmt(report["dense_accuracy"], ".4f"), fmt(report["pruned_accuracy"], ".4f")),
+        (label, fmt(report[f"dense_{key}"], ".4f"), fmt(report[f"pruned_{key}"], ".4f")),
         ("parameters", f"{report['dense_params']:,}", f"{report['pruned_params']:,}"),
     ]
     width = max(len(r[0]) for r in rows)

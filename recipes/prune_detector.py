@@ -51,6 +51,7 @@ from mdp_hf.recipes import (
     check_output_dir,
     given_arguments,
     is_timm_name,
+    print_summary,
 )
 from mdp_hf.trainer import LATENCY_TABLE_NAME, MDPTrainer, check_schedule_fits, planned_optimizer_steps
 
@@ -286,32 +287,9 @@ def run() -> dict:
     _finish_overwrite(training_args, previous_checkpoints, work)
     if training_args.process_index != 0:
         return {}
-    print_summary(report, training_args.output_dir, time.time() - start)
-    return report
-
-
-def print_summary(report: dict, output_dir: str, seconds: float) -> None:
-    def fmt(value, spec=".3f"):
-        return "n/a" if value is None else format(value, spec)
-
-    rows = [
-        ("measured latency (ms)", fmt(report["dense_latency_ms"]), fmt(report["pruned_latency_ms"])),
-        ("predicted latency (ms)", fmt(report.get("dense_predicted_latency_ms")), fmt(report["predicted_latency_ms"])),
-        ("mAP (COCO 0.5:0.95)", fmt(report["dense_map"], ".4f"), fmt(report["pruned_map"], ".4f")),
-        ("parameters", f"{report['dense_params']:,}", f"{report['pruned_params']:,}"),
-    ]
-    width = max(len(r[0]) for r in rows)
-    print(
-        f"\nMDP on {report['device']} (batch {report['batch_size']}, {report.get('num_threads')} thread(s)), "
-        f"budget {report['budget_ms']:.3f} ms, {report['world_size']} process(es), {seconds / 60:.1f} min"
-    )
-    print(f"{'':<{width}}  {'dense':>12}  {'pruned':>12}")
-    for name, dense, pruned in rows:
-        print(f"{name:<{width}}  {dense:>12}  {pruned:>12}")
-    if report.get("measured_over_budget") is not None:
-        print(f"measured/budget at export: {report['measured_over_budget']:.3f}")
-    print(f"\npruned detector, card, report and plot: {os.path.abspath(output_dir)}")
+    print_summary(report, training_args.output_dir, time.time() - start, quality=("mAP (COCO 0.5:0.95)", "map"))
     print(json.dumps({"dense_map": report["dense_map"], "pruned_map": report["pruned_map"]}))
+    return report
 
 
 def main():
