@@ -33,7 +33,7 @@ from .base import (
     has_classifier,
 )
 from .registry import ModelFamily, register_family
-from .vit import ViTAdapter, ViTCells
+from .vit import ViTAdapter, ViTCells, gate_heads_and_values, masked_embed_layernorm, scale_output
 
 
 class UnsupportedTimmViTError(PruningSpaceError):
@@ -241,21 +241,7 @@ class TimmViTAdapter(ModelAdapter):
         gates = GateSet(space, device=next(model.parameters()).device)
         embed = lambda dtype: gates.dim("embed", dtype)  # noqa: E731
 
-        def scale_output(get_gate):
-            def hook(module, args, output):
-                return output * get_gate(output.dtype)
-
-            return hook
-
-        def masked_layernorm(module, args, output):
-            # statistics over kept embedding units only, as the sliced LayerNorm computes them
-            x = args[0]
-            mask = gates.binary_mask("embed").to(x.dtype)
-            count = mask.sum()
-            mean = (x * mask).sum(-1, keepdim=True) / count
-            var = (((x - mean) * mask) ** 2).sum(-1, keepdim=True) / count
-            normed = (x - mean) / torch.sqrt(var + module.eps) * module.weight + module.bias
-            return normed * gates.dim("embed", x.dtype)
+        masked_layernorm = masked_embed_layernorm(gates)
 
         # pos_drop ends _pos_embed (both classes): patches + tokens + position embeddings, gated as one
         gates.on_output(model.pos_drop, scale_output(embed))
@@ -274,13 +260,8 @@ class TimmViTAdapter(ModelAdapter):
                 rows = torch.stack([qk, torch.ones_like(qk), torch.ones_like(qk)])[:, None, :]  # [q|k|v, 1, hd]
                 return (output.unflatten(-1, (3, heads, hd)) * rows).flatten(-3)
 
-            def gate_heads_and_values(module, args, i=i, heads=heads, hd=hd):
-                x = args[0]
-                per_unit = gates.dim(f"layers.{i}.heads", x.dtype)[:, None] * gates.dim(f"layers.{i}.v_dim", x.dtype)
-                return ((x.unflatten(-1, (heads, hd)) * per_unit).flatten(-2),) + tuple(args[1:])
-
             gates.on_output(attn.qkv, gate_query)
-            gates.on_input(attn.proj, gate_heads_and_values)
+            gates.on_input(attn.proj, gate_heads_and_values(gates, i, heads, hd))
             gates.on_output(attn.proj, scale_output(lambda dt, b=attention: embed(dt) * gates.block(b, dt)))
             gates.on_output(block.mlp.fc1, scale_output(lambda dt, i=i: gates.dim(f"layers.{i}.mlp_dim", dt)))
             gates.on_output(block.mlp.fc2, scale_output(lambda dt, b=mlp: embed(dt) * gates.block(b, dt)))

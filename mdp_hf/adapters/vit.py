@@ -59,6 +59,54 @@ _MDP_VIT_FIELDS = (
 )
 
 
+# gate hooks shared by the ViT-shaped families (vit, timm_vit, yolos) ---------------------------------------------
+def scale_output(get_gate):
+    """Forward hook: the module's output times ``get_gate(dtype)`` (a per-unit vector or a block's scalar)."""
+
+    def hook(module, args, output):
+        return output * get_gate(output.dtype)
+
+    return hook
+
+
+def masked_embed_layernorm(gates: GateSet):
+    """Forward hook of a LayerNorm over the embedding width: statistics over the kept embedding units only, as the
+    sliced LayerNorm computes them, and its output gated."""
+
+    def hook(module, args, output):
+        x = args[0]
+        mask = gates.binary_mask("embed").to(x.dtype)
+        count = mask.sum()
+        mean = (x * mask).sum(-1, keepdim=True) / count
+        var = (((x - mean) * mask) ** 2).sum(-1, keepdim=True) / count
+        normed = (x - mean) / torch.sqrt(var + module.eps) * module.weight + module.bias
+        return normed * gates.dim("embed", x.dtype)
+
+    return hook
+
+
+def gate_query(gates: GateSet, i: int, heads: int, qk: int):
+    """Forward hook of layer ``i``'s query projection: each head's query dims gated."""
+
+    def hook(module, args, output):
+        shaped = output.unflatten(-1, (heads, qk)) * gates.dim(f"layers.{i}.qk_dim", output.dtype)
+        return shaped.flatten(-2)
+
+    return hook
+
+
+def gate_heads_and_values(gates: GateSet, i: int, heads: int, v: int):
+    """Forward pre-hook of layer ``i``'s attention output projection: its input (heads x value dims) gated per head
+    and per value dim."""
+
+    def hook(module, args):
+        x = args[0]
+        per_unit = gates.dim(f"layers.{i}.heads", x.dtype)[:, None] * gates.dim(f"layers.{i}.v_dim", x.dtype)
+        return ((x.unflatten(-1, (heads, v)) * per_unit).flatten(-2),) + tuple(args[1:])
+
+    return hook
+
+
 class ViTAdapter(ModelAdapter):
     # Paper's DeiT-B groups: E 16, heads 1, QK 2, V 2, MLP 32.
     default_group_sizes = {"embed": 16, "heads": 1, "qk": 2, "v": 2, "mlp": 32}
@@ -158,22 +206,7 @@ class ViTAdapter(ModelAdapter):
         base, _, _ = self._parts(model)
         gates = GateSet(space, device=next(model.parameters()).device)
 
-        def scale_output(get_gate):
-            def hook(module, args, output):
-                return output * get_gate(output.dtype)
-
-            return hook
-
-        def masked_layernorm(module, args, output):
-            # Statistics over kept embedding units only, as the sliced LayerNorm computes them.
-            (x,) = args[:1]
-            mask = gates.binary_mask("embed").to(x.dtype)
-            count = mask.sum()
-            mean = (x * mask).sum(-1, keepdim=True) / count
-            var = (((x - mean) * mask) ** 2).sum(-1, keepdim=True) / count
-            normed = (x - mean) / torch.sqrt(var + module.eps) * module.weight + module.bias
-            return normed * gates.dim("embed", x.dtype)
-
+        masked_layernorm = masked_embed_layernorm(gates)
         embed = lambda dtype: gates.dim("embed", dtype)  # noqa: E731
         gates.on_output(base.embeddings, scale_output(embed))
         for norm in self._norms(model, base).values():
@@ -185,20 +218,8 @@ class ViTAdapter(ModelAdapter):
                 qk = attn.q_proj.out_features // heads
                 v = attn.v_proj.out_features // heads
                 gates.on_output(layer.layernorm_before, masked_layernorm)
-
-                def gate_query(module, args, output, i=i, heads=heads, qk=qk):
-                    shaped = output.unflatten(-1, (heads, qk)) * gates.dim(f"layers.{i}.qk_dim", output.dtype)
-                    return shaped.flatten(-2)
-
-                def gate_heads_and_values(module, args, i=i, heads=heads, v=v):
-                    (x,) = args[:1]
-                    per_unit = gates.dim(f"layers.{i}.heads", x.dtype)[:, None] * gates.dim(
-                        f"layers.{i}.v_dim", x.dtype
-                    )
-                    return ((x.unflatten(-1, (heads, v)) * per_unit).flatten(-2),) + tuple(args[1:])
-
-                gates.on_output(attn.q_proj, gate_query)
-                gates.on_input(attn.o_proj, gate_heads_and_values)
+                gates.on_output(attn.q_proj, gate_query(gates, i, heads, qk))
+                gates.on_input(attn.o_proj, gate_heads_and_values(gates, i, heads, v))
                 gates.on_output(
                     attn.o_proj, scale_output(lambda dtype, block=block: embed(dtype) * gates.block(block, dtype))
                 )

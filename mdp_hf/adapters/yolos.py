@@ -30,7 +30,7 @@ from .base import (
     PruningSpaceError,
 )
 from .registry import ModelFamily, register_family
-from .vit import ViTAdapter, ViTCells
+from .vit import ViTAdapter, ViTCells, gate_heads_and_values, gate_query, masked_embed_layernorm, scale_output
 
 _HEADS = ("class_labels_classifier", "bbox_predictor")
 # configuration fields copied unchanged from the model being pruned (either layout)
@@ -243,42 +243,15 @@ class YolosAdapter(ModelAdapter):
         gates = GateSet(space, device=next(model.parameters()).device)
         embed = lambda dtype: gates.dim("embed", dtype)  # noqa: E731
 
-        def scale_output(get_gate):
-            def hook(module, args, output):
-                return output * get_gate(output.dtype)
-
-            return hook
-
-        def masked_layernorm(module, args, output):
-            # statistics over kept embedding units only, as the sliced LayerNorm computes them
-            x = args[0]
-            mask = gates.binary_mask("embed").to(x.dtype)
-            count = mask.sum()
-            mean = (x * mask).sum(-1, keepdim=True) / count
-            var = (((x - mean) * mask) ** 2).sum(-1, keepdim=True) / count
-            normed = (x - mean) / torch.sqrt(var + module.eps) * module.weight + module.bias
-            return normed * gates.dim("embed", x.dtype)
-
+        masked_layernorm = masked_embed_layernorm(gates)
         gates.on_output(parts.base.embeddings, scale_output(embed))
         gates.on_output(parts.final_norm, masked_layernorm)
         for i, layer in enumerate(parts.layers):
             if layer.has_attention:
                 block, heads, qk, v = f"layers.{i}.attention", layer.heads, layer.qk, layer.v_dim
                 gates.on_output(layer.ln_before, masked_layernorm)
-
-                def gate_query(module, args, output, i=i, heads=heads, qk=qk):
-                    shaped = output.unflatten(-1, (heads, qk)) * gates.dim(f"layers.{i}.qk_dim", output.dtype)
-                    return shaped.flatten(-2)
-
-                def gate_heads_and_values(module, args, i=i, heads=heads, v=v):
-                    x = args[0]
-                    per_unit = gates.dim(f"layers.{i}.heads", x.dtype)[:, None] * gates.dim(
-                        f"layers.{i}.v_dim", x.dtype
-                    )
-                    return ((x.unflatten(-1, (heads, v)) * per_unit).flatten(-2),) + tuple(args[1:])
-
-                gates.on_output(layer.q, gate_query)
-                gates.on_input(layer.o, gate_heads_and_values)
+                gates.on_output(layer.q, gate_query(gates, i, heads, qk))
+                gates.on_input(layer.o, gate_heads_and_values(gates, i, heads, v))
                 gates.on_output(layer.o, scale_output(lambda dt, b=block: embed(dt) * gates.block(b, dt)))
             if layer.has_mlp:
                 block = f"layers.{i}.mlp"
