@@ -512,21 +512,7 @@ def run(defaults: dict, default_model_config, default_preset: str) -> dict:
     compute_metrics = accuracy_metric()
 
     if args.dense_epochs > 0:  # the embedded demo (random init) or when asked; never by default for a pretrained model
-        dense_args = TrainingArguments(
-            **{
-                **training_args.to_dict(),
-                "output_dir": os.path.join(work, "dense"),
-                "num_train_epochs": args.dense_epochs,
-                "max_steps": -1,
-                "learning_rate": args.dense_learning_rate,
-                "save_strategy": "no",
-                "eval_strategy": "no",
-                "push_to_hub": False,
-            }
-        )
-        logger.info("training the dense model for %s epochs", args.dense_epochs)
-        DenseTrainer(model=model, args=dense_args, train_dataset=data["train"], data_collator=collate).train()
-        shutil.rmtree(dense_args.output_dir, ignore_errors=True)
+        train_dense(model, args, training_args, work, data["train"], collate)
 
     trainer = MDPTrainer(
         model=model,
@@ -550,6 +536,26 @@ def run(defaults: dict, default_model_config, default_preset: str) -> dict:
         return {}
     print_summary(report, training_args.output_dir, time.time() - start)
     return report
+
+
+def train_dense(model, args, training_args, work: str, train_dataset, data_collator) -> None:
+    """Train the dense model for ``args.dense_epochs`` at ``args.dense_learning_rate`` (the run's other training
+    arguments; no saves, evaluation or push) in ``<work>/dense``, removed afterwards."""
+    dense_args = TrainingArguments(
+        **{
+            **training_args.to_dict(),
+            "output_dir": os.path.join(work, "dense"),
+            "num_train_epochs": args.dense_epochs,
+            "max_steps": -1,
+            "learning_rate": args.dense_learning_rate,
+            "save_strategy": "no",
+            "eval_strategy": "no",
+            "push_to_hub": False,
+        }
+    )
+    logger.info("training the dense model for %s epochs", args.dense_epochs)
+    DenseTrainer(model=model, args=dense_args, train_dataset=train_dataset, data_collator=data_collator).train()
+    shutil.rmtree(dense_args.output_dir, ignore_errors=True)
 
 
 def print_summary(report: dict, output_dir: str, seconds: float, quality: tuple[str, str] = ("accuracy", "accuracy")):

@@ -21,7 +21,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,6 @@ from mdp_hf.distributed import use_cpu_ranks_without_gpu
 from mdp_hf.pruning import check_budget, latency_model_for
 from mdp_hf.recipes import (
     EMBEDDED_DEFAULTS,
-    DenseTrainer,
     MDPArgumentParser,
     ScriptArguments,
     _finish_overwrite,
@@ -52,6 +50,7 @@ from mdp_hf.recipes import (
     given_arguments,
     is_timm_name,
     print_summary,
+    train_dense,
 )
 from mdp_hf.trainer import LATENCY_TABLE_NAME, MDPTrainer, check_schedule_fits, planned_optimizer_steps
 
@@ -255,21 +254,7 @@ def run() -> dict:
     compute_metrics = DetectionMAP(processor)
 
     if args.dense_epochs > 0:  # the embedded demo (random init) or when asked
-        dense_args = TrainingArguments(
-            **{
-                **training_args.to_dict(),
-                "output_dir": os.path.join(work, "dense"),
-                "num_train_epochs": args.dense_epochs,
-                "max_steps": -1,
-                "learning_rate": args.dense_learning_rate,
-                "save_strategy": "no",
-                "eval_strategy": "no",
-                "push_to_hub": False,
-            }
-        )
-        logger.info("training the dense detector for %s epochs", args.dense_epochs)
-        DenseTrainer(model=model, args=dense_args, train_dataset=data["train"], data_collator=detection_collate).train()
-        shutil.rmtree(dense_args.output_dir, ignore_errors=True)
+        train_dense(model, args, training_args, work, data["train"], detection_collate)
 
     trainer = MDPTrainer(
         model=model,
