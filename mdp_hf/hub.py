@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 from transformers.utils import cached_file
 
-from .adapters import auto_class_for_config, get_adapter, registered_families
+from .adapters import TASK_AUTO_CLASSES, auto_class_for_config, get_adapter, registered_families
 
 PUSH_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "_*", "runs/**", "*.pt", "*.pth", "*.pkl", "*.bin"]
 
@@ -555,6 +555,11 @@ def model_card(
         "budget_unit": "fraction of the dense latency" if report.get("budget_fraction") else "milliseconds",
         "latency_check": _latency_check_line(report.get("latency_check")),
     }
+    fields["auto_class"] = TASK_AUTO_CLASSES.get(pipeline_tag, "AutoModel")
+    fields["quality_rows"] = "\n".join(
+        f"| {label} | {fmt(report.get('dense_' + key))} | {fmt(report.get('pruned_' + key))} |"
+        for label, key, _ in _quality_metrics(report, pipeline_tag)
+    )
     for key in (
         "dense_latency_ms",
         "pruned_latency_ms",
@@ -580,21 +585,21 @@ def model_card(
     all_tags = list(dict.fromkeys([*CARD_TAGS, *_as_list(old.get("tags")), *_as_list(tags)]))
     all_datasets = _as_list(datasets) or _as_list(old.get("datasets")) or None
     model_name = model_name or old.get("model_name") or os.path.basename(os.path.normpath(repo_or_path)) or title
-    eval_results = None
-    if report.get("pruned_accuracy") is not None:
-        dataset_id = (all_datasets or [None])[0] or dataset_name or "custom"
-        eval_results = [
-            EvalResult(
-                task_type=pipeline_tag,
-                dataset_type=dataset_id,
-                dataset_name=dataset_name or dataset_id,
-                dataset_config=dataset_config,
-                dataset_split=dataset_split,
-                metric_type="accuracy",
-                metric_name="Accuracy",
-                metric_value=float(report["pruned_accuracy"]),
-            )
-        ]
+    dataset_id = (all_datasets or [None])[0] or dataset_name or "custom"
+    eval_results = [
+        EvalResult(
+            task_type=pipeline_tag,
+            dataset_type=dataset_id,
+            dataset_name=dataset_name or dataset_id,
+            dataset_config=dataset_config,
+            dataset_split=dataset_split,
+            metric_type=key,
+            metric_name=name,
+            metric_value=float(report["pruned_" + key]),
+        )
+        for _, key, name in _quality_metrics(report, pipeline_tag)
+        if report.get("pruned_" + key) is not None
+    ] or None
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag=pipeline_tag,
@@ -607,6 +612,22 @@ def model_card(
         eval_results=eval_results,
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+#: (card row label, report key suffix, model-index metric name) of the quality metrics a report may carry
+QUALITY_METRICS = (("accuracy", "accuracy", "Accuracy"), ("mAP (COCO 0.5:0.95)", "map", "mAP"))
+#: the metric a card shows for a task even when the run evaluated nothing (as "n/a")
+TASK_QUALITY = {"image-classification": "accuracy", "object-detection": "map"}
+
+
+def _quality_metrics(report: dict, pipeline_tag: str) -> list[tuple[str, str, str]]:
+    """The quality metrics of ``report`` (dense or pruned evaluated), else the task's own one."""
+    found = [
+        m
+        for m in QUALITY_METRICS
+        if report.get("dense_" + m[1]) is not None or report.get("pruned_" + m[1]) is not None
+    ]
+    return found or [m for m in QUALITY_METRICS if m[1] == TASK_QUALITY.get(pipeline_tag, "accuracy")]
 
 
 def hub_api_for(repo_id: str, token: str | None = None, private: bool | None = None, revision: str | None = None):

@@ -325,3 +325,31 @@ def test_card_base_model_is_a_hub_repo_id_or_absent(tmp_path):
     model.config.name_or_path = "google/vit-base-patch16-224"
     assert source_repo_id(model) == "google/vit-base-patch16-224"
     assert [hub_repo_id(n) for n in ("", None, "./out", "/abs/path", "a/b/c", "org/name")] == [None] * 5 + ["org/name"]
+
+
+@pytest.mark.parametrize(
+    "task, metrics, row, auto_class",
+    [
+        ("image-classification", {"dense_accuracy": 0.91, "pruned_accuracy": 0.9}, "| accuracy | 0.91 | 0.9 |",
+         "AutoModelForImageClassification"),
+        ("object-detection", {"dense_map": 0.31, "pruned_map": 0.3}, "| mAP (COCO 0.5:0.95) | 0.31 | 0.3 |",
+         "AutoModelForObjectDetection"),
+        ("object-detection", {}, "| mAP (COCO 0.5:0.95) | n/a | n/a |", "AutoModelForObjectDetection"),
+    ],
+)  # fmt: skip
+def test_card_shows_the_tasks_quality_metric_and_auto_class(task, metrics, row, auto_class):
+    """A detector's card reports COCO mAP (in its table and its model-index), not an empty accuracy row, and loads
+    with the detection Auto class; a classifier's reports accuracy."""
+    from mdp_hf.hub import model_card
+
+    report = {"base_model": "tiny", "budget_ms": 10.0, "device": "cpu", **metrics}
+    card = model_card(report, "org/pruned", pipeline_tag=task)
+    assert row in card.content
+    assert ("| accuracy |" in card.content) == (task == "image-classification")
+    assert f"model = {auto_class}.from_pretrained(" in card.content
+    results = card.data.eval_results
+    if metrics:
+        key = "accuracy" if task == "image-classification" else "map"
+        assert [(r.metric_type, r.metric_value) for r in results] == [(key, metrics["pruned_" + key])]
+    else:
+        assert not results
