@@ -204,9 +204,9 @@ class PrunableConfig:
     slice_after_pruning: bool = field(
         default=True,
         metadata={
-            "help": "MDPTrainer: after the last pruning step, fine-tune the physically sliced model (its optimizer "
-            "state sliced along) at the pruned model's speed; false: fine-tune the dense-shaped model with the "
-            "pruned units masked."
+            "help": "MDPTrainer: after the last pruning step (with the monotone iterative schedule and scores from "
+            "weight gradients: after every step) train the physically sliced model (its optimizer state sliced "
+            "along) at the pruned model's speed; false: train the dense-shaped model with the pruned units masked."
         },
     )
     version: int = field(

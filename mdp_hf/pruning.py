@@ -22,7 +22,7 @@ from .latency.models import dense_latency_ms
 from .latency_check import LatencyCheck, budget_of, land_on_budget, unverifiable_reason, verification_settings
 from .masks import build_problem, choice_from_solution, gate_model, kept_fraction_by_kind
 from .solver import solve as solve_problem
-from .surgery import copy_sliced_model, slice_model
+from .surgery import choice_on_sliced, compose_sources, copy_sliced_model, parameter_sources, slice_model
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,12 @@ class PruningSession:
         self.keep_full = _kept_full(self.adapter, self.space, config)
         self.merge_blocks = _merged_blocks(self.adapter, self.space, config)
         self.results: list[PruningStepResult] = []
-        self.sliced_model = None  # the model training continues on after the last step (MDPTrainer), if sliced
+        # MDPTrainer, once it trains the physically sliced model: that model, the choice it was sliced for, and per
+        # parameter the gated model's parameter and entries it holds (the gated model stays the session's
+        # coordinate system: scores, choices and the latency terms are over its space)
+        self.sliced_model = None
+        self.sliced_choice: PruningChoice | None = None
+        self.sliced_sources: dict[str, tuple[str, torch.Tensor]] | None = None
         self.check_budget()  # before touching the model: a bad budget fails fast and leaves it as it was
         self.gates = gate_model(model, self.space)
         # "taylor": the family's official score (ViT: linked w * dL/dw); "taylor_gates": gate gradients
@@ -249,6 +254,46 @@ class PruningSession:
         )
         logger.info("MDP: %s", check.summary())
         return result, check
+
+    # training on the sliced model ------------------------------------------------------------------------------
+    def slice_for_training(self):
+        """The model that training continues on for the current choice, sliced from the model trained so far (the
+        gated model, or the previous step's sliced one, so its weights and buffers are the trained ones). Returns
+        (sliced model, per parameter its source in the model trained so far, per parameter its source in the gated
+        model); call :meth:`train_on_sliced` once training has moved onto it."""
+        if self.sliced_model is None:
+            sources = parameter_sources(self.model, self.space, self.choice)
+            return slice_model(self.model, self.space, self.choice), sources, sources
+        live = self.sliced_model
+        live_space = build_space(live, self.config.group_sizes, self.config.min_keep)
+        live_choice = choice_on_sliced(self.space, self.sliced_choice, self.choice, live_space)
+        sources = parameter_sources(live, live_space, live_choice)
+        return slice_model(live, live_space, live_choice), sources, compose_sources(self.sliced_sources, sources)
+
+    def train_on_sliced(self, sliced, gated_sources: dict[str, tuple[str, torch.Tensor]]) -> None:
+        """Training continues on ``sliced`` (cut for the current choice; ``gated_sources`` from
+        :meth:`slice_for_training`): exports copy it, and :meth:`pull_from_sliced` mirrors it into the gated model."""
+        self.sliced_model, self.sliced_choice, self.sliced_sources = sliced, self.choice, gated_sources
+        self.model.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def pull_from_sliced(self, grads: bool) -> None:
+        """Copy the sliced model's weights (and, with ``grads``, its gradients) into their entries of the gated
+        model, so that scores are read there exactly as in masked training: a kept entry's weight and gradient are
+        the masked model's (the two compute the same function), a pruned entry's gradient is 0 (it is no longer
+        active under the monotone schedule, so its score is never used)."""
+        if self.sliced_model is None:
+            return
+        gated = dict(self.model.named_parameters())
+        for name, param in self.sliced_model.named_parameters():
+            source, index = self.sliced_sources[name]
+            target = gated[source]
+            flat = index.flatten().to(target.device)
+            target.data.view(-1).index_copy_(0, flat, param.data.reshape(-1).to(target.dtype))
+            if grads and param.grad is not None:  # None: frozen, or not in this step's graph (as in masked training)
+                if target.grad is None:
+                    target.grad = torch.zeros_like(target)
+                target.grad.view(-1).index_copy_(0, flat, param.grad.reshape(-1).to(target.dtype))
 
     def export(self):
         """The physically pruned model for the current choice: a copy of :attr:`sliced_model` once training

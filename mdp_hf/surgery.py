@@ -42,6 +42,57 @@ def slice_model(model, space: PruningSpace, choice: PruningChoice):
     return pruned
 
 
+class ChoiceNotTranslatable(RuntimeError):
+    """A family's pruned format does not keep the dense model's dimension and block names (a family bug)."""
+
+
+def choice_on_sliced(
+    space: PruningSpace, sliced_from: PruningChoice, choice: PruningChoice, sliced_space: PruningSpace
+) -> PruningChoice:
+    """``choice`` (over the dense ``space``) expressed over ``sliced_space``, the space of the model that
+    ``slice_model(dense, space, sliced_from)`` made: a sliced model keeps the dense model's dimension and block
+    names, each dimension's kept units in ascending order. ``choice`` must keep a subset of what ``sliced_from``
+    kept (the monotone schedule). Raises :class:`ChoiceNotTranslatable` naming what does not correspond."""
+    kept: dict[str, list[int]] = {}
+    for name, dim in sliced_space.dimensions.items():
+        if name not in space.dimensions:
+            raise ChoiceNotTranslatable(f"the sliced model has a dimension {name!r} that the dense model lacks")
+        before = sliced_from.kept_indices(space, name)
+        if dim.size != len(before):
+            raise ChoiceNotTranslatable(
+                f"dimension {name!r} has {dim.size} units in the sliced model but the choice it was sliced with "
+                f"kept {len(before)}"
+            )
+        position = {unit: i for i, unit in enumerate(before)}
+        now = choice.kept_indices(space, name)
+        lost = [unit for unit in now if unit not in position]
+        if lost:
+            raise ChoiceNotTranslatable(
+                f"dimension {name!r}: units {lost[:5]} are kept now but were removed before (not monotone)"
+            )
+        kept[name] = [position[unit] for unit in now]
+    removed = [block for block in choice.removed_blocks if block not in sliced_from.removed_blocks]
+    missing = [block for block in removed if block not in sliced_space.blocks]
+    if missing:
+        raise ChoiceNotTranslatable(f"blocks {missing} are not blocks of the sliced model")
+    lost_blocks = [block for block in sliced_from.removed_blocks if block not in choice.removed_blocks]
+    if lost_blocks:
+        raise ChoiceNotTranslatable(f"blocks {lost_blocks} were removed before but are kept now (not monotone)")
+    return PruningChoice(kept=kept, removed_blocks=removed)
+
+
+def compose_sources(
+    outer: dict[str, tuple[str, torch.Tensor]], inner: dict[str, tuple[str, torch.Tensor]]
+) -> dict[str, tuple[str, torch.Tensor]]:
+    """Sources of a model sliced twice: ``inner`` maps the second slice's parameters into the first slice,
+    ``outer`` the first slice's into the original; the result maps the second slice's into the original."""
+    composed = {}
+    for name, (middle, index) in inner.items():
+        source, middle_index = outer[middle]
+        composed[name] = (source, middle_index.flatten()[index])
+    return composed
+
+
 class NotASelectionError(ValueError):
     """A parameter of the sliced model is not a plain selection of one parameter's entries of the gated model
     (so per-entry state, such as an optimizer's moments, cannot follow it)."""

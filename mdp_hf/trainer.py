@@ -37,7 +37,7 @@ from .losses import DistillationSettings, MDPLoss
 from .optimizer_state import OptimizerNotSliceable, check_sliceable, slice_optimizer_
 from .pruning import PruningSession, _returns_own_loss, latency_model_for, refuse_meta_model
 from .reporting import kept_dims, latency_breakdown, plot_report
-from .surgery import NotASelectionError, parameter_sources
+from .surgery import NotASelectionError
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +135,12 @@ class _MDPCallback(TrainerCallback):
             self.trainer.model_wrapped.zero_grad()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        # gradients of the whole (accumulated, rank-averaged) step, unscaled, before the optimizer moves w
-        if not self.trainer.mdp.finished:
-            self.trainer.mdp.accumulate(self.trainer._gradient_scale())
+        # gradients of the whole (accumulated, rank-averaged) step, unscaled, before the optimizer moves w; on the
+        # sliced model they are read in the gated model's coordinates (its entries mirror the sliced model's)
+        session = self.trainer.mdp
+        if not session.finished:
+            session.pull_from_sliced(grads=True)
+            session.accumulate(self.trainer._gradient_scale())
 
     def on_step_end(self, args, state, control, **kwargs):
         trainer, session = self.trainer, self.trainer.mdp
@@ -145,6 +148,7 @@ class _MDPCallback(TrainerCallback):
             return
         steps = trainer.prunable_config.pruning_steps()
         if state.global_step >= steps[len(session.results)]:
+            session.pull_from_sliced(grads=False)  # the weights as trained (magnitude scores read them)
             result = session.prune_step()
             trainer.log(result.log_dict())
             logger.info(
@@ -162,6 +166,8 @@ class _MDPCallback(TrainerCallback):
                 session.gates.freeze()
                 if trainer.prunable_config.slice_after_pruning:
                     trainer._continue_on_sliced_model()
+            elif trainer._slices_at_every_step():  # each interval up to the next step is cheaper than the last
+                trainer._continue_on_sliced_model()
             trainer._set_loss_phase()
 
 
@@ -268,6 +274,7 @@ class MDPTrainer(Trainer):
         self._weights_version = 0  # bumped when weights are reloaded (best model, resume): an export is stale then
         self._sliced = False  # training continues on the sliced model (PrunableConfig.slice_after_pruning)
         self._resume_into_sliced = False  # the checkpoint resumed from holds the sliced model
+        self._slicing_refused = False  # the optimizer or model cannot follow onto the sliced model (warned once)
         self.add_callback(_MDPCallback(self))
         self._dense_evaluation = _DenseEvaluation(self)
         self.add_callback(self._dense_evaluation)
@@ -361,50 +368,63 @@ class MDPTrainer(Trainer):
             return str(error)
         return None
 
-    def _continue_on_sliced_model(self, weights_from: str | None = None) -> bool:
-        """After the last pruning step: continue this train() call on the physically sliced model. The optimizer
-        keeps its groups and hyperparameters with its state sliced to the kept entries (so the LR scheduler and the
-        step count go on unchanged), and Accelerate prepares the sliced model as it did the dense one (device,
-        mixed precision, torch.compile, DDP: every rank holds the same sliced model). ``weights_from``: a
-        checkpoint holding the sliced model's weights (resume). Every rank calls it at the same step.
+    def _slices_at_every_step(self) -> bool:
+        """Whether training moves onto the sliced model after every pruning step (else: after the last one). Only
+        under the monotone schedule (a pruned unit never comes back) and with scores read from the weights'
+        gradients, which the sliced model has; scores from gate gradients need the gated model."""
+        config = self.prunable_config
+        return config.slice_after_pruning and config.monotone and not self.mdp.scores_from_gates
 
-        Returns False, warning with the reason, when the optimizer state cannot be sliced exactly (fine-tuning
-        then goes on masked, as with ``slice_after_pruning=False``)."""
+    def _continue_on_sliced_model(self, weights_from: str | None = None) -> bool:
+        """After a pruning step: continue this train() call on the physically sliced model (cut from the model
+        trained so far). The optimizer keeps its groups and hyperparameters with its state sliced to the kept
+        entries (so the LR scheduler and the step count go on unchanged), and Accelerate prepares the sliced model
+        as it did the dense one (device, mixed precision, torch.compile, DDP: every rank holds the same sliced
+        model). ``weights_from``: a checkpoint holding the sliced model's weights (resume). Every rank calls it at
+        the same step.
+
+        Returns False, warning with the reason, when the optimizer state cannot be sliced exactly (training then
+        goes on masked, as with ``slice_after_pruning=False``)."""
         session = self.mdp
-        gated = session.model
+        if self._slicing_refused:
+            return False
+        live = session.sliced_model if session.sliced_model is not None else session.model
         reason = self._masked_only_reason()
         if reason is None:
             try:
-                sources = parameter_sources(gated, session.space, session.choice)
+                sliced, sources, gated_sources = session.slice_for_training()
             except NotASelectionError as error:
                 reason = str(error)
         if reason is not None:
+            if self._sliced:  # cannot happen for a sliceable optimizer that sliced before; never silently
+                raise RuntimeError(f"MDPTrainer: the sliced model cannot be sliced further: {reason}")
             logger.warning(
                 "MDPTrainer: fine-tuning continues on the masked dense-shaped model, not on the sliced one "
                 "(PrunableConfig.slice_after_pruning): %s",
                 reason,
             )
+            self._slicing_refused = True
             return False
-        sliced = session.export()
-        old_params = dict(gated.named_parameters())
+        old_params = dict(live.named_parameters())
         for name, param in sliced.named_parameters():
             param.requires_grad_(old_params[sources[name][0]].requires_grad)
         sliced.to(self.args.device)
         if weights_from is not None:
             self._load_from_checkpoint(weights_from, model=sliced)
         slice_optimizer_(self.optimizer, old_params, dict(sliced.named_parameters()), sources)
-        gated.zero_grad(set_to_none=True)
-        # Accelerate keeps every prepared model; the gated one is not trained any more (frees its DDP buffers)
+        live.zero_grad(set_to_none=True)
+        # Accelerate keeps every prepared model; the one trained so far is not trained any more (frees its buffers)
         old = self.model_wrapped
-        self.accelerator._models = [m for m in self.accelerator._models if m is not old and m is not gated]
+        self.accelerator._models = [m for m in self.accelerator._models if m is not old and m is not live]
         self.model_wrapped = self.accelerator.prepare_model(sliced)
         self.model = self.callback_handler.model = sliced
-        session.sliced_model = sliced
+        session.train_on_sliced(sliced, gated_sources)
         self._sliced = True
         logger.info(
-            "MDP: fine-tuning continues on the sliced model (%d parameters, dense %d)",
+            "MDP step %d: training continues on the sliced model (%d parameters, dense %d)",
+            len(session.results),
             sum(p.numel() for p in sliced.parameters()),
-            sum(p.numel() for p in gated.parameters()),
+            sum(p.numel() for p in session.model.parameters()),
         )
         return True
 

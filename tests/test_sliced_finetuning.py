@@ -12,9 +12,10 @@ import textwrap
 
 import pytest
 import torch
-from conftest import GROUPS, TWO_PROCESS_LAUNCH, VARIANTS, build
+from conftest import GROUPS, IMAGE_SIZE, TWO_PROCESS_LAUNCH, VARIANTS, build, logits_of
 from safetensors.torch import load_file
 from test_trainer import REPO, RandomImages, args, config
+from transformers import TrainerCallback
 
 from mdp_hf import build_space, slice_model
 from mdp_hf.adapters import PruningChoice
@@ -239,14 +240,17 @@ TWO_RANK_SCRIPT = textwrap.dedent("""
     probe = RandomImages(4, seed=5).x
     result = {{}}
     for sliced in (False, True):
-        cfg = PrunableConfig(budget_fraction=0.6, group_sizes=GROUPS, accumulation_steps=3, latency_table=table,
-                             verify_latency=False, slice_after_pruning=sliced)
+        # iterative, two steps (2 and 4): the sliced run slices after each of them
+        cfg = PrunableConfig(budget_fraction=0.6, group_sizes=GROUPS, accumulation_steps=2, latency_table=table,
+                             verify_latency=False, slice_after_pruning=sliced, schedule="iterative",
+                             num_pruning_steps=2, pruning_interval=2)
         args = TrainingArguments(output_dir=os.path.join(out, str(sliced)), max_steps=7, per_device_train_batch_size=2,
                                  gradient_accumulation_steps=2, learning_rate=1e-3, weight_decay=0.05,
                                  report_to="none", save_strategy="no", seed=0, disable_tqdm=True)
         trainer = MDPTrainer(model=build("vit"), args=args, prunable_config=cfg, train_dataset=RandomImages(96))
         trainer.train()
         assert trainer._sliced == sliced
+        result["choices" + str(sliced)] = [r.choice.to_json() for r in trainer.mdp.results]
         with torch.no_grad():
             result[str(sliced)] = trainer.mdp.export().eval()(probe).logits.tolist()
         result["world_size"] = args.world_size
@@ -271,5 +275,162 @@ def test_two_ranks_finetune_the_same_sliced_model_as_masked_finetuning(tmp_path,
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["True"] == ranks[1]["True"]  # every rank holds the same sliced model
+    assert ranks[0]["choicesTrue"] == ranks[0]["choicesFalse"] == ranks[1]["choicesTrue"]
     masked, sliced = torch.tensor(ranks[0]["False"]), torch.tensor(ranks[0]["True"])
     assert (sliced - masked).abs().max() < 1e-5
+
+
+# slicing at every step of the monotone iterative schedule ------------------------------------------------------------
+def smaller_choice(space, choice, seed):
+    """A random choice keeping a subset of what ``choice`` kept (more blocks removed, fewer units kept)."""
+    rng = random.Random(seed)
+    kept = {}
+    for name, dim in space.dimensions.items():
+        before = choice.kept_indices(space, name)
+        width = rng.choice([w for w in dim.widths() if w <= len(before)])
+        kept[name] = sorted(rng.sample(before, width))
+    removed = sorted(set(choice.removed_blocks) | {b for b in space.blocks if rng.random() < 0.3})
+    return PruningChoice(kept=kept, removed_blocks=removed)
+
+
+@pytest.mark.parametrize("variant", [v for _, v in VARIANTS])
+def test_a_sliced_model_sliced_again_is_the_dense_model_sliced_once(variant):
+    """The monotone schedule slices the model trained so far after every step: for every registered family the
+    sliced model keeps the dense model's dimension and block names (kept units in order), so a later choice over
+    the dense space translates onto it, and slicing twice gives the parameters, buffers, structure and entry
+    sources and outputs of slicing the dense model once."""
+    from mdp_hf.surgery import choice_on_sliced, compose_sources
+
+    model = build(variant)
+    space = build_space(model, group_sizes=GROUPS)
+    first = random_choice(space, seed=1)
+    first.removed_blocks = [b for b in space.blocks if random.Random(2).random() < 0.3]
+    second = smaller_choice(space, first, seed=3)
+    live = slice_model(model, space, first)
+    live_space = build_space(live, group_sizes=GROUPS)
+    on_live = choice_on_sliced(space, first, second, live_space)
+    twice = slice_model(live, live_space, on_live)
+    once = slice_model(model, space, second)
+    # (their configs may spell the same structure differently: per-layer entries against shared defaults)
+    assert type(twice) is type(once)
+    state_twice, state_once = twice.state_dict(), once.state_dict()
+    assert state_twice.keys() == state_once.keys()
+    for name, tensor in state_once.items():
+        assert torch.equal(state_twice[name], tensor), name
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        assert torch.equal(logits_of(twice.eval(), x), logits_of(once.eval(), x))
+    composed = compose_sources(parameter_sources(model, space, first), parameter_sources(live, live_space, on_live))
+    direct = parameter_sources(model, space, second)
+    assert composed.keys() == direct.keys()
+    for name, (source, index) in direct.items():
+        assert composed[name][0] == source and torch.equal(composed[name][1], index), name
+
+
+def test_a_choice_that_brings_pruned_units_back_is_refused_on_the_sliced_model():
+    from mdp_hf.surgery import ChoiceNotTranslatable, choice_on_sliced
+
+    model = build("vit")
+    space = build_space(model, group_sizes=GROUPS)
+    first = random_choice(space, seed=1)
+    live_space = build_space(slice_model(model, space, first), group_sizes=GROUPS)
+    name = next(n for n in space.dimensions if len(first.kept_indices(space, n)) < space.dimensions[n].size)
+    back = PruningChoice(kept={**first.kept, name: list(range(space.dimensions[name].size))})
+    with pytest.raises(ChoiceNotTranslatable, match=f"{name}.*not monotone"):
+        choice_on_sliced(space, first, back, live_space)
+
+
+ITERATIVE = dict(schedule="iterative", num_pruning_steps=3, pruning_interval=2, accumulation_steps=2)
+
+
+class LiveSize(TrainerCallback):
+    """The number of parameters of the model being trained, after every optimizer step."""
+
+    def __init__(self, trainer):
+        self.trainer, self.sizes = trainer, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.sizes.append(sum(p.numel() for p in self.trainer.model.parameters()))
+
+
+def iterative_run(tmp_path, variant, latency, sliced, out, **overrides):
+    settings = dict(max_steps=9, weight_decay=0.05, gradient_accumulation_steps=2, per_device_train_batch_size=4)
+    # the tiny ResNet's stem (never pruned) is most of its latency
+    budget = 0.8 if variant.startswith("resnet") else 0.6
+    trainer = MDPTrainer(
+        model=build(variant),
+        args=args(tmp_path, output_dir=str(tmp_path / out), disable_tqdm=True, **{**settings, **overrides}),
+        prunable_config=config(slice_after_pruning=sliced, budget_fraction=budget, **ITERATIVE),
+        latency_model=latency,
+        train_dataset=RandomImages(96),
+    )
+    sizes = LiveSize(trainer)
+    trainer.add_callback(sizes)
+    return trainer, sizes
+
+
+@pytest.mark.parametrize("variant", ["vit", "resnet_bottleneck"])
+def test_iterative_schedule_trains_a_smaller_sliced_model_after_every_step_as_masked_training(tmp_path, variant):
+    """With the monotone iterative schedule training moves onto the sliced model after every pruning step (steps
+    2, 4, 6), each interval on a smaller model than the last, and takes exactly the masked run's path: the same
+    choice at every step (scores read in the gated model's coordinates) and the same logits at the end (AdamW,
+    weight decay, gradient accumulation 2)."""
+    latency = latency_model_for(build(variant), config(), str(tmp_path / "table.json"))
+    runs = {}
+    for sliced in (False, True):
+        trainer, sizes = iterative_run(tmp_path, variant, latency, sliced, out=f"run{sliced}")
+        trainer.train()
+        runs[sliced] = trainer, sizes.sizes
+    (masked, masked_sizes), (sliced, sliced_sizes) = runs[False], runs[True]
+    assert sliced._sliced and not masked._sliced
+    assert [r.choice for r in sliced.mdp.results] == [r.choice for r in masked.mdp.results]
+    dense = masked_sizes[0]
+    assert set(masked_sizes) == {dense}  # masked: the dense-shaped model throughout
+    # steps 1: dense; after the pruning steps at 2, 4 and 6 a smaller model each time
+    assert sliced_sizes[0] == dense and dense > sliced_sizes[1] > sliced_sizes[3] > sliced_sizes[5]
+    assert sliced_sizes[1] == sliced_sizes[2] and sliced_sizes[3] == sliced_sizes[4]
+    assert sliced_sizes[5:] == [sum(p.numel() for p in sliced.mdp.export().parameters())] * 4
+    assert (logits(sliced.mdp.export()) - logits(masked.mdp.export())).abs().max() < 1e-5
+
+
+def test_iterative_schedule_resumes_bit_identically_between_sliced_steps(tmp_path, vit_latency):
+    """Checkpoints between pruning steps hold the sliced model of the last step (pruned format), its optimizer
+    state and the pruning state; resuming from one after the first step (3) and from one after the second (5)
+    continues exactly as the uninterrupted run, which slices the model trained so far at every step."""
+    straight, _ = iterative_run(tmp_path, "vit", vit_latency, True, out="straight", save_strategy="steps", save_steps=1)
+    straight.train()
+    for step in (3, 5):
+        meta = json.loads((tmp_path / "straight" / f"checkpoint-{step}" / "mdp_state.json").read_text())
+        assert meta["sliced"] and len(meta["results"]) == step // 2
+    final = {k: v.clone() for k, v in straight.model.state_dict().items()}
+    final_optimizer = torch_optimizer(straight.optimizer).state_dict()
+    for step in (3, 5):
+        resumed, _ = iterative_run(tmp_path, "vit", vit_latency, True, out=f"resumed-{step}")
+        resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / f"checkpoint-{step}"))
+        assert [r.choice for r in resumed.mdp.results] == [r.choice for r in straight.mdp.results]
+        state = resumed.model.state_dict()
+        assert state.keys() == final.keys()
+        for name, tensor in final.items():
+            assert torch.equal(state[name], tensor), (step, name)
+        resumed_optimizer = torch_optimizer(resumed.optimizer).state_dict()
+        assert resumed_optimizer["param_groups"] == final_optimizer["param_groups"]
+        for index, entry in final_optimizer["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(resumed_optimizer["state"][index][key], value), (step, index, key)
+
+
+def test_scores_from_gate_gradients_slice_after_the_last_step_only(tmp_path, vit_latency, caplog):
+    """Gate-gradient scores (importance="taylor_gates") need the gated model, so the iterative schedule trains it
+    masked until the last step and only then moves onto the sliced model."""
+    trainer = MDPTrainer(
+        model=build("vit"),
+        args=args(tmp_path, max_steps=9, disable_tqdm=True),
+        prunable_config=config(importance="taylor_gates", **ITERATIVE),
+        latency_model=vit_latency,
+        train_dataset=RandomImages(48),
+    )
+    sizes = LiveSize(trainer)
+    trainer.add_callback(sizes)
+    trainer.train()
+    assert trainer._sliced
+    assert len(set(sizes.sizes[:5])) == 1 and sizes.sizes[5] < sizes.sizes[4]
