@@ -5,10 +5,14 @@ adapter, timm style; the contract tests parametrise over :data:`VARIANTS`, so a 
 registering it, without editing tests.
 """
 
+import os
 import sys
 from pathlib import Path
 
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores, one thread each
+    torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).parent))  # subprocess scripts import this module as `conftest`
 
