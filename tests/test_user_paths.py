@@ -250,6 +250,27 @@ def test_an_error_on_the_main_rank_is_raised_on_every_rank(tmp_path):
     assert "damaged_table.json" in ranks[0][1] and ranks[0][1].startswith("LatencyTableError"), ranks[0][1]
 
 
+def test_errors_with_their_own_fields_cross_ranks_whole():
+    """The main rank's error reaches the other ranks pickled (torch.distributed.broadcast_object_list): errors
+    carrying fields of their own must survive that with type, message and fields, or the other ranks fail with
+    a TypeError of the unpickler instead (seen: a LatencyBudgetError under two processes)."""
+    import pickle
+
+    from mdp_hf.latency.table import LatencyTableMismatchError
+    from mdp_hf.latency_check import LatencyBudgetError, LatencyCheck
+    from mdp_hf.solver.problem import InfeasibleBudgetError
+
+    errors = [
+        LatencyBudgetError("over budget", LatencyCheck("failed", "fraction", 0.5, 0.01, reason="floor 0.61")),
+        InfeasibleBudgetError("below the floor", 1.5, 1.2, [("stem", 1.3)]),
+        LatencyTableMismatchError("other settings", {"batch_size": (1, 8)}),
+    ]
+    for error in errors:
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error)
+        assert {k: v for k, v in vars(copy).items()} == {k: v for k, v in vars(error).items()}, type(error)
+
+
 ACCUMULATING_RANKS = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, {tests!r})
