@@ -36,7 +36,13 @@ setup(
     extras_require={
         # scipy: transformers' Hungarian matcher (the detectors' loss); also pulled in by scikit-learn
         "detection": ["torchmetrics>=1.9.0,<2", "pycocotools>=2.0.11,<3", "scipy>=1.17.1,<2"],
-        "test": ["pytest>=9.0.3,<10", "ruff>=0.17.6,<1", "torchmetrics>=1.9.0,<2", "pycocotools>=2.0.11,<3"],
+        "test": [
+            "pytest>=9.0.3,<10",
+            "pytest-xdist>=3.8.0,<4",
+            "ruff>=0.17.6,<1",
+            "torchmetrics>=1.9.0,<2",
+            "pycocotools>=2.0.11,<3",
+        ],
     },
     entry_points={"console_scripts": ["mdp-hf=mdp_hf.cli:main"]},
 )

@@ -13,6 +13,9 @@ import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores, one thread each
     torch.set_num_threads(1)
+    # and so do the processes a test starts: a fresh-process reload compares bit for bit with what this
+    # process computed, and a different thread count sums in another order
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 sys.path.insert(0, str(Path(__file__).parent))  # subprocess scripts import this module as `conftest`
 
