@@ -171,8 +171,12 @@ def test_save_load_same_and_fresh_process(family, tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".py")  # modeling files travel with the weights
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt")) and not list(out.glob("*.pkl"))
     reloaded = load_pruned_model(out)
+    saved, loaded = pruned.state_dict(), reloaded.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)  # bit for bit
+    # outputs to 1e-6, not bit for bit: a conv kernel may sum in another order on a buffer aligned differently
+    # (seen at one thread: 1.5e-8 for a timm ResNet-D); a weight lost or left random is far above it
     with torch.no_grad():
-        assert torch.equal(logits_of(reloaded, x), expected)
+        assert (logits_of(reloaded, x) - expected).abs().max() < 1e-6
     n_params = sum(p.numel() for p in reloaded.parameters())
     assert n_params == get_adapter(reloaded).expected_num_parameters(reloaded.config)
 
@@ -198,11 +202,11 @@ def test_save_load_same_and_fresh_process(family, tmp_path):
             got = torch.cat([out.logits, out.pred_boxes], dim=-1)
         else:
             got = out.logits if cls is not AutoModel else out.pooler_output
-        assert torch.equal(got, io["expected"]), (got - io["expected"]).abs().max()
+        assert (got - io["expected"]).abs().max() < 1e-6, (got - io["expected"]).abs().max()
         backbone = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
         assert type(backbone).__name__ == {type(pruned.base_model).__name__!r}, type(backbone)
         with torch.no_grad():
-            assert torch.equal(backbone(io["x"]).last_hidden_state, io["base"])
+            assert (backbone(io["x"]).last_hidden_state - io["base"]).abs().max() < 1e-6
         assert not any(m.startswith("mdp_hf") for m in sys.modules)
         print("FRESH_OK", sum(p.numel() for p in model.parameters()))
     """)

@@ -231,7 +231,8 @@ def test_save_and_reload_in_a_fresh_process_without_mdp_hf(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForObjectDetection"] == "modeling_mdp_detr.MDPDetrForObjectDetection"
     reloaded = AutoModelForObjectDetection.from_pretrained(out).eval()  # the Auto API knows mdp_detr with mdp_hf
-    assert all(torch.equal(a, b) for a, b in zip(outputs(reloaded, x), (logits, boxes)))
+    # to 1e-6, not bit for bit: kernels may sum in another order on differently aligned buffers (test_core)
+    assert all((a - b).abs().max() < 1e-6 for a, b in zip(outputs(reloaded, x), (logits, boxes)))
     n_params = sum(p.numel() for p in reloaded.parameters())
     assert n_params == get_adapter(reloaded).expected_num_parameters(reloaded.config)
 
@@ -251,12 +252,12 @@ def test_save_and_reload_in_a_fresh_process_without_mdp_hf(tmp_path):
         model = AutoModelForObjectDetection.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
         with torch.no_grad():
             got = model(pixel_values=io["x"])
-        assert torch.equal(got.logits, io["logits"]), (got.logits - io["logits"]).abs().max()
-        assert torch.equal(got.pred_boxes, io["boxes"]), (got.pred_boxes - io["boxes"]).abs().max()
+        assert (got.logits - io["logits"]).abs().max() < 1e-6, (got.logits - io["logits"]).abs().max()
+        assert (got.pred_boxes - io["boxes"]).abs().max() < 1e-6, (got.pred_boxes - io["boxes"]).abs().max()
         base = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
         assert type(base).__name__ == "MDPDetrModel", type(base)
         with torch.no_grad():
-            assert torch.equal(base(pixel_values=io["x"]).last_hidden_state, io["base"])
+            assert (base(pixel_values=io["x"]).last_hidden_state - io["base"]).abs().max() < 1e-6
         detector = pipeline("object-detection", model={str(out)!r}, trust_remote_code=True)
         image = Image.fromarray(np.random.default_rng(0).integers(0, 255, ({IMAGE}, {IMAGE}, 3), dtype=np.uint8))
         found = detector(image, threshold=0.0)
