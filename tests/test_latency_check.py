@@ -178,8 +178,8 @@ def test_rounds_exhausted_is_an_error_not_an_over_budget_model(synthetic_table):
 
 def test_real_timing_on_this_machine(vit_table):
     """The default path: the table's own protocol, timed here. Whatever the machine's load, a returned model is
-    the last one checked and measured within the (possibly noise-widened) tolerance; otherwise a LatencyBudgetError
-    shows rounds that all missed — never a model over its budget."""
+    one the check measured within the (possibly noise-widened) tolerance (the largest such round, not always the
+    last); otherwise a LatencyBudgetError shows rounds that all missed — never a model over its budget."""
     try:
         pruned, result = prune(build("vit"), config(budget_fraction=0.6), batches(), TableLatencyModel(vit_table))
     except LatencyBudgetError as error:  # a busy machine: the tiny model's timings can miss every round
@@ -188,9 +188,10 @@ def test_real_timing_on_this_machine(vit_table):
         return
     check = LatencyCheck.from_dict(result.latency_check)
     assert check.status == "met" and check.rounds
-    assert check.rounds[-1].measured <= 0.6 * (1 + check.effective_tolerance)
-    assert check.rounds[-1].predicted_ms == pytest.approx(result.predicted_latency_ms)
-    assert check.rounds[-1].noise >= 0 and check.rounds[-1].dense_ms > 0
+    exported = check.final  # the exported structure's round
+    assert exported.measured <= 0.6 * (1 + check.effective_tolerance)
+    assert exported.predicted_ms == pytest.approx(result.predicted_latency_ms)
+    assert all(r.noise >= 0 and r.dense_ms > 0 for r in check.rounds)
 
 
 @pytest.mark.parametrize(
