@@ -129,13 +129,15 @@ def test_the_pruned_model_meets_the_budget_as_measured(request, job, floor, worl
     assert check["status"] == "met", check
     assert check["budget_unit"] == "fraction_of_dense" and check["budget"] == 0.5
     assert check["rounds"], "the final structure was never timed"
-    last = check["rounds"][-1]
-    assert last["measured_over_budget"] <= 1 + check["effective_tolerance"], check
+    exported = check["rounds"][check["chosen"]]  # the largest structure that fits (not always the last round)
+    assert exported["measured_over_budget"] <= 1 + check["effective_tolerance"], check
     assert check["effective_tolerance"] == max(check["tolerance"], check["noise"])
     allowed = 1 + check["effective_tolerance"] + export_noise(report) + EXPORT_DRIFT
     assert report["measured_over_budget"] <= allowed, (report["measured_over_budget"], allowed, check)
     assert report["pruned_latency_ms"] < report["dense_latency_ms"]
-    assert report["predicted_latency_ms"] <= report["budget_ms"] * (1 + 1e-9)
+    # the table's prediction meets the budget the solver was given: the nominal one, or a loosened one when the
+    # table proved pessimistic on this machine (what the export must meet is the measured budget, above)
+    assert report["predicted_latency_ms"] <= exported["solver_budget_ms"] * (1 + 1e-9)
     assert report["pruned_params"] < report["dense_params"]
 
 
