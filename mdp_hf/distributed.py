@@ -27,6 +27,16 @@ def use_cpu_ranks_without_gpu() -> None:
 
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+        # Trainer never tears the process group down; a gloo group left to interpreter shutdown sometimes aborts
+        # the process ("terminate called without an active exception", exit -6) after the run's work is done
+        import atexit
+
+        atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:
