@@ -373,8 +373,8 @@ def iterative_run(tmp_path, variant, latency, sliced, out, **overrides):
 def test_iterative_schedule_trains_a_smaller_sliced_model_after_every_step_as_masked_training(tmp_path, variant):
     """With the monotone iterative schedule training moves onto the sliced model after every pruning step (steps
     2, 4, 6), each interval on a smaller model than the last, and takes exactly the masked run's path: the same
-    choice at every step (scores read in the gated model's coordinates) and the same logits at the end (AdamW,
-    weight decay, gradient accumulation 2)."""
+    choice at every step (scores read in the gated model's coordinates) and the same logits at the end (< 1e-4;
+    AdamW, weight decay, gradient accumulation 2)."""
     latency = latency_model_for(build(variant), config(), str(tmp_path / "table.json"))
     runs = {}
     for sliced in (False, True):
@@ -390,7 +390,9 @@ def test_iterative_schedule_trains_a_smaller_sliced_model_after_every_step_as_ma
     assert sliced_sizes[0] == dense and dense > sliced_sizes[1] > sliced_sizes[3] > sliced_sizes[5]
     assert sliced_sizes[1] == sliced_sizes[2] and sliced_sizes[3] == sliced_sizes[4]
     assert sliced_sizes[5:] == [sum(p.numel() for p in sliced.mdp.export().parameters())] * 4
-    assert (logits(sliced.mdp.export()) - logits(masked.mdp.export())).abs().max() < 1e-5
+    # 9 steps of training apart, summed in other orders (BatchNorm batch statistics over sliced channels): 1.3e-5
+    # seen for the ResNet at one thread; a wrongly sliced optimizer state moves the logits by ~lr = 1e-3
+    assert (logits(sliced.mdp.export()) - logits(masked.mdp.export())).abs().max() < 1e-4
 
 
 def test_iterative_schedule_resumes_bit_identically_between_sliced_steps(tmp_path, vit_latency):
