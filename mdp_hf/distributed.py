@@ -7,6 +7,7 @@ never leaves the other ranks waiting in a collective or training with stale mask
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -79,16 +80,39 @@ def run_on_main_and_broadcast(compute: Callable[[], T]) -> T:
     if not is_distributed():
         return compute()
     payload: list = [None]
+    raised = None
     if dist.get_rank() == 0:
         try:
             payload[0] = ("ok", compute())
         except Exception as error:  # re-raised on every rank below
-            payload[0] = ("error", error)
+            raised = error
+            payload[0] = ("error", portable_error(error))
     if dist.get_backend() == "nccl":
         dist.broadcast_object_list(payload, src=0, device=_collective_device())
     else:
         dist.broadcast_object_list(payload, src=0)
     status, value = payload[0]
     if status == "error":
-        raise value
+        raise raised if raised is not None else rebuilt_error(value)  # rank 0 keeps its own traceback
     return value
+
+
+def portable_error(error: Exception) -> tuple:
+    """``error`` as (type, args, attributes), which every rank can rebuild with :func:`rebuilt_error` whatever the
+    class's ``__init__`` takes (plain pickling calls it again with ``args`` alone, which fails for errors that
+    carry fields of their own). Attributes that do not pickle: a RuntimeError naming the error instead."""
+    packed = (type(error), tuple(error.args), dict(vars(error)))
+    try:
+        pickle.dumps(packed)
+    except Exception:
+        packed = (RuntimeError, (f"{type(error).__qualname__}: {error}",), {})
+    return packed
+
+
+def rebuilt_error(packed: tuple) -> Exception:
+    """The exception :func:`portable_error` packed, without calling its ``__init__``."""
+    cls, args, attributes = packed
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(attributes)
+    return error

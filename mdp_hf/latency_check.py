@@ -43,9 +43,6 @@ class LatencyBudgetError(RuntimeError):
         super().__init__(message)
         self.check = check
 
-    def __reduce__(self):  # picklable: the main rank's error is re-raised on every rank
-        return type(self), (str(self), self.check)
-
 
 @dataclass
 class MeasuredRound:

@@ -250,12 +250,22 @@ def test_an_error_on_the_main_rank_is_raised_on_every_rank(tmp_path):
     assert "damaged_table.json" in ranks[0][1] and ranks[0][1].startswith("LatencyTableError"), ranks[0][1]
 
 
+class ErrorWithAField(ValueError):
+    """Any error whose __init__ takes more than its message (as LatencyBudgetError does)."""
+
+    def __init__(self, message: str, floor_ms: float):
+        super().__init__(message)
+        self.floor_ms = floor_ms
+
+
 def test_errors_with_their_own_fields_cross_ranks_whole():
     """The main rank's error reaches the other ranks pickled (torch.distributed.broadcast_object_list): errors
-    carrying fields of their own must survive that with type, message and fields, or the other ranks fail with
-    a TypeError of the unpickler instead (seen: a LatencyBudgetError under two processes)."""
+    carrying fields of their own must arrive with type, message and fields, where plain pickling makes the other
+    ranks fail with a TypeError of the unpickler instead (seen: a LatencyBudgetError under two processes); an
+    error whose fields do not pickle arrives as a RuntimeError naming it."""
     import pickle
 
+    from mdp_hf.distributed import portable_error, rebuilt_error
     from mdp_hf.latency.table import LatencyTableMismatchError
     from mdp_hf.latency_check import LatencyBudgetError, LatencyCheck
     from mdp_hf.solver.problem import InfeasibleBudgetError
@@ -264,11 +274,18 @@ def test_errors_with_their_own_fields_cross_ranks_whole():
         LatencyBudgetError("over budget", LatencyCheck("failed", "fraction", 0.5, 0.01, reason="floor 0.61")),
         InfeasibleBudgetError("below the floor", 1.5, 1.2, [("stem", 1.3)]),
         LatencyTableMismatchError("other settings", {"batch_size": (1, 8)}),
+        ErrorWithAField("below the floor", 2.5),
     ]
     for error in errors:
-        copy = pickle.loads(pickle.dumps(error))
+        with pytest.raises(TypeError):  # what broadcasting the error itself did on the other ranks
+            pickle.loads(pickle.dumps(error))
+        copy = rebuilt_error(pickle.loads(pickle.dumps(portable_error(error))))
         assert type(copy) is type(error) and str(copy) == str(error)
-        assert {k: v for k, v in vars(copy).items()} == {k: v for k, v in vars(error).items()}, type(error)
+        assert vars(copy) == vars(error), type(error)
+    unpicklable = ErrorWithAField("with a lock", 1.0)
+    unpicklable.lock = __import__("threading").Lock()
+    copy = rebuilt_error(pickle.loads(pickle.dumps(portable_error(unpicklable))))
+    assert type(copy) is RuntimeError and str(copy) == "ErrorWithAField: with a lock"
 
 
 ACCUMULATING_RANKS = textwrap.dedent("""

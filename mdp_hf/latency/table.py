@@ -82,9 +82,6 @@ class LatencyTableMismatchError(LatencyTableError):
         super().__init__(message)
         self.differences = differences
 
-    def __reduce__(self):  # picklable: the main rank's error is re-raised on every rank
-        return type(self), (str(self), self.differences)
-
 
 # ---------------------------------------------------------------------------------------------------
 def space_summary(space) -> dict:

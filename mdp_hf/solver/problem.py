@@ -43,9 +43,6 @@ class InfeasibleBudgetError(ValueError):
         self.budget_ms = float(budget_ms)
         self.breakdown = list(breakdown or [])
 
-    def __reduce__(self):  # picklable: the main rank's error is re-raised on every rank
-        return type(self), (str(self), self.min_latency_ms, self.budget_ms, self.breakdown)
-
 
 class NoSolutionWithinTimeLimit(RuntimeError):
     """No feasible sub-network was found within the time limit (the budget may still be feasible)."""
