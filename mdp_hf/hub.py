@@ -558,7 +558,7 @@ def model_card(
     fields["auto_class"] = TASK_AUTO_CLASSES.get(pipeline_tag, "AutoModel")
     fields["quality_rows"] = "\n".join(
         f"| {label} | {fmt(report.get('dense_' + key))} | {fmt(report.get('pruned_' + key))} |"
-        for label, key, _ in _quality_metrics(report, pipeline_tag)
+        for label, key, _ in quality_metrics(report, pipeline_tag)
     )
     for key in (
         "dense_latency_ms",
@@ -597,7 +597,7 @@ def model_card(
             metric_name=name,
             metric_value=float(report["pruned_" + key]),
         )
-        for _, key, name in _quality_metrics(report, pipeline_tag)
+        for _, key, name in quality_metrics(report, pipeline_tag)
         if report.get("pruned_" + key) is not None
     ] or None
     data = ModelCardData(
@@ -620,8 +620,9 @@ QUALITY_METRICS = (("accuracy", "accuracy", "Accuracy"), ("mAP (COCO 0.5:0.95)",
 TASK_QUALITY = {"image-classification": "accuracy", "object-detection": "map"}
 
 
-def _quality_metrics(report: dict, pipeline_tag: str) -> list[tuple[str, str, str]]:
-    """The quality metrics of ``report`` (dense or pruned evaluated), else the task's own one."""
+def quality_metrics(report: dict, pipeline_tag: str) -> list[tuple[str, str, str]]:
+    """The quality metrics of ``report`` (dense or pruned evaluated), else the task's own one: (row label, report
+    key suffix, model-index metric name) each, as the card and the recipes' summary show them."""
     found = [
         m
         for m in QUALITY_METRICS

@@ -43,6 +43,7 @@ from .data import (
     with_transforms,
 )
 from .distributed import run_on_main_and_broadcast, use_cpu_ranks_without_gpu
+from .hub import quality_metrics
 from .losses import DistillationSettings, MDPLoss
 from .metrics import ACCURACY_PATH
 from .paths import check_local_path
@@ -558,10 +559,9 @@ def train_dense(model, args, training_args, work: str, train_dataset, data_colla
     shutil.rmtree(dense_args.output_dir, ignore_errors=True)
 
 
-def print_summary(report: dict, output_dir: str, seconds: float, quality: tuple[str, str] = ("accuracy", "accuracy")):
-    """The run's result table. ``quality``: (row label, report key suffix) of the quality metric, e.g.
-    ("mAP (COCO 0.5:0.95)", "map") reads ``dense_map`` / ``pruned_map``."""
-    label, key = quality
+def print_summary(report: dict, output_dir: str, seconds: float, task: str = "image-classification"):
+    """The run's result table; its quality rows are the card's (:func:`mdp_hf.hub.quality_metrics`: accuracy for
+    classifiers, COCO mAP for detectors)."""
 
     def fmt(value, spec=".3f"):
         return "n/a" if value is None else format(value, spec)
@@ -569,7 +569,10 @@ def print_summary(report: dict, output_dir: str, seconds: float, quality: tuple[
     rows = [
         ("measured latency (ms)", fmt(report["dense_latency_ms"]), fmt(report["pruned_latency_ms"])),
         ("predicted latency (ms)", fmt(report.get("dense_predicted_latency_ms")), fmt(report["predicted_latency_ms"])),
-        (label, fmt(report[f"dense_{key}"], ".4f"), fmt(report[f"pruned_{key}"], ".4f")),
+        *(
+            (label, fmt(report.get(f"dense_{key}"), ".4f"), fmt(report.get(f"pruned_{key}"), ".4f"))
+            for label, key, _ in quality_metrics(report, task)
+        ),
         ("parameters", f"{report['dense_params']:,}", f"{report['pruned_params']:,}"),
     ]
     width = max(len(r[0]) for r in rows)

@@ -272,7 +272,7 @@ def run() -> dict:
     _finish_overwrite(training_args, previous_checkpoints, work)
     if training_args.process_index != 0:
         return {}
-    print_summary(report, training_args.output_dir, time.time() - start, quality=("mAP (COCO 0.5:0.95)", "map"))
+    print_summary(report, training_args.output_dir, time.time() - start, task="object-detection")
     print(json.dumps({"dense_map": report["dense_map"], "pruned_map": report["pruned_map"]}))
     return report
 
