@@ -63,12 +63,14 @@ def test_parameter_sources_name_the_entries_every_sliced_parameter_is_cut_from(v
         assert torch.equal(param, before[name]) and param.dtype == before[name].dtype, name
 
 
-def train(tmp_path, latency, sliced, out="run", optimizers=None, model=None, **overrides):
+def train(tmp_path, latency, sliced, out="run", optimizers=None, model=None, pruning=None, **overrides):
+    """An MDPTrainer on the tiny ViT (or ``model``); ``pruning``: PrunableConfig fields over test_trainer's config();
+    ``overrides``: TrainingArguments fields."""
     settings = dict(max_steps=7, weight_decay=0.05, gradient_accumulation_steps=2, per_device_train_batch_size=4)
     trainer = MDPTrainer(
         model=model if model is not None else build("vit"),
         args=args(tmp_path, output_dir=str(tmp_path / out), disable_tqdm=True, **{**settings, **overrides}),
-        prunable_config=config(slice_after_pruning=sliced),
+        prunable_config=config(slice_after_pruning=sliced, **(pruning or {})),
         latency_model=latency,
         train_dataset=RandomImages(96),
         optimizers=optimizers or (None, None),
@@ -353,17 +355,12 @@ class LiveSize(TrainerCallback):
         self.sizes.append(sum(p.numel() for p in self.trainer.model.parameters()))
 
 
-def iterative_run(tmp_path, variant, latency, sliced, out, **overrides):
-    settings = dict(max_steps=9, weight_decay=0.05, gradient_accumulation_steps=2, per_device_train_batch_size=4)
+def iterative_run(tmp_path, variant, latency, sliced, out, pruning=None, **overrides):
+    """:func:`train` on the iterative schedule for 9 steps, recording the trained model's size after every step."""
     # the tiny ResNet's stem (never pruned) is most of its latency
     budget = 0.8 if variant.startswith("resnet") else 0.6
-    trainer = MDPTrainer(
-        model=build(variant),
-        args=args(tmp_path, output_dir=str(tmp_path / out), disable_tqdm=True, **{**settings, **overrides}),
-        prunable_config=config(slice_after_pruning=sliced, budget_fraction=budget, **ITERATIVE),
-        latency_model=latency,
-        train_dataset=RandomImages(96),
-    )
+    pruning = dict(budget_fraction=budget, **ITERATIVE, **(pruning or {}))
+    trainer = train(tmp_path, latency, sliced, out, model=build(variant), pruning=pruning, max_steps=9, **overrides)
     sizes = LiveSize(trainer)
     trainer.add_callback(sizes)
     return trainer, sizes
@@ -421,18 +418,10 @@ def test_iterative_schedule_resumes_bit_identically_between_sliced_steps(tmp_pat
                 assert torch.equal(resumed_optimizer["state"][index][key], value), (step, index, key)
 
 
-def test_scores_from_gate_gradients_slice_after_the_last_step_only(tmp_path, vit_latency, caplog):
+def test_scores_from_gate_gradients_slice_after_the_last_step_only(tmp_path, vit_latency):
     """Gate-gradient scores (importance="taylor_gates") need the gated model, so the iterative schedule trains it
     masked until the last step and only then moves onto the sliced model."""
-    trainer = MDPTrainer(
-        model=build("vit"),
-        args=args(tmp_path, max_steps=9, disable_tqdm=True),
-        prunable_config=config(importance="taylor_gates", **ITERATIVE),
-        latency_model=vit_latency,
-        train_dataset=RandomImages(48),
-    )
-    sizes = LiveSize(trainer)
-    trainer.add_callback(sizes)
+    trainer, sizes = iterative_run(tmp_path, "vit", vit_latency, True, "gates", pruning={"importance": "taylor_gates"})
     trainer.train()
     assert trainer._sliced
     assert len(set(sizes.sizes[:5])) == 1 and sizes.sizes[5] < sizes.sizes[4]
