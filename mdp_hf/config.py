@@ -196,10 +196,20 @@ class PrunableConfig:
     )
     latency_tolerance: float = field(
         default=0.01,
-        metadata={"help": "Fraction by which the measured latency may exceed the budget (or the timing noise)."},
+        metadata={
+            "help": "Fraction by which the measured latency may exceed the budget, at two standard errors of the "
+            "timing: a noisier timing makes the check keep the model further under the budget."
+        },
     )
     verify_latency_rounds: int = field(
         default=4, metadata={"help": "Re-solves of the latency check at most; then LatencyBudgetError."}
+    )
+    verify_latency_max_seconds: float = field(
+        default=30.0,
+        metadata={
+            "help": "Timing one structure repeats the table's protocol until its noise (two standard errors) is "
+            "under half the tolerance, for at most this many seconds (and 20 repetitions)."
+        },
     )
     slice_after_pruning: bool = field(
         default=True,
@@ -285,6 +295,8 @@ class PrunableConfig:
             bad("latency_tolerance", f"must be in [0, 1) (a fraction of the budget), got {self.latency_tolerance!r}")
         if not isinstance(self.verify_latency_rounds, int) or self.verify_latency_rounds < 0:
             bad("verify_latency_rounds", f"must be an integer >= 0, got {self.verify_latency_rounds!r}")
+        if not self.verify_latency_max_seconds > 0:
+            bad("verify_latency_max_seconds", f"must be > 0 seconds, got {self.verify_latency_max_seconds!r}")
         if self.solver_time_limit_s is not None and not self.solver_time_limit_s > 0:
             bad("solver_time_limit_s", f"must be > 0 or None, got {self.solver_time_limit_s}")
         if self.version > CONFIG_VERSION:

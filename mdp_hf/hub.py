@@ -468,10 +468,16 @@ def _latency_check_line(check: dict | None) -> str:
     rounds = check.get("rounds") or []
     text = (
         f"During pruning the structure was timed on the table's device and re-solved {max(len(rounds) - 1, 0)} "
-        f"time(s) until it measured within {100 * check['effective_tolerance']:.1f}% of the budget."
+        f"time(s) until it measured within {100 * check['tolerance']:.1f}% of the budget at two standard errors "
+        "of the timing"
     )
+    upper = check.get("upper_over_budget")  # absent from reports written before mdp_hf checked the bound
+    text += "." if upper is None else f" (measured/budget {upper:.3f} at that bound)."
     if check.get("noise_limited"):
-        text += " That tolerance is the timing noise of this machine, above the configured one."
+        text += (
+            f" The timing noise ({100 * check['noise']:.1f}%) was above that tolerance, so the model was kept that "
+            "far under the budget."
+        )
     return text
 
 
@@ -554,6 +560,9 @@ def model_card(
         "preprocessing": _preprocessing_line(report.get("preprocessing")),
         "budget_unit": "fraction of the dense latency" if report.get("budget_fraction") else "milliseconds",
         "latency_check": _latency_check_line(report.get("latency_check")),
+        "measured_noise": "not recorded"
+        if report.get("measured_noise") is None
+        else f"{100 * report['measured_noise']:.1f}% over {report.get('latency_repeats_timed')} repeats",
     }
     fields["auto_class"] = TASK_AUTO_CLASSES.get(pipeline_tag, "AutoModel")
     fields["quality_rows"] = "\n".join(

@@ -251,6 +251,7 @@ class PruningSession:
             dense_predicted_ms=self.dense_predicted_ms,
             settings=verification_settings(self.latency_model),
             timer=self.latency_timer,
+            max_seconds=config.verify_latency_max_seconds,
         )
         logger.info("MDP: %s", check.summary())
         return result, check

@@ -32,7 +32,14 @@ from .config import PrunableConfig
 from .data import check_dataset, num_labels_of
 from .distributed import use_cpu_ranks_without_gpu, world_size
 from .hub import _as_list, hub_repo_id, model_card, push_folder_to_hub, save_pruned_model
-from .latency_check import budget_of, dense_reference, measured_in_unit, unverifiable_reason, verification_settings
+from .latency_check import (
+    budget_of,
+    dense_reference,
+    read_against_dense,
+    table_timer,
+    unverifiable_reason,
+    verification_settings,
+)
 from .losses import DistillationSettings, MDPLoss
 from .optimizer_state import OptimizerNotSliceable, check_sliceable, slice_optimizer_
 from .pruning import PruningSession, _returns_own_loss, latency_model_for, refuse_meta_model
@@ -695,8 +702,6 @@ class MDPTrainer(Trainer):
 
     def export_pruned(self, output_dir: str, pruned_metrics: dict | None = None) -> dict:
         """Slice, measure, and write the pruned model folder (main process only). Returns the report."""
-        from .latency import measure_latencies
-
         session, config = self.mdp, self.prunable_config
         model = session.model  # the gated dense model (after slicing, self.model is the sliced one)
         pruned = session.export()
@@ -705,13 +710,22 @@ class MDPTrainer(Trainer):
         metadata = self.latency_model.table.metadata
         settings = verification_settings(self.latency_model)
         unmeasurable = unverifiable_reason(self.latency_model)
-        dense_m = pruned_m = None
-        if session.latency_timer is not None:
-            dense_m, pruned_m = session.latency_timer([dense, pruned])
-        elif unmeasurable is None:
-            dense_m, pruned_m = measure_latencies([dense, pruned], settings)
+        reading = None
+        if session.latency_timer is not None or unmeasurable is None:
+            # the same reading as the latency check's: repeated until its noise is under half the tolerance
+            unit, _ = budget_of(config)
+            reading = read_against_dense(
+                dense,
+                pruned,
+                unit,
+                session.latency_timer or table_timer(settings),
+                target_noise=config.latency_tolerance / 2,
+                max_seconds=config.verify_latency_max_seconds,
+                statistic=settings.statistic if settings is not None else "median",
+            )
         else:
             logger.warning("MDP export: the pruned model is not timed: %s", unmeasurable)
+        dense_m, pruned_m = (None, None) if reading is None else (reading.dense, reading.pruned)
         result = session.results[-1]
         report = {
             "budget_ms": result.budget_ms,
@@ -724,7 +738,9 @@ class MDPTrainer(Trainer):
             "pruned_latency_ms": None if pruned_m is None else pruned_m.ms,
             "dense_latency_spread": None if dense_m is None else dense_m.spread,
             "pruned_latency_spread": None if pruned_m is None else pruned_m.spread,
-            "measured_over_budget": _measured_over_budget(config, dense_m, pruned_m),
+            "measured_over_budget": None if reading is None else reading.measured / budget_of(config)[1],
+            "measured_noise": None if reading is None else reading.noise,
+            "latency_repeats_timed": None if reading is None else len(reading.pruned.samples_ms),
             "latency_check": {"status": "off"} if session.latency_check is None else session.latency_check.to_dict(),
             "predicted_latency_ms": result.predicted_latency_ms,
             "dense_predicted_latency_ms": session.dense_predicted_ms,
@@ -914,14 +930,6 @@ def source_name(model) -> str:
         return config.name_or_path or config.model_type
     timm_cfg = getattr(model, "pretrained_cfg", None) or {}
     return timm_cfg.get("hf_hub_id") or timm_cfg.get("architecture") or type(model).__name__
-
-
-def _measured_over_budget(config: PrunableConfig, dense_m, pruned_m) -> float | None:
-    """The export's own measurement against the budget, in the budget's unit (fraction of dense, or ms)."""
-    if pruned_m is None:
-        return None
-    unit, budget = budget_of(config)
-    return measured_in_unit(unit, dense_m, pruned_m)[0] / budget
 
 
 def _config_differences(saved: dict, current: PrunableConfig, source: str) -> list[str]:
