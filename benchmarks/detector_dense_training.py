@@ -18,7 +18,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from prune_detector import TINY_YOLOS  # noqa: E402
+from prune_detector import TINY_YOLOS, initialise_from_scratch  # noqa: E402
 from transformers import (  # noqa: E402
     Trainer,
     TrainingArguments,
@@ -46,6 +46,10 @@ p.add_argument("--mlp", type=int, default=192)
 p.add_argument("--patch", type=int, default=8)
 p.add_argument("--tokens", type=int, default=10)
 p.add_argument("--eos", type=float, default=0.1)
+p.add_argument("--zero_init", action="store_true", help="keep transformers' zero detection tokens/positions")
+p.add_argument("--aux", action="store_true", help="auxiliary losses after every layer (config.auxiliary_loss)")
+p.add_argument("--bbox_weight", type=int, default=5)
+p.add_argument("--giou_weight", type=int, default=2)
 p.add_argument("--wd", type=float, default=1e-4)
 p.add_argument("--warmup", type=int, default=50)
 p.add_argument("--eval_every", type=int, default=5)
@@ -71,10 +75,13 @@ cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediat
     a.mlp,
 )
 cfg.patch_size, cfg.num_detection_tokens, cfg.eos_coefficient = a.patch, a.tokens, a.eos
+cfg.auxiliary_loss, cfg.bbox_loss_coefficient, cfg.giou_loss_coefficient = a.aux, a.bbox_weight, a.giou_weight
 cfg.num_labels = len(labels)
 cfg.id2label = dict(enumerate(labels))
 cfg.label2id = {v: k for k, v in cfg.id2label.items()}
 model = YolosForObjectDetection(cfg)
+if not a.zero_init:  # transformers' own init leaves detection tokens and position embeddings at zero
+    model = initialise_from_scratch(model)
 proc = YolosImageProcessor(size={"height": size, "width": size}, do_pad=False)
 for d in (train, val):
     d.set_transform(detection_transform(proc, "image", "objects"))

@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import torch
 from transformers import AutoConfig, AutoModelForObjectDetection, TrainingArguments, YolosConfig, set_seed
 
 from mdp_hf.adapters import get_adapter
@@ -157,7 +158,25 @@ def build_detector(args: ScriptArguments, labels: list[str]):
     else:
         config = copy.deepcopy(TINY_YOLOS)
     config.num_labels, config.id2label, config.label2id = len(labels), id2label, label2id
-    return AutoModelForObjectDetection.from_config(config), True
+    return initialise_from_scratch(AutoModelForObjectDetection.from_config(config)), True
+
+
+def initialise_from_scratch(model):
+    """Give a YOLOS built from a config the start its authors' code gives it (hustvl/YOLOS: ``trunc_normal_``,
+    std 0.02, on the detection tokens and position embeddings). transformers leaves both at zero -- it expects
+    pretrained weights -- and from zeros every detection token starts identical and no patch knows where it is,
+    so the tokens predict one input-independent box each and never leave that plateau (docs/detection.md)."""
+    embeddings = getattr(getattr(model, "vit", None), "embeddings", None)
+    if embeddings is None or not hasattr(embeddings, "detection_tokens"):
+        return model  # not a YOLOS: transformers' own initialisation is the reference one
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for parameter in (embeddings.cls_token, embeddings.detection_tokens, embeddings.position_embeddings):
+            torch.nn.init.trunc_normal_(parameter, std=std)
+        mid = getattr(model.vit.encoder, "interpolation", None)  # use_mid_position_embeddings=True
+        if mid is not None:
+            torch.nn.init.trunc_normal_(mid.mid_position_embeddings, std=std)
+    return model
 
 
 def square_image_size(args: ScriptArguments, config) -> int:

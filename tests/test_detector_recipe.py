@@ -214,6 +214,24 @@ def tiny_yolos_config(tmp_path):
     return str(tmp_path / "cfg")
 
 
+def test_a_yolos_built_from_scratch_starts_with_distinct_detection_tokens_and_positions():
+    # transformers leaves both at zero (it expects pretrained weights); from there every detection token predicts
+    # the same input-independent box (docs/detection.md): the recipe initialises them as YOLOS' authors do
+    sys.path.insert(0, os.path.join(REPO, "recipes"))
+    from prune_detector import ScriptArguments, build_detector
+
+    model, from_scratch = build_detector(ScriptArguments(), ["circle", "square", "triangle"])
+    embeddings = model.vit.embeddings
+    assert from_scratch
+    for parameter in (embeddings.detection_tokens, embeddings.position_embeddings, embeddings.cls_token):
+        assert 0.01 < float(parameter.std()) < 0.03
+    tokens = embeddings.detection_tokens[0]
+    assert torch.cdist(tokens, tokens).fill_diagonal_(1.0).min() > 0  # no two tokens alike
+    with torch.no_grad():  # and so the tokens' boxes differ on the same image
+        boxes = model(pixel_values=torch.randn(1, 3, 64, 64)).pred_boxes[0]
+    assert float(boxes.std(0).mean()) > 1e-5  # from zeros: exactly 0, every token the same box
+
+
 def test_quick_detector_run_writes_a_pruned_detector_that_pipeline_runs(tmp_path):
     out = tmp_path / "out"
     result = run_detector_recipe("--model_config", tiny_yolos_config(tmp_path), "--output_dir", str(out), *QUICK)
