@@ -306,3 +306,14 @@ def test_two_ranks_get_the_corrected_masks(tmp_path, synthetic_table):
     assert ranks[0]["kept"] == ranks[1]["kept"] and ranks[0]["removed"] == ranks[1]["removed"]
     assert ranks[0]["check"] == ranks[1]["check"]
     assert ranks[0]["check"]["status"] == "met" and len(ranks[0]["check"]["rounds"]) >= 2
+
+
+def test_a_check_written_before_the_upper_bound_rule_still_reads():
+    # pruning_report.json files from earlier mdp_hf carry "effective_tolerance" and rounds without "repeats"
+    old_round = dict(solver_budget_ms=5.0, predicted_ms=5.0, dense_ms=10.0, pruned_ms=5.1, dense_spread=0.05,
+                     pruned_spread=0.05, measured=0.51, noise=0.02, measured_over_budget=1.02)  # fmt: skip
+    old = {"status": "met", "budget_unit": "fraction_of_dense", "budget": 0.5, "tolerance": 0.01, "reason": "",
+           "rounds": [old_round], "chosen": 0, "noise": 0.02, "effective_tolerance": 0.02, "noise_limited": True}  # fmt: skip
+    check = LatencyCheck.from_dict(old)
+    assert check.final.repeats == 0 and check.upper_over_budget == pytest.approx(1.02 * 1.02)
+    assert LatencyCheck.from_dict(check.to_dict()) == check
