@@ -68,6 +68,7 @@ TINY_YOLOS = YolosConfig(
     num_attention_heads=4,
     intermediate_size=192,
     num_detection_tokens=10,
+    eos_coefficient=0.5,  # unmatched tokens learn to say "no object" sooner than at DETR's 0.1 (docs/detection.md)
     use_mid_position_embeddings=False,
     hidden_dropout_prob=0.0,
     attention_probs_dropout_prob=0.0,
@@ -80,7 +81,7 @@ DEFAULTS = {
     "dataset_name": "shapes",
     "per_device_train_batch_size": 32,
     "per_device_eval_batch_size": 64,
-    "dense_epochs": 30,
+    "dense_epochs": 60,  # measured: 30 epochs reach COCO mAP 0.027, 60 reach 0.39 (docs/detection.md)
     "dense_learning_rate": 1e-3,
     "num_train_epochs": 6,
     "learning_rate": 5e-4,
