@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -63,11 +62,6 @@ class LatencyReading:
     measured: float
     noise: float
 
-    @property
-    def upper_bound(self) -> float:
-        """``measured`` at two standard errors: what the check holds against the budget."""
-        return self.measured * (1 + self.noise)
-
 
 @dataclass
 class MeasuredRound:
@@ -83,6 +77,11 @@ class MeasuredRound:
     noise: float
     measured_over_budget: float
     repeats: int = 0  # timed calls of each model behind ``measured`` (0: written before this was recorded)
+
+    @property
+    def upper_bound(self) -> float:
+        """``measured`` at two standard errors of the timing: what the check holds against the budget."""
+        return self.measured * (1 + self.noise)
 
     @property
     def upper_over_budget(self) -> float:
@@ -208,31 +207,17 @@ def measured_in_unit(budget_unit: str, dense: Measurement, pruned: Measurement) 
     that returns unpaired samples, or the ``min`` statistic) it is the ratio of the two statistics, with the
     two standard errors combined."""
     if budget_unit != "fraction_of_dense":
-        return pruned.ms, 2 * _relative_standard_error(pruned.samples_ms, pruned.median_ms)
+        return pruned.ms, 2 * _relative_standard_error(pruned)
     paired = len(dense.samples_ms) == len(pruned.samples_ms) >= 4 and pruned.ms == pruned.median_ms
     if paired and all(d > 0 for d in dense.samples_ms):
-        ratios = [p / d for d, p in zip(dense.samples_ms, pruned.samples_ms)]
-        median = statistics.median(ratios)
-        return median, 2 * _relative_standard_error(ratios, median)
-    noise = 2 * math.hypot(
-        _relative_standard_error(dense.samples_ms, dense.median_ms),
-        _relative_standard_error(pruned.samples_ms, pruned.median_ms),
-    )
-    return pruned.ms / dense.ms, noise
+        ratios = Measurement.from_samples([p / d for d, p in zip(dense.samples_ms, pruned.samples_ms)])
+        return ratios.median_ms, 2 * _relative_standard_error(ratios)
+    return pruned.ms / dense.ms, 2 * math.hypot(_relative_standard_error(dense), _relative_standard_error(pruned))
 
 
-def _relative_standard_error(samples: list[float], median: float) -> float:
+def _relative_standard_error(measurement: Measurement) -> float:
     # a median's standard error ~ 1.2533 sigma / sqrt(n), with sigma ~ IQR / 1.349
-    if len(samples) < 4:
-        return 0.0
-    q = statistics.quantiles(samples, n=4)
-    return 0.929 * (q[2] - q[0]) / max(abs(median), 1e-12) / math.sqrt(len(samples))
-
-
-def _merged(parts: list[Measurement], statistic: str) -> Measurement:
-    samples = [s for part in parts for s in (part.samples_ms or [part.ms])]
-    median, low = statistics.median(samples), min(samples)
-    return Measurement(ms=low if statistic == "min" else median, median_ms=median, min_ms=low, samples_ms=samples)
+    return 0.929 * measurement.spread / math.sqrt(max(len(measurement.samples_ms), 1))
 
 
 def read_against_dense(
@@ -251,15 +236,13 @@ def read_against_dense(
     latency check, the export's report and benchmarks/budget_hit.py's fresh-process re-timing all read a
     structure's latency this way."""
     start = time.perf_counter()
-    dense_parts, pruned_parts = [], []
-    while True:
-        dense_m, pruned_m = timer([dense, pruned])
-        dense_parts.append(dense_m)
-        pruned_parts.append(pruned_m)
-        dense_all, pruned_all = _merged(dense_parts, statistic), _merged(pruned_parts, statistic)
+    pooled: tuple[list[float], list[float]] = ([], [])  # every sample so far, dense and pruned
+    for call in range(1, max_calls + 1):
+        for samples, measurement in zip(pooled, timer([dense, pruned])):
+            samples.extend(measurement.samples_ms or [measurement.ms])
+        dense_all, pruned_all = (Measurement.from_samples(samples, statistic) for samples in pooled)
         measured, noise = measured_in_unit(budget_unit, dense_all, pruned_all)
-        done = noise <= target_noise or len(dense_parts) >= max_calls or time.perf_counter() - start >= max_seconds
-        if done:
+        if noise <= target_noise or call == max_calls or time.perf_counter() - start >= max_seconds:
             return LatencyReading(dense_all, pruned_all, measured, noise)
 
 
@@ -322,7 +305,7 @@ def land_on_budget(
         )
 
     def fits(round_: MeasuredRound) -> bool:
-        return round_.measured * (1 + round_.noise) <= ceiling
+        return round_.upper_bound <= ceiling
 
     unit = unit_label(budget_unit)
     # table ms per unit of measured excess: the dense model's prediction per fraction of dense, or per ms
@@ -347,7 +330,7 @@ def land_on_budget(
             measured.repeats,
         )
         fitting = [(r, m) for r, m in seen if fits(m)]
-        if fits(measured) and measured.measured * (1 + measured.noise) >= budget * (1 - 2 * tolerance):
+        if fits(measured) and measured.upper_bound >= budget * (1 - 2 * tolerance):
             return result, check  # landed: the upper bound within the tolerance band under the ceiling
         if len(check.rounds) > max_rounds:
             if fitting:
@@ -388,7 +371,7 @@ def _next_solver_budget(seen, ceiling: float, target: float, scale_ms: float) ->
     between the closest two, kept strictly inside the bracket. Otherwise: shift the lowest (or highest) solver
     budget by the bound's excess or slack over the target, converted to table ms, from its prediction (so the
     choice changes) -- additive, so an error in fixed costs (embeddings, stem) is corrected in one round."""
-    points = sorted((min(m.solver_budget_ms, m.predicted_ms), m.measured * (1 + m.noise)) for _, m in seen)
+    points = sorted((min(m.solver_budget_ms, m.predicted_ms), m.upper_bound) for _, m in seen)
     under = [p for p in points if p[1] <= ceiling]
     over = [p for p in points if p[1] > ceiling]
     if under and over:
@@ -413,7 +396,7 @@ def _same_choice(a, b) -> bool:
 
 def _floor_error(check: LatencyCheck, budget: float, unit: str) -> LatencyBudgetError:
     floor = check.rounds[-1]
-    least = floor.measured * (1 + floor.noise) / (1 + check.tolerance)
+    least = floor.upper_bound / (1 + check.tolerance)
     return LatencyBudgetError(
         f"the budget of {budget:.4g} {unit} cannot be met as measured: the smallest structure this pruning space "
         f"allows measures {floor.measured:.4g} {unit} ({floor.pruned_ms:.4g} ms, noise {100 * floor.noise:.1f}%; "

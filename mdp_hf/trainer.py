@@ -711,9 +711,9 @@ class MDPTrainer(Trainer):
         settings = verification_settings(self.latency_model)
         unmeasurable = unverifiable_reason(self.latency_model)
         reading = None
+        unit, budget = budget_of(config)
         if session.latency_timer is not None or unmeasurable is None:
             # the same reading as the latency check's: repeated until its noise is under half the tolerance
-            unit, _ = budget_of(config)
             reading = read_against_dense(
                 dense,
                 pruned,
@@ -738,7 +738,7 @@ class MDPTrainer(Trainer):
             "pruned_latency_ms": None if pruned_m is None else pruned_m.ms,
             "dense_latency_spread": None if dense_m is None else dense_m.spread,
             "pruned_latency_spread": None if pruned_m is None else pruned_m.spread,
-            "measured_over_budget": None if reading is None else reading.measured / budget_of(config)[1],
+            "measured_over_budget": None if reading is None else reading.measured / budget,
             "measured_noise": None if reading is None else reading.noise,
             "latency_repeats_timed": None if reading is None else len(reading.pruned.samples_ms),
             "latency_check": {"status": "off"} if session.latency_check is None else session.latency_check.to_dict(),

@@ -65,6 +65,12 @@ class Measurement:
     min_ms: float
     samples_ms: list[float] = field(default_factory=list)
 
+    @classmethod
+    def from_samples(cls, samples_ms: list[float], statistic: str = "median") -> Measurement:
+        """The measurement of ``samples_ms`` (ms) under ``statistic`` ("median" or "min")."""
+        median, low = statistics.median(samples_ms), min(samples_ms)
+        return cls(ms=low if statistic == "min" else median, median_ms=median, min_ms=low, samples_ms=list(samples_ms))
+
     @property
     def spread(self) -> float:
         """Inter-quartile range relative to the median (a quick noise indicator)."""
@@ -142,11 +148,7 @@ def time_interleaved(
                     t0 = time.perf_counter()
                     call()
                     samples[i].append((time.perf_counter() - t0) * 1e3)
-    out = []
-    for s in samples:
-        med, low = statistics.median(s), min(s)
-        out.append(Measurement(ms=med if statistic == "median" else low, median_ms=med, min_ms=low, samples_ms=s))
-    return out
+    return [Measurement.from_samples(s, statistic) for s in samples]
 
 
 def _model_input(model, settings: TimingSettings) -> torch.Tensor:
