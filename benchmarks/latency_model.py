@@ -12,11 +12,18 @@ For a DeiT-Small-shaped ViT and a ResNet-50-shaped ResNet (random weights) on th
 
     python benchmarks/latency_model.py                 # both models (~15 min on 2 cores)
     python benchmarks/latency_model.py --family vit --quick
+    python benchmarks/latency_model.py --family detectors   # the whole detector at its resolution (issue #13)
+
+The detectors: the detector recipe's tiny YOLOS at 64x64, a YOLOS-Ti-shaped YOLOS at 256x432 and a
+DETR-ResNet-50-shaped DETR at 320x320; their tables hold the backbone/encoder cells plus the rest of the detector
+(input projection over the last residual width, the transformer and heads as a constant; for YOLOS the
+embeddings and heads over the embedding width), so the prediction is the whole detector's latency.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import random
@@ -91,13 +98,64 @@ SETUPS = {
         groups={"channels": 16, "residual": 8},
         subgrid={"channels": 2, "residual": 2},
     ),
+    # detectors (issue #13): the budget is the whole detector at its deployment resolution
+    "yolos_recipe": dict(
+        build=lambda: recipe_yolos(),
+        groups={"embed": 16, "heads": 1, "qk": 8, "v": 8, "mlp": 32},  # the recipe's
+        subgrid={"embed": 1, "heads": 1, "qk": 1, "v": 1, "mlp": 1},
+        image_size=[64, 64],
+    ),
+    "yolos_tiny": dict(
+        # hustvl/yolos-tiny's shape (DeiT-Ti, 100 detection tokens) at half its 512x864 resolution
+        build=lambda: yolos(
+            [256, 432],
+            hidden_size=192,
+            num_hidden_layers=12,
+            num_attention_heads=3,
+            intermediate_size=768,
+            num_detection_tokens=100,
+            use_mid_position_embeddings=False,
+            num_labels=91,
+        ),
+        groups={"embed": 16, "heads": 1, "qk": 8, "v": 8, "mlp": 32},
+        subgrid={"embed": 2, "heads": 1, "qk": 2, "v": 2, "mlp": 2},
+        image_size=[256, 432],
+    ),
+    "detr_resnet50": dict(
+        build=lambda: preset("detr-resnet50"),  # facebook/detr-resnet-50's shape
+        groups={"channels": 16, "residual": 32},
+        subgrid={"channels": 2, "residual": 4},
+        image_size=[320, 320],
+    ),
 }
+DETECTORS = ["yolos_recipe", "yolos_tiny", "detr_resnet50"]
 NAMES = {
     "vit": "DeiT-Small-shaped ViT (transformers)",
     "resnet": "ResNet-50-shaped ResNet (transformers)",
     "timm_deit": "timm deit_small_patch16_224",
     "mobilenet_v2": "MobileNetV2 1.0 (transformers)",
+    "yolos_recipe": "the detector recipe's tiny YOLOS (transformers)",
+    "yolos_tiny": "YOLOS-Ti-shaped detector (transformers)",
+    "detr_resnet50": "DETR-ResNet-50-shaped detector (transformers)",
 }
+
+
+def yolos(image_size, **shape):
+    """A YOLOS detector built for its deployment resolution (position embeddings at that size: none interpolated)."""
+    from transformers import YolosConfig, YolosForObjectDetection
+
+    torch.manual_seed(0)
+    return YolosForObjectDetection(YolosConfig(image_size=list(image_size), **shape)).eval()
+
+
+def recipe_yolos():
+    """The tiny YOLOS that recipes/prune_detector.py trains and prunes by default (64x64)."""
+    from transformers import YolosForObjectDetection
+
+    from recipes.prune_detector import TINY_YOLOS
+
+    torch.manual_seed(0)
+    return YolosForObjectDetection(copy.deepcopy(TINY_YOLOS)).eval()
 
 
 def preset(name: str):
@@ -186,8 +244,10 @@ def run(family: str, args) -> dict:
     setup = SETUPS[family]
     model = setup["build"]()
     space = mdp_hf.build_space(model, group_sizes=setup["groups"])
+    image_size = setup.get("image_size", [224, 224])
     settings = TimingSettings(
         device="cpu",
+        image_size=setup.get("image_size"),
         batch_size=args.batch_size,
         threads=args.threads,
         warmup=args.warmup,
@@ -218,7 +278,7 @@ def run(family: str, args) -> dict:
     }
     choices = random_structures(space, models["table (default)"], args.structures, rng)
     sliced = [mdp_hf.slice_model(model, space, c) for c in choices]
-    pixels = torch.randn(args.batch_size, 3, 224, 224)
+    pixels = torch.randn(args.batch_size, 3, *image_size)
     t1 = time.perf_counter()
     pass_a = measure_latencies(sliced, settings, inputs=pixels)
     pass_b = measure_latencies(sliced, settings, inputs=pixels)
@@ -254,12 +314,18 @@ def run(family: str, args) -> dict:
         subgrid=subgrid,
         groups=setup["groups"],
         terms=len(table.terms),
+        image_size=image_size,
     )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=[*SETUPS, "both", "all"], default="both", help="both: vit + resnet")
+    parser.add_argument(
+        "--family",
+        choices=[*SETUPS, "both", "detectors", "all"],
+        default="both",
+        help="both: vit + resnet; detectors: " + ", ".join(DETECTORS),
+    )
     parser.add_argument("--structures", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
@@ -282,12 +348,14 @@ def main(argv=None):
         f"{os.getloadavg()[0]:.2f}; torch {torch.__version__}; threads {args.threads}; batch {args.batch_size}; "
         f"repeats {args.repeats} ({args.statistic}), warm-up {args.warmup}"
     )
-    families = {"both": ["vit", "resnet"], "all": list(SETUPS)}.get(args.family, [args.family])
+    families = {"both": ["vit", "resnet"], "detectors": DETECTORS, "all": list(SETUPS)}.get(args.family, [args.family])
     results = [run(f, args) for f in families]
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
     for r in results:
         name = NAMES[r["family"]]
-        print(f"\n## {name}: batch {args.batch_size}, {args.threads} thread(s), 224x224, fp32, random weights")
+        print(
+            f"\n## {name}: batch {args.batch_size}, {args.threads} thread(s), {'x'.join(map(str, r['image_size']))}, fp32, random weights"
+        )
         print(f"groups {r['groups']}; sub-grid strides {r['subgrid']}")
         print(
             f"table: {r['tables']} grids, {r['terms']} terms, {r['cells']} cells measured of {r['total_cells']} "
