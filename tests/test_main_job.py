@@ -43,6 +43,10 @@ MAIN_JOB_ACCURACY = 0.8
 QUICK_ACCURACY = 0.5
 RESNET_QUICK_ACCURACY = 0.3
 EXPORT_DRIFT = 0.05
+# These runs assert latency as measured here, so nothing else may share the CPU while they time: on CI, next to
+# another worker's tests, a table built under that load predicted 0.5 of dense for a structure measuring 0.79 and
+# the job failed its budget (2026-12-02). The README's test command runs them after the rest, in one process.
+pytestmark = pytest.mark.timed_alone
 
 # ResNet: 3 + 3 epochs instead of 6 + 6 (the one-shot step after 30 iterations still fits in 3 epochs of 23).
 RESNET_QUICK = ["--dense_epochs", "3", "--num_train_epochs", "3"]
