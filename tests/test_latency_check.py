@@ -17,6 +17,8 @@ from mdp_hf.latency import Measurement, TableLatencyModel, build_table
 from mdp_hf.latency_check import (
     LatencyBudgetError,
     LatencyCheck,
+    MeasuredRound,
+    _floor_error,
     measured_in_unit,
     read_against_dense,
     unverifiable_reason,
@@ -197,16 +199,36 @@ def test_off_switch_trusts_the_table(synthetic_table):
 
 
 def test_budget_below_the_measured_floor_is_a_clear_error(synthetic_table):
-    # with the unknown offset of half the dense latency nothing measures much below 1/3 of dense; ask for 0.3
+    # with an unknown offset of half the dense latency nothing measures much below 1/3 of dense; ask for 0.3. The
+    # table's fastest structure is predicted at about 0 and measured at a third of dense: the table is far off, so
+    # its "fastest" need not be, and the message says to rebuild it (as on CI, where a table built beside other
+    # tests' load predicted -0.16 ms for a structure measuring 0.66 of dense)
     table = synthetic_table
     timer = simulated_device(table, 0.5 * table.dense_ms())
-    with pytest.raises(LatencyBudgetError, match="smallest structure this pruning space allows measures") as error:
+    with pytest.raises(LatencyBudgetError, match="the fastest (this pruning space allows|it found) measures") as error:
         prune(
             build("vit"), config(budget_fraction=0.3, verify_latency_rounds=12), batches(), table, latency_timer=timer
         )
     floor = error.value.check.rounds[-1]
     assert floor.measured > 0.3 * 1.01 and "verify_latency=False" in str(error.value)
     assert f"{floor.measured:.4g}" in str(error.value)
+    assert "Rebuild the latency table on an idle machine" in str(error.value)
+
+
+@pytest.mark.parametrize("predicted_fraction, far_off", [(0.3, False), (0.1, True), (-0.01, True)])
+def test_the_floor_error_calls_a_table_far_off_only_when_it_is(predicted_fraction, far_off):
+    """The table's fastest structure measures 0.35 of dense: predicted at 0.3 the table is close (a quiet CPU table
+    of the embedded DeiT: 0.21 predicted, 0.17 measured), at 0.1 or below zero it was not timed as the machine is."""
+    dense_predicted, dense_measured = 20.0, 10.0
+    floor = MeasuredRound(
+        solver_budget_ms=predicted_fraction * dense_predicted, predicted_ms=predicted_fraction * dense_predicted,
+        dense_ms=dense_measured, pruned_ms=3.5, dense_spread=0.01, pruned_spread=0.01, measured=0.35, noise=0.01,
+        measured_over_budget=0.35 / 0.3,
+    )  # fmt: skip
+    check = LatencyCheck("met", "fraction_of_dense", 0.3, 0.01, rounds=[floor])
+    message = str(_floor_error(check, 0.3, "of dense", dense_predicted, table_smallest=True))
+    assert "predicts to be the fastest this pruning space allows measures 0.35 of dense" in message
+    assert ("Rebuild the latency table on an idle machine" in message) == far_off, message
 
 
 def test_rounds_exhausted_is_an_error_not_an_over_budget_model(synthetic_table):
