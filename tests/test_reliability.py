@@ -394,7 +394,10 @@ TINY_DEIT = DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_l
 QUICK = ["--max_train_samples", "64", "--max_eval_samples", "32", "--dense_epochs", "0", "--max_steps", "4",
          "--accumulation_steps", "2", "--pruning_interval", "1", "--num_pruning_steps", "2", "--latency_repeats", "2",
          "--latency_subgrid", "4", "--latency_batch_size", "2", "--per_device_train_batch_size", "16",
-         "--group_sizes", json.dumps({"embed": 16, "mlp": 32}), "--budget_fraction", "0.8"]  # fmt: skip
+         "--group_sizes", json.dumps({"embed": 16, "mlp": 32}), "--budget_fraction", "0.8",
+         # what these runs check is the output folder, not latency: a 2-repeat table timed beside the other worker's
+         # tests predicted -0.95 ms and the measured check refused the budget (CI, 2026-12-03)
+         "--verify_latency", "false"]  # fmt: skip
 
 
 def run_recipe(*argv):
