@@ -634,8 +634,8 @@ class LatencyTable:
                 LatencyTableWarning,
                 stacklevel=3,
             )
-        # The attention decomposition is not exact at every width: a quiet CPU table of the embedded DeiT predicts
-        # -2 % of a one-head layer's dense cost at qk = v = 16; built beside two busy processes, -20 % (2026-12-03)
+        # The embedded DeiT's CPU tables put an attention layer's least cost at +10 to +14 % of its dense cost when
+        # built alone (one slow build: -2 %), at -17 to -20 % beside two busy processes (docs/testing.md)
         free = {
             block: (ms, dense_ms, widths)
             for block, (ms, dense_ms, widths) in self.block_floors().items()
