@@ -255,6 +255,7 @@ def run(family: str, args) -> dict:
         statistic=args.statistic,
     )
     subgrid = setup["subgrid"] if not args.quick else {k: v * 2 for k, v in setup["subgrid"].items()}
+    subgrid = {**subgrid, **(args.subgrid or {})}
     out = Path(args.output_dir) / f"{family}_table.json"
     t0 = time.perf_counter()
     table = build_table(
@@ -339,6 +340,12 @@ def main(argv=None):
     )
     parser.add_argument("--validate", type=int, default=8, help="off-sub-grid cells per table (interpolation check)")
     parser.add_argument("--quick", action="store_true", help="coarser sub-grid (twice the strides)")
+    parser.add_argument(
+        "--subgrid",
+        type=lambda text: {kind: int(stride) for kind, stride in (item.split("=") for item in text.split(","))},
+        default=None,
+        help="sub-grid strides per dimension kind over the setup's, e.g. channels=1,residual=2 (1: every choice)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="/tmp/mdp_latency_benchmark")
     parser.add_argument("--no-progress", action="store_true")
