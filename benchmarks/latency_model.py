@@ -274,6 +274,7 @@ def run(family: str, args) -> dict:
     models = {
         "table (default)": TableLatencyModel(table, space),
         "table, raw cells": TableLatencyModel(table, space, calibration="none"),
+        "table, offset calib.": TableLatencyModel(table, space, calibration="offset"),
         "linear (HALP)": LinearLatencyModel(table, space),
         "FLOPs proxy": FlopsLatencyModel(table, space),
     }
