@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from prune_deit import DEFAULTS, TINY_DEIT  # noqa: E402
 
-from mdp_hf.latency import TimingSettings, build_table  # noqa: E402
+from mdp_hf.config import PrunableConfig  # noqa: E402
+from mdp_hf.latency import build_table  # noqa: E402
 from mdp_hf.surgery import build_space  # noqa: E402
 
 BUSY = """
@@ -50,7 +51,12 @@ def main():
     torch.manual_seed(0)
     model = transformers.DeiTForImageClassification(TINY_DEIT).eval()
     space = build_space(model, DEFAULTS["group_sizes"])
-    settings = TimingSettings(device="cpu", batch_size=16, image_size=TINY_DEIT.image_size, threads=1, repeats=30)
+    recipe = PrunableConfig(
+        budget_fraction=DEFAULTS["budget_fraction"],
+        latency_batch_size=DEFAULTS["latency_batch_size"],
+        latency_image_size=TINY_DEIT.image_size,
+    )
+    settings = recipe.timing_settings()  # the recipe's timing protocol (CPU, 1 thread, its batch and repeats)
     busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(args.busy)]
     try:
         time.sleep(2 if busy else 0)  # let them start

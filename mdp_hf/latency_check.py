@@ -348,20 +348,21 @@ def land_on_budget(
             candidate = resolve(next_budget)
         except InfeasibleBudgetError as error:
             candidate = resolve(error.min_latency_ms * (1 + 1e-9))  # the table's smallest structure
-            if any(_same_choice(candidate.choice, r.choice) for r, _ in seen):
+            floor = _round_of(seen, candidate)
+            if floor is not None:
                 if fitting:
                     return _largest_fitting(check, fitting)
-                raise _floor_error(check, budget, unit, dense_predicted_ms, table_smallest=True) from error
+                raise _floor_error(check, budget, unit, dense_predicted_ms, floor) from error
             floor = measure(candidate)
             check.rounds.append(floor)
             if fits(floor):
                 return candidate, check  # the table's smallest structure does fit, as measured
-            raise _floor_error(check, budget, unit, dense_predicted_ms, table_smallest=True) from error
-        if any(_same_choice(candidate.choice, r.choice) for r, _ in seen):
+            raise _floor_error(check, budget, unit, dense_predicted_ms, floor) from error
+        if _round_of(seen, candidate) is not None:
             # the solver has no structure between those measured: export the largest that fits
             if fitting:
                 return _largest_fitting(check, fitting)
-            raise _floor_error(check, budget, unit, dense_predicted_ms, table_smallest=False)
+            raise _floor_error(check, budget, unit, dense_predicted_ms, None)
         result = candidate
 
 
@@ -394,6 +395,11 @@ def _same_choice(a, b) -> bool:
     return a.kept == b.kept and sorted(a.removed_blocks) == sorted(b.removed_blocks)
 
 
+def _round_of(seen, result) -> MeasuredRound | None:
+    """The round that measured ``result``'s structure, if one did."""
+    return next((m for r, m in seen if _same_choice(result.choice, r.choice)), None)
+
+
 # a table this far from the measured fraction of dense at its own fastest structure was not timed on this machine
 # as it is now (on CI, built beside other tests' load, it predicted -0.16 ms for a structure measuring 0.66 of
 # dense); on an idle machine the same table predicted 0.21 of dense for its smallest structure, measured 0.17
@@ -401,16 +407,16 @@ TABLE_FAR_OFF = 0.2
 
 
 def _floor_error(
-    check: LatencyCheck, budget: float, unit: str, dense_predicted_ms: float, table_smallest: bool
+    check: LatencyCheck, budget: float, unit: str, dense_predicted_ms: float, table_fastest: MeasuredRound | None
 ) -> LatencyBudgetError:
-    """The budget is out of reach as measured. ``table_smallest``: the last round is the structure the table
-    predicts fastest; otherwise the solver found no new structure for tighter budgets. Either way the claim is
-    what was measured; when the table is far off, its "fastest" may not be, and the message says to rebuild it."""
-    floor = check.rounds[-1] if table_smallest else min(check.rounds, key=lambda r: r.measured)
+    """The budget is out of reach as measured. ``table_fastest``: the round of the structure the table predicts
+    fastest (None: the solver found no new structure for tighter budgets). Either way the claim is what was
+    measured; when the table is far off, its "fastest" may not be, and the message says to rebuild it."""
+    floor = table_fastest or min(check.rounds, key=lambda r: r.measured)
     least = min(r.upper_bound for r in check.rounds) / (1 + check.tolerance)  # what one measured structure meets
     what = (
         "the structure the latency table predicts to be the fastest this pruning space allows"
-        if table_smallest
+        if table_fastest is not None
         else "the solver finds no new structure for tighter budgets, and the fastest it found"
     )
     predicted_fraction = floor.predicted_ms / dense_predicted_ms

@@ -226,7 +226,7 @@ def test_the_floor_error_calls_a_table_far_off_only_when_it_is(predicted_fractio
         measured_over_budget=0.35 / 0.3,
     )  # fmt: skip
     check = LatencyCheck("met", "fraction_of_dense", 0.3, 0.01, rounds=[floor])
-    message = str(_floor_error(check, 0.3, "of dense", dense_predicted, table_smallest=True))
+    message = str(_floor_error(check, 0.3, "of dense", dense_predicted, table_fastest=floor))
     assert "predicts to be the fastest this pruning space allows measures 0.35 of dense" in message
     assert ("Rebuild the latency table on an idle machine" in message) == far_off, message
 
