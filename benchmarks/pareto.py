@@ -847,6 +847,11 @@ def report(args):
             "|---|---|---|---|---|---|---|",
         ]
         for frac, lead, mdp, best, alt, stats in summary:
+            if mdp is None and alt is None:
+                lines.append(
+                    f"| {frac:.0%} | {lead}: failed (see above) | none reached the budget | – | – | no method | – |"
+                )
+                continue
             if mdp is None:
                 lines.append(
                     f"| {frac:.0%} | {lead}: failed (see above) | {best or '–'} | {_fmt(alt['mean'], alt['half']) if alt else '–'} | – | **MDP loses** (no model) | – |"

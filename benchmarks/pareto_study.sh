@@ -19,13 +19,13 @@ $P --stage table --family both > "$OUT/table.log" 2>&1   # alone
 worker_a() {
   for seed in 0 1; do $P --stage run --family deit --seed "$seed" --finetune_steps "$N" --methods $ALL; done
   $P --stage run --family deit --seed 0 --finetune_steps $((2 * N)) --budgets 0.3 --methods $ALL
+  $P --stage run --family deit --seed 0 --finetune_steps "$N" --methods small_dense
 }
 worker_b() {
   for seed in 0 1 2; do $P --stage run --family resnet --seed "$seed" --finetune_steps "$N" --methods $ALL; done
   $P --stage run --family deit --seed 2 --finetune_steps "$N" --methods $ALL
   $P --stage run --family resnet --seed 0 --finetune_steps "$N" --methods small_dense
   $P --stage run --family resnet --seed 0 --finetune_steps $((2 * N)) --budgets 0.3 --methods $ALL
-  $P --stage run --family deit --seed 0 --finetune_steps "$N" --methods small_dense
 }
 worker_a > "$OUT/worker_a.log" 2>&1 &
 worker_b > "$OUT/worker_b.log" 2>&1
