@@ -56,3 +56,19 @@ def test_pareto_smoke(tmp_path):
     before = results_path.read_text()
     bench.main(["--stage", "run", *common])
     assert results_path.read_text() == before
+
+
+@pytest.mark.parametrize("smaller_is_higher", [False, True])
+def test_measured_bisection_returns_the_least_pruning_within_budget(smaller_is_higher):
+    """uniform (kept fraction: more is slower) and Torch-Pruning (ratio: more is faster) bisect on measured
+    latency; with a latency that is exactly the setting (or its complement), the result sits just inside 0.3."""
+    bench = _load_benchmark()
+    latency = (lambda x: 1 - x) if smaller_is_higher else (lambda x: x)
+    model, info = bench.bisect_measured(
+        lambda x: x, latency, 0.3, "test", lambda msg: None, steps=12, smaller_is_higher=smaller_is_higher
+    )
+    assert info["search_measured_fraction"] <= 0.3
+    assert 0.3 - info["search_measured_fraction"] < 1e-3  # the least pruning that fits, not any that fits
+    assert model == info["setting"]
+    with pytest.raises(ValueError, match="no setting reached"):
+        bench.bisect_measured(lambda x: x, lambda x: 2.0, 0.3, "test", lambda msg: None)
